@@ -1,0 +1,93 @@
+"""The application factory: builds every part, wires them under typed keys, and starts and
+stops the background work in cleanup contexts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import structlog
+from aiohttp import web
+
+from .appkeys import (
+    CATALOG,
+    INGEST,
+    INSPECTION_EXECUTOR,
+    INSPECTION_QUEUE,
+    SETTINGS,
+    STARTED_MONOTONIC,
+    STORAGE,
+    UPLOADS,
+)
+from .catalog import Catalog
+from .ingest import Ingest
+from .inspection_queue import InspectionQueue
+from .middlewares import errors_as_json, request_context, token_auth
+from .routes import setup_routes
+from .settings import Settings
+from .storage import Storage
+from .uploads import UploadsInProgress
+
+log = structlog.get_logger(__name__)
+
+async def storage_and_catalog(app: web.Application) -> AsyncIterator[None]:
+    leftovers = await asyncio.to_thread(app[STORAGE].prepare)
+    if leftovers:
+        log.info("temporaries_removed", count=leftovers)
+    await app[CATALOG].open()
+    yield
+    await app[CATALOG].close()
+
+
+async def inspection_worker(app: web.Application) -> AsyncIterator[None]:
+    """The worker starts first, so that recovery can queue more jobs than the queue holds."""
+    worker = asyncio.create_task(app[INSPECTION_QUEUE].run_worker(), name="inspection-worker")
+    recovery = asyncio.create_task(
+        app[INGEST].recover(app[SETTINGS].chunk_bytes), name="startup-recovery"
+    )
+    recovery.add_done_callback(_log_recovery)
+    yield
+    for task in (recovery, worker):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    app[INSPECTION_EXECUTOR].shutdown(wait=True, cancel_futures=True)
+
+
+def _log_recovery(task: asyncio.Task[int]) -> None:
+    if task.cancelled():
+        return
+    if task.exception() is not None:
+        log.error("startup_recovery_failed", error=repr(task.exception()))
+    else:
+        log.info("startup_recovery_queued", files=task.result())
+
+
+def create_app(settings: Settings) -> web.Application:
+    settings.require_tokens()
+    app = web.Application(
+        middlewares=[request_context, errors_as_json, token_auth(settings.tokens)],
+        # Uploads are streamed by the handlers; this only bounds bodies read whole (none today).
+        client_max_size=1024 * 1024,
+    )
+    storage = Storage(settings)
+    catalog = Catalog(settings.catalog_path)
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inspection")
+    inspection_queue = InspectionQueue(
+        catalog, storage, executor, settings.inspection_queue_length
+    )
+    app[SETTINGS] = settings
+    app[STORAGE] = storage
+    app[CATALOG] = catalog
+    app[INSPECTION_EXECUTOR] = executor
+    app[INSPECTION_QUEUE] = inspection_queue
+    app[INGEST] = Ingest(catalog, storage, inspection_queue)
+    app[UPLOADS] = UploadsInProgress(settings.max_concurrent_uploads, settings.retry_after_seconds)
+    app[STARTED_MONOTONIC] = time.monotonic()
+    app.cleanup_ctx.append(storage_and_catalog)
+    app.cleanup_ctx.append(inspection_worker)
+    setup_routes(app)
+    return app

@@ -1,0 +1,23 @@
+"""Every object the application shares, each under one typed key."""
+
+from __future__ import annotations
+
+from concurrent.futures import Executor
+
+from aiohttp import web
+
+from .catalog import Catalog
+from .ingest import Ingest
+from .inspection_queue import InspectionQueue
+from .settings import Settings
+from .storage import Storage
+from .uploads import UploadsInProgress
+
+SETTINGS = web.AppKey("settings", Settings)
+CATALOG = web.AppKey("catalog", Catalog)
+STORAGE = web.AppKey("storage", Storage)
+INSPECTION_QUEUE = web.AppKey("inspection_queue", InspectionQueue)
+INSPECTION_EXECUTOR = web.AppKey("inspection_executor", Executor)
+INGEST = web.AppKey("ingest", Ingest)
+UPLOADS = web.AppKey("uploads", UploadsInProgress)
+STARTED_MONOTONIC = web.AppKey("started_monotonic", float)

@@ -1,0 +1,60 @@
+"""GET /rest/api/files and /rest/api/files/{filename}: list the DQM files, serve one back."""
+
+from __future__ import annotations
+
+import pendulum
+from aiohttp import web
+
+from ..appkeys import CATALOG, STORAGE
+from ..catalog import IN_DATA_DIR, INVALID
+
+
+def _integer_query(request: web.Request, name: str) -> int | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        return int(raw, 10)
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"Query parameter {name} must be an integer, got {raw!r}") from None
+
+
+def _since_query(request: web.Request) -> int | None:
+    """`since`: unix seconds or an ISO 8601 time, compared with the files' timeStamp."""
+    raw = request.query.get("since")
+    if raw is None:
+        return None
+    if raw.lstrip("-").isdigit():
+        return int(raw)
+    try:
+        return int(pendulum.parse(raw).timestamp())
+    except (ValueError, TypeError, pendulum.parsing.exceptions.ParserError):
+        raise web.HTTPBadRequest(
+            text=f"Query parameter since must be unix seconds or an ISO 8601 time, got {raw!r}"
+        ) from None
+
+
+async def list_files(request: web.Request) -> web.Response:
+    names = await request.app[CATALOG].dqm_file_names(
+        run=_integer_query(request, "run"),
+        agent=request.query.get("agent"),
+        since=_since_query(request),
+    )
+    return web.json_response({"files": names})
+
+
+async def download_file(request: web.Request) -> web.FileResponse:
+    """The stored bytes, with Range and ETag support. The name is looked up in the catalog,
+    never joined into a path, so nothing outside the data directory can be reached."""
+    name = request.match_info["filename"]
+    record = await request.app[CATALOG].get(name)
+    if record is None or record.location != IN_DATA_DIR or record.state == INVALID:
+        raise web.HTTPNotFound(text=f"No such file: {name}")
+    path = request.app[STORAGE].path_of(record.name, record.location)
+    return web.FileResponse(
+        path,
+        headers={
+            "Content-Type": "application/octet-stream",
+            "Content-Disposition": f'attachment; filename="{record.name}"',
+        },
+    )

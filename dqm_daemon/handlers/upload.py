@@ -1,0 +1,186 @@
+"""POST /rest/api/files: stream an agent's file to disk, commit it, answer with what it holds."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import BodyPartReader, web
+
+from ..appkeys import INGEST, INSPECTION_QUEUE, SETTINGS, STORAGE, UPLOADS
+from ..catalog import OK, FileRecord
+from ..middlewares import UPLOADER, error_response, uploader_for_token
+from ..naming import parse_dqm_headers
+from ..settings import Settings
+from ..storage import IncomingFile, Storage
+from ..uploads import UploadProgress
+
+log = structlog.get_logger(__name__)
+
+SUCCESS_MESSAGE = "Successfully received file and extracted information"
+INVALID_MESSAGE = "Successfully received the file, but the file is not valid! Perhaps it was corrupted?"
+EMPTY_MESSAGE = "No file uploaded and the payload was empty"
+FILE_FIELD = "file"
+# Headers never echoed back in `receivedHeaders`.
+SECRET_HEADERS = frozenset({"token", "authorization", "cookie"})
+
+ReadChunk = Callable[[int], Awaitable[bytes]]
+
+
+def _check_room(settings: Settings, storage: Storage, declared_length: int | None) -> None:
+    """Refuse before reading a byte when the upload cannot fit."""
+    if declared_length is not None and declared_length > settings.max_upload_bytes:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=settings.max_upload_bytes,
+            actual_size=declared_length,
+            text=f"Upload of {declared_length} bytes exceeds the maximum of "
+            f"{settings.max_upload_bytes} bytes",
+        )
+    if storage.free_bytes() < settings.disk_reserve_bytes:
+        raise web.HTTPInsufficientStorage(
+            text="Not enough free disk space on the receiver; nothing was kept"
+        )
+
+
+async def expect_continue(request: web.Request) -> web.Response | None:
+    """Answer `Expect: 100-continue` with the real verdict, so a refused client never sends
+    its body: bad token, bad headers or no room are answered before the upload starts."""
+    if request.version < (1, 1) or request.headers.get("Expect", "").lower() != "100-continue":
+        return None
+    settings = request.app[SETTINGS]
+    try:
+        uploader_for_token(request.headers, settings.tokens)
+        parse_dqm_headers(request.headers)
+        _check_room(settings, request.app[STORAGE], request.content_length)
+    except web.HTTPException as exc:
+        response = error_response(exc)
+        response.force_close()
+        return response
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the interim answer is not part of the response body
+    return None
+
+
+async def _file_reader(request: web.Request) -> ReadChunk | None:
+    """The body's file: the multipart field `file`, or the raw body. None: no file field."""
+    if not request.content_type.startswith("multipart/"):
+        return request.content.read
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if isinstance(part, BodyPartReader) and part.name == FILE_FIELD:
+                return part.read_chunk
+            await part.release()
+    except (ValueError, AssertionError, KeyError) as exc:
+        raise web.HTTPBadRequest(text=f"Malformed multipart body: {exc}") from None
+    return None
+
+
+async def _stream_to_disk(
+    read_chunk: ReadChunk,
+    incoming: IncomingFile,
+    progress: UploadProgress,
+    settings: Settings,
+    storage: Storage,
+) -> None:
+    """Copy the body to disk in chunks of `chunk_bytes`, enforcing size, time and disk limits."""
+    buffered = bytearray()
+    while True:
+        try:
+            async with asyncio.timeout(settings.read_timeout_seconds):
+                chunk = await read_chunk(settings.chunk_bytes)
+        except TimeoutError:
+            raise web.HTTPRequestTimeout(
+                text=f"No data received for {settings.read_timeout_seconds} s; upload dropped"
+            ) from None
+        except ValueError as exc:  # the multipart reader's word for a malformed part
+            raise web.HTTPBadRequest(text=f"Malformed multipart body: {exc}") from None
+        if chunk:
+            progress.received_bytes += len(chunk)
+            if progress.received_bytes > settings.max_upload_bytes:
+                raise web.HTTPRequestEntityTooLarge(
+                    max_size=settings.max_upload_bytes,
+                    actual_size=progress.received_bytes,
+                    text=f"Upload exceeds the maximum of {settings.max_upload_bytes} bytes",
+                )
+            buffered += chunk
+        if len(buffered) >= settings.chunk_bytes or (not chunk and buffered):
+            if storage.free_bytes() - len(buffered) < settings.disk_reserve_bytes:
+                raise web.HTTPInsufficientStorage(
+                    text="Free disk space fell below the reserve during the upload; nothing was kept"
+                )
+            await incoming.write(buffered)
+            buffered = bytearray()
+        if not chunk:
+            return
+
+
+async def _receive(request: web.Request, incoming: IncomingFile, progress: UploadProgress) -> None:
+    settings, storage = request.app[SETTINGS], request.app[STORAGE]
+    read_chunk = await _file_reader(request)
+    if read_chunk is not None:
+        try:
+            await _stream_to_disk(read_chunk, incoming, progress, settings, storage)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise web.HTTPInsufficientStorage(
+                    text="The receiver's disk is full; nothing was kept"
+                ) from None
+            raise
+    if incoming.size == 0:
+        raise web.HTTPBadRequest(text=EMPTY_MESSAGE)
+    await incoming.finish()
+
+
+def _answer(record: FileRecord, request: web.Request, *, status: int, message: str) -> web.Response:
+    body = {
+        "status": status,
+        "message": message,
+        "filename": record.name,
+        "received": record.received or {},
+        "receivedHeaders": {
+            key: value
+            for key, value in request.headers.items()
+            if key.lower() not in SECRET_HEADERS
+        },
+        "size": record.size,
+        "sha256": record.sha256,
+        "state": record.state,
+    }
+    if record.reason:
+        body["reason"] = record.reason
+    return web.json_response(body, status=status)
+
+
+async def post_file(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    dqm = parse_dqm_headers(request.headers)
+    structlog.contextvars.bind_contextvars(agent=dqm.agent, run=dqm.run_number)
+    uploader = request[UPLOADER]
+    with request.app[UPLOADS].slot(uploader, dqm.agent, dqm.run_number) as progress:
+        _check_room(settings, request.app[STORAGE], request.content_length)
+        incoming = await request.app[STORAGE].open_incoming()
+        try:
+            await _receive(request, incoming, progress)
+            commit = await request.app[INGEST].commit(incoming, dqm, uploader)
+        except BaseException:
+            await asyncio.shield(incoming.discard())
+            raise
+        finally:
+            structlog.contextvars.bind_contextvars(bytes=progress.received_bytes)
+    record = commit.record
+    inspection_queue = request.app[INSPECTION_QUEUE]
+    if not commit.duplicate:
+        await inspection_queue.put(record)
+    inspected = await inspection_queue.wait_inspected(
+        record.name, settings.inspection_budget_seconds
+    )
+    if inspected is None:
+        response = _answer(record, request, status=202, message="Received; inspection pending")
+        response.headers["Location"] = f"/rest/api/files/{record.name}/info"
+        return response
+    if inspected.state == OK:
+        return _answer(inspected, request, status=200, message=SUCCESS_MESSAGE)
+    return _answer(inspected, request, status=400, message=INVALID_MESSAGE)

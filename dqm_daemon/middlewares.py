@@ -1,0 +1,107 @@
+"""Request middlewares: log context, errors as JSON, token check. Outermost first."""
+
+from __future__ import annotations
+
+import hmac
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+
+import structlog
+from aiohttp import web
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+TOKEN_HEADER = "token"
+UPLOADER = web.RequestKey("uploader", str)
+# Paths under this prefix need a token; /healthz and the pages do not.
+PROTECTED_PREFIX = "/rest/api/"
+# A client that went away mid-request: nothing to answer, nothing to log as an error.
+CLIENT_GONE = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bind a request id to every log line of the request and log one line when it ends."""
+    structlog.contextvars.clear_contextvars()
+    request_id = uuid.uuid4().hex[:16]
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        response.headers["X-Request-Id"] = request_id
+        return response
+    finally:
+        log.info(
+            "request",
+            method=request.method,
+            path=request.path,
+            status=status,
+            duration_ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        structlog.contextvars.clear_contextvars()
+
+
+def error_response(exc: web.HTTPException) -> web.Response:
+    """The one JSON shape of every error: {"status": code, "message": text}."""
+    headers = {
+        key: value
+        for key, value in exc.headers.items()
+        if key.lower() not in ("content-type", "content-length")
+    }
+    response = web.json_response(
+        {"status": exc.status, "message": exc.text or exc.reason},
+        status=exc.status,
+        headers=headers,
+    )
+    return response
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every error into JSON with a `message`; no traceback ever reaches a client."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise  # redirects and the like are answers, not errors
+        return error_response(exc)
+    except CLIENT_GONE:
+        log.info("client_disconnected")
+        return error_response(web.HTTPBadRequest(text="Connection lost during the request"))
+    except Exception:
+        log.exception("unhandled_error")
+        return error_response(web.HTTPInternalServerError(text="Internal server error"))
+
+
+def uploader_for_token(headers: Mapping[str, str], tokens: Mapping[str, str]) -> str:
+    """The uploader name of the request's token; 401 when missing or unknown.
+
+    Every configured token is compared in constant time, so timing tells nothing about them."""
+    given = headers.get(TOKEN_HEADER)
+    if given is None:
+        raise web.HTTPUnauthorized(text="Must pass a token!")
+    given_bytes = given.encode("utf-8", "surrogateescape")
+    uploader = None
+    for token, name in tokens.items():
+        if hmac.compare_digest(given_bytes, token.encode("utf-8")):
+            uploader = name
+    if uploader is None:
+        raise web.HTTPUnauthorized(text="Received token, but it is invalid!")
+    return uploader
+
+
+def token_auth(tokens: Mapping[str, str]) -> Callable[[web.Request, Handler], Awaitable]:
+    @web.middleware
+    async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith(PROTECTED_PREFIX):
+            uploader = uploader_for_token(request.headers, tokens)
+            request[UPLOADER] = uploader
+            structlog.contextvars.bind_contextvars(uploader=uploader)
+        return await handler(request)
+
+    return check_token

@@ -1,0 +1,89 @@
+"""The DQM headers an agent sends, and the file name they give (as the Overwatch receiver named files)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+
+import pendulum
+from aiohttp import web
+
+NAME_TIMEZONE = "Europe/Zurich"
+DEFAULT_AGENT = "DQM"
+# Letters, digits, '_', '-' and '.', not starting with '.': never a path separator,
+# never '..', never a space or control character.
+_AGENT_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
+# {agent}histos_{run}_DQM_{YYYY_MM_DD_HH_mm_ss}[.vN].root
+_FILENAME_PATTERN = re.compile(
+    r"(?P<agent>.+?)histos_(?P<run>\d+)_DQM_"
+    r"(?P<time>\d{4}_\d{2}_\d{2}_\d{2}_\d{2}_\d{2})(?:\.v\d+)?\.root"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DQMHeaders:
+    run_number: int
+    timestamp: int
+    agent: str
+    data_status: int
+
+    @property
+    def filename(self) -> str:
+        return dqm_filename(self.agent, self.run_number, self.timestamp)
+
+
+def dqm_filename(agent: str, run_number: int, timestamp: int) -> str:
+    local_time = pendulum.from_timestamp(timestamp, tz=NAME_TIMEZONE)
+    return f"{agent}histos_{run_number}_DQM_{local_time.format('YYYY_MM_DD_HH_mm_ss')}.root"
+
+
+def variant_filename(filename: str, variant: int) -> str:
+    """The name a different file with the same DQM name is kept under: `X.root` → `X.v2.root`."""
+    if variant == 1:
+        return filename
+    stem = filename.removesuffix(".root")
+    return f"{stem}.v{variant}.root"
+
+
+def _integer_header(headers: Mapping[str, str], name: str, default: int | None) -> int:
+    raw = headers.get(name)
+    if raw is None:
+        if default is None:
+            raise web.HTTPBadRequest(text=f"Missing required header {name}")
+        return default
+    try:
+        value = int(raw.strip(), 10)
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"Header {name} must be an integer, got {raw!r}") from None
+    if value < 0:
+        raise web.HTTPBadRequest(text=f"Header {name} must not be negative, got {raw!r}")
+    return value
+
+
+def parse_dqm_headers(headers: Mapping[str, str]) -> DQMHeaders:
+    """Validate the upload headers; a bad one raises 400 naming the header and the value."""
+    run_number = _integer_header(headers, "runNumber", None)
+    timestamp = _integer_header(headers, "timeStamp", None)
+    data_status = _integer_header(headers, "dataStatus", 0)
+    agent = headers.get("amoreAgent", DEFAULT_AGENT)
+    if not _AGENT_PATTERN.fullmatch(agent) or ".." in agent:
+        raise web.HTTPBadRequest(
+            text=f"Header amoreAgent {agent!r} is not a valid agent name "
+            "(1-64 letters, digits, '_', '-' or '.'; no '..')"
+        )
+    return DQMHeaders(run_number, timestamp, agent, data_status)
+
+
+def headers_from_filename(filename: str) -> DQMHeaders | None:
+    """Recover agent, run and time from a stored name (for files adopted at start-up)."""
+    match = _FILENAME_PATTERN.fullmatch(filename)
+    if match is None:
+        return None
+    local_time = pendulum.from_format(match["time"], "YYYY_MM_DD_HH_mm_ss", tz=NAME_TIMEZONE)
+    return DQMHeaders(
+        run_number=int(match["run"]),
+        timestamp=int(local_time.timestamp()),
+        agent=match["agent"],
+        data_status=0,
+    )

@@ -1,0 +1,169 @@
+"""Settings: one frozen dataclass, built once from TOML file → environment → command line.
+
+Nothing else in the package reads the environment or the config file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+TOKEN_ENV_VAR = "DQM_DAEMON_TOKEN"
+# The uploader name shown for the token given through the environment.
+ENV_TOKEN_UPLOADER = "env-token"
+
+
+class SettingsError(ValueError):
+    """A setting is missing, unknown or has a bad value; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Holds the DQM files, the catalog, the quarantine and the temporary uploads.
+    data_dir: Path = Path("dqm-data")
+    # Accepted tokens, each mapped to the uploader name that logs and pages show instead.
+    tokens: Mapping[str, str] = dataclasses.field(default_factory=dict, repr=False)
+    # Bytes read from the socket and written to disk at a time.
+    chunk_bytes: int = 1 * MiB
+    # An upload larger than this is answered 413 and nothing is kept.
+    max_upload_bytes: int = 64 * GiB
+    # Uploads are refused (507) while free space in the data directory is below this.
+    disk_reserve_bytes: int = 1 * GiB
+    # Uploads streaming at once; one more is answered 503 with Retry-After.
+    max_concurrent_uploads: int = 32
+    # Seconds the Retry-After header of a 503 asks clients to wait.
+    retry_after_seconds: int = 5
+    # A client that sends nothing for this long has its upload dropped.
+    read_timeout_seconds: float = 60.0
+    # Seconds a POST waits for its file's inspection before it answers.
+    inspection_budget_seconds: float = 30.0
+    # Jobs the inspection queue holds before uploads wait for room.
+    inspection_queue_length: int = 1000
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "port", "chunk_bytes", "max_upload_bytes", "max_concurrent_uploads",
+                        "read_timeout_seconds", "inspection_budget_seconds",
+                        "inspection_queue_length")
+        if self.port > 65535:
+            raise SettingsError(f"port: {self.port} is not a TCP port (1-65535)")
+        if self.disk_reserve_bytes < 0 or self.retry_after_seconds < 0:
+            raise SettingsError("disk_reserve_bytes and retry_after_seconds must not be negative")
+        if self.chunk_bytes < 4096:
+            raise SettingsError(f"chunk_bytes: {self.chunk_bytes} is below the minimum of 4096")
+
+    def require_tokens(self) -> None:
+        """The daemon never runs open to anyone: at least one token must be configured."""
+        if not self.tokens:
+            raise SettingsError(
+                f"no token configured: set the environment variable {TOKEN_ENV_VAR} "
+                "or add a [tokens] table to the config file"
+            )
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.data_dir / "catalog.sqlite3"
+
+    @property
+    def incoming_dir(self) -> Path:
+        """Uploads in progress: same filesystem as the data directory, so commit is a rename."""
+        return self.data_dir / ".incoming"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.data_dir / "quarantine"
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective settings for display: uploader names only, never a token."""
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        shown["tokens"] = sorted(self.tokens.values())
+        shown["data_dir"] = str(self.data_dir)
+        return shown
+
+
+def _check_positive(settings: Settings, *names: str) -> None:
+    for name in names:
+        value = getattr(settings, name)
+        if value <= 0:
+            raise SettingsError(f"{name}: {value!r} must be greater than zero")
+
+
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Settings)}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Check a config-file value against the field's declared type."""
+    kind = _FIELD_TYPES[key]
+    if kind == "Path":
+        if not isinstance(value, str):
+            raise SettingsError(f"{key}: expected a path string, got {value!r}")
+        return Path(value)
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SettingsError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SettingsError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if kind == "str":
+        if not isinstance(value, str):
+            raise SettingsError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise SettingsError(f"{key}: cannot be set here")  # pragma: no cover
+
+
+def _tokens_from_table(table: Any) -> dict[str, str]:
+    """`[tokens]` maps an uploader name to its token; return token → name."""
+    if not isinstance(table, dict):
+        raise SettingsError("tokens: expected a table of `uploader name = \"token\"`")
+    tokens: dict[str, str] = {}
+    for uploader, token in table.items():
+        if not isinstance(token, str) or not token.strip():
+            raise SettingsError(f"tokens.{uploader}: expected a non-empty token string")
+        if token in tokens:
+            raise SettingsError(f"tokens.{uploader}: same token as tokens.{tokens[token]}")
+        tokens[token] = uploader
+    return tokens
+
+
+def load_settings(
+    config_path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build the settings: embedded defaults, then the TOML file, then the environment,
+    then the command-line overrides (entries that are None are ignored)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    tokens: dict[str, str] = {}
+    if config_path is not None:
+        try:
+            with open(config_path, "rb") as config_file:
+                document = tomllib.load(config_file)
+        except OSError as exc:
+            raise SettingsError(f"cannot read config file {config_path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config file {config_path} is not valid TOML: {exc}") from exc
+        for key, value in document.items():
+            if key == "tokens":
+                tokens.update(_tokens_from_table(value))
+            elif key in _FIELD_TYPES:
+                values[key] = _coerce(key, value)
+            else:
+                raise SettingsError(f"{key}: unknown setting in {config_path}")
+    env_token = environ.get(TOKEN_ENV_VAR, "").strip()
+    if env_token:
+        tokens.setdefault(env_token, ENV_TOKEN_UPLOADER)
+    for key, value in overrides.items():
+        if value is not None:
+            values[key] = Path(value) if _FIELD_TYPES[key] == "Path" else value
+    return Settings(tokens=tokens, **values)

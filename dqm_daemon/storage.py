@@ -1,0 +1,141 @@
+"""Files on disk: uploads stream into `.incoming/`, are fsynced, then linked into the data directory.
+
+A stored file is never partial (it only appears under its name once complete and fsynced) and
+never overwritten (linking fails if the name is taken). Every disk call here runs off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import structlog
+
+from .catalog import IN_QUARANTINE
+from .settings import Settings
+
+log = structlog.get_logger(__name__)
+
+INCOMING_SUFFIX = ".part"
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or link in `directory` durable."""
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class IncomingFile:
+    """One upload being written: a temporary file, its size so far and its running SHA-256."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.size = 0
+        self._sha256 = hashlib.sha256()
+        self._file = open(path, "xb", buffering=0)  # noqa: SIM115 - closed by finish/discard
+
+    @property
+    def sha256(self) -> str:
+        return self._sha256.hexdigest()
+
+    def _write_sync(self, chunk: bytes | bytearray) -> None:
+        # Both calls release the GIL for large buffers, so hashing overlaps with the network.
+        self._sha256.update(chunk)
+        self._file.write(chunk)
+
+    async def write(self, chunk: bytes | bytearray) -> None:
+        await asyncio.to_thread(self._write_sync, chunk)
+        self.size += len(chunk)
+
+    def _finish_sync(self) -> None:
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    async def finish(self) -> None:
+        """Flush the bytes to stable storage; afterwards the file may be committed."""
+        await asyncio.to_thread(self._finish_sync)
+
+    def _discard_sync(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+    async def discard(self) -> None:
+        await asyncio.to_thread(self._discard_sync)
+
+
+class Storage:
+    def __init__(self, settings: Settings) -> None:
+        self.data_dir = settings.data_dir
+        self.incoming_dir = settings.incoming_dir
+        self.quarantine_dir = settings.quarantine_dir
+
+    def prepare(self) -> int:
+        """Create the directories and remove temporaries left by a previous run; return how many."""
+        for directory in (self.data_dir, self.incoming_dir, self.quarantine_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        leftovers = 0
+        for leftover in self.incoming_dir.iterdir():
+            leftover.unlink(missing_ok=True)
+            leftovers += 1
+        if leftovers:
+            fsync_directory(self.incoming_dir)
+        return leftovers
+
+    def free_bytes(self) -> int:
+        stats = os.statvfs(self.data_dir)
+        return stats.f_bavail * stats.f_frsize
+
+    def path_of(self, name: str, location: str) -> Path:
+        """The path of a cataloged file. `name` comes from the catalog, never from a request."""
+        return (self.quarantine_dir if location == IN_QUARANTINE else self.data_dir) / name
+
+    async def open_incoming(self) -> IncomingFile:
+        path = self.incoming_dir / f"{uuid.uuid4().hex}{INCOMING_SUFFIX}"
+        return await asyncio.to_thread(IncomingFile, path)
+
+    def _link_sync(self, incoming: IncomingFile, name: str) -> bool:
+        target = self.data_dir / name
+        try:
+            os.link(incoming.path, target)  # fails if the name is taken: never overwrites
+        except FileExistsError:
+            return False
+        incoming.path.unlink()
+        fsync_directory(self.data_dir)
+        return True
+
+    async def link_into_place(self, incoming: IncomingFile, name: str) -> bool:
+        """Give a finished upload its name in the data directory; False if the name is taken."""
+        return await asyncio.to_thread(self._link_sync, incoming, name)
+
+    def _quarantine_sync(self, name: str) -> None:
+        source = self.data_dir / name
+        if not source.exists():
+            return  # already moved by an earlier, interrupted run
+        os.replace(source, self.quarantine_dir / name)
+        fsync_directory(self.quarantine_dir)
+        fsync_directory(self.data_dir)
+
+    async def quarantine(self, name: str) -> None:
+        """Move an invalid file out of the data directory, kept for experts."""
+        await asyncio.to_thread(self._quarantine_sync, name)
+
+    def unknown_dqm_files(self, known_names: set[str]) -> Iterator[Path]:
+        """DQM files in the data directory that the catalog does not know (to adopt at start-up)."""
+        for path in sorted(self.data_dir.glob("*DQM*.root")):
+            if path.is_file() and path.name not in known_names:
+                yield path
+
+
+def sha256_of_file(path: Path, chunk_bytes: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stored:
+        while chunk := stored.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()

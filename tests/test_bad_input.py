@@ -1,0 +1,302 @@
+"""Bad input gets a clear JSON answer and leaves nothing behind."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from dqm_daemon.app import create_app
+from dqm_daemon.appkeys import CATALOG, UPLOADS
+
+from .conftest import TOKEN, dqm_headers, make_settings, multipart_file
+from .test_upload import INVALID, stored_files
+
+
+async def assert_nothing_kept(client, data_dir: Path) -> None:
+    assert [name for name in stored_files(data_dir) if not name.startswith("quarantine/")] == []
+    assert await client.server.app[CATALOG].all_names() == set()
+
+
+async def post(client, content: bytes, headers: dict) -> tuple[int, dict]:
+    response = await client.post("/rest/api/files", data=multipart_file(content), headers=headers)
+    return response.status, await response.json()
+
+
+async def test_no_token(client, one_histogram_file, data_dir):
+    """An agent without a token is told to pass one."""
+    headers = dqm_headers()
+    del headers["token"]
+    status, body = await post(client, one_histogram_file, headers)
+    assert (status, body["message"]) == (401, "Must pass a token!")
+    await assert_nothing_kept(client, data_dir)
+
+
+async def test_unknown_token(client, one_histogram_file, data_dir):
+    """A wrong token is refused, and the answer never echoes a token."""
+    status, body = await post(client, one_histogram_file, dqm_headers(token="not-the-token"))
+    assert (status, body["message"]) == (401, "Received token, but it is invalid!")
+    assert "not-the-token" not in str(body) and TOKEN not in str(body)
+    await assert_nothing_kept(client, data_dir)
+
+
+async def test_listing_and_download_need_a_token(client):
+    """Reading files back needs a token too, as on the old receiver."""
+    for path in ("/rest/api/files", "/rest/api/files/anything.root"):
+        response = await client.get(path)
+        assert response.status == 401
+        assert (await response.json())["message"] == "Must pass a token!"
+
+
+@pytest.mark.parametrize(
+    ("header", "value", "fragment"),
+    [
+        ("runNumber", None, "Missing required header runNumber"),
+        ("runNumber", "12a", "runNumber must be an integer, got '12a'"),
+        ("runNumber", "-4", "runNumber must not be negative, got '-4'"),
+        ("timeStamp", None, "Missing required header timeStamp"),
+        ("timeStamp", "yesterday", "timeStamp must be an integer, got 'yesterday'"),
+        ("dataStatus", "end", "dataStatus must be an integer, got 'end'"),
+    ],
+)
+async def test_bad_integer_headers(client, one_histogram_file, data_dir, header, value, fragment):
+    """A missing or malformed header is named in the answer, with its value."""
+    headers = dqm_headers()
+    if value is None:
+        headers.pop(header)
+    else:
+        headers[header] = value
+    status, body = await post(client, one_histogram_file, headers)
+    assert status == 400
+    assert fragment in body["message"]
+    await assert_nothing_kept(client, data_dir)
+
+
+@pytest.mark.parametrize("agent", ["../EMC", "EMC/x", "..", "E..MC", "EMC x", "EMC\tx",
+                                   ".hidden", "EMC\\x", "", "EMC;x", "x" * 65])
+async def test_bad_agent_names(client, one_histogram_file, data_dir, agent):
+    """An agent name that could escape the data directory is refused; nothing is written."""
+    status, body = await post(client, one_histogram_file, dqm_headers(agent=agent))
+    assert status == 400
+    assert "amoreAgent" in body["message"]
+    await assert_nothing_kept(client, data_dir)
+    assert stored_files(data_dir) == []
+    assert not list(data_dir.parent.glob("*histos*"))
+
+
+async def test_control_character_in_agent_over_raw_socket(client, one_histogram_file, data_dir):
+    """Control characters in the agent name (sent on a raw socket) are refused: HTTP itself
+    forbids them, so aiohttp's parser answers 400 before any handler runs."""
+    request = (
+        b"POST /rest/api/files HTTP/1.1\r\nHost: x\r\ntoken: " + TOKEN.encode()
+        + b"\r\nrunNumber: 1\r\ntimeStamp: 2\r\namoreAgent: EM\x7fC\r\n"
+        + b"Content-Length: 4\r\nConnection: close\r\n\r\nroot"
+    )
+    answer = await _raw_exchange(client.port, request)
+    assert answer.split(b" ")[1] == b"400", answer[:200]
+    await assert_nothing_kept(client, data_dir)
+
+
+async def _raw_exchange(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    return answer
+
+
+async def test_empty_body(client, data_dir):
+    """An empty raw body is refused with the old receiver's message."""
+    response = await client.post("/rest/api/files", data=b"", headers=dqm_headers())
+    body = await response.json()
+    assert (response.status, body["message"]) == (400, "No file uploaded and the payload was empty")
+    await assert_nothing_kept(client, data_dir)
+    assert list((data_dir / ".incoming").iterdir()) == []
+
+
+async def test_multipart_without_file_field(client, data_dir):
+    """A form without a `file` field is refused the same way."""
+    form = aiohttp.MultipartWriter("form-data")
+    form.append("value").set_content_disposition("form-data", name="other")
+    response = await client.post("/rest/api/files", data=form, headers=dqm_headers())
+    body = await response.json()
+    assert (response.status, body["message"]) == (400, "No file uploaded and the payload was empty")
+    await assert_nothing_kept(client, data_dir)
+
+
+@pytest.mark.parametrize(
+    "kind", ["text", "garbled", "truncated", "header_only", "empty_file_field"]
+)
+async def test_invalid_root_is_quarantined(client, one_histogram_file, data_dir, kind):
+    """A file that is not sound ROOT is answered 400, kept in quarantine, never listed."""
+    content = {
+        "text": b"this is a text file, not a ROOT file\n" * 10,
+        "garbled": one_histogram_file[:100] + bytes(range(256)) * 4 + one_histogram_file[1124:],
+        "truncated": one_histogram_file[: len(one_histogram_file) // 2],
+        "header_only": one_histogram_file[:100],
+        "empty_file_field": b"",
+    }[kind]
+    status, body = await post(client, content, dqm_headers())
+    if kind == "empty_file_field":
+        assert (status, body["message"]) == (400, "No file uploaded and the payload was empty")
+        await assert_nothing_kept(client, data_dir)
+        return
+    assert (status, body["message"]) == (400, INVALID), body
+    assert body["reason"]
+    name = body["filename"]
+    assert (data_dir / "quarantine" / name).read_bytes() == content
+    assert not (data_dir / name).exists()
+    listing = await (await client.get("/rest/api/files", headers={"token": TOKEN})).json()
+    assert listing["files"] == []
+    download = await client.get(f"/rest/api/files/{name}", headers={"token": TOKEN})
+    assert download.status == 404
+
+
+async def test_too_large_declared(aiohttp_client, data_dir, one_histogram_file):
+    """An upload whose Content-Length exceeds the maximum is refused before it is read."""
+    client = await aiohttp_client(create_app(make_settings(data_dir, max_upload_bytes=1000)))
+    response = await client.post("/rest/api/files", data=one_histogram_file, headers=dqm_headers())
+    assert response.status == 413
+    assert "exceeds the maximum of 1000 bytes" in (await response.json())["message"]
+    await assert_nothing_kept(client, data_dir)
+
+
+async def test_too_large_chunked(aiohttp_client, data_dir, one_histogram_file):
+    """A chunked upload (no length announced) is cut off at the maximum; nothing is kept."""
+    client = await aiohttp_client(create_app(make_settings(data_dir, max_upload_bytes=1000)))
+
+    async def body():
+        for start in range(0, len(one_histogram_file), 300):
+            yield one_histogram_file[start:start + 300]
+
+    response = await client.post("/rest/api/files", data=body(), headers=dqm_headers())
+    assert response.status == 413
+    assert "exceeds the maximum of 1000 bytes" in (await response.json())["message"]
+    await assert_nothing_kept(client, data_dir)
+    assert list((data_dir / ".incoming").iterdir()) == []
+
+
+async def test_disk_reserve(aiohttp_client, data_dir, one_histogram_file):
+    """With free disk below the reserve, uploads are refused with 507 and nothing is kept."""
+    client = await aiohttp_client(
+        create_app(make_settings(data_dir, disk_reserve_bytes=1 << 60))
+    )
+    status, body = await post(client, one_histogram_file, dqm_headers())
+    assert status == 507
+    assert "disk" in body["message"]
+    await assert_nothing_kept(client, data_dir)
+
+
+async def test_too_many_concurrent_uploads(aiohttp_client, data_dir, one_histogram_file):
+    """One upload more than allowed is answered 503 with Retry-After; the others go on."""
+    client = await aiohttp_client(
+        create_app(make_settings(data_dir, max_concurrent_uploads=1, retry_after_seconds=7))
+    )
+    release = asyncio.Event()
+
+    async def slow_body():
+        yield one_histogram_file[:100]
+        await release.wait()
+        yield one_histogram_file[100:]
+
+    first = asyncio.create_task(
+        client.post("/rest/api/files", data=slow_body(), headers=dqm_headers())
+    )
+    while len(client.server.app[UPLOADS]) == 0:
+        await asyncio.sleep(0.01)
+    status, body = await post(client, one_histogram_file, dqm_headers(run=2))
+    assert status == 503
+    response = await client.post("/rest/api/files", data=one_histogram_file,
+                                 headers=dqm_headers(run=3))
+    assert response.headers["Retry-After"] == "7"
+    assert "Too many uploads" in body["message"]
+    release.set()
+    first_response = await first
+    assert first_response.status == 200
+    # The slot is free again.
+    status, _ = await post(client, one_histogram_file, dqm_headers(run=4))
+    assert status == 200
+
+
+async def test_stalled_client_is_dropped(aiohttp_client, data_dir, one_histogram_file):
+    """A client that stops sending is cut off after the read timeout; its bytes are removed."""
+    client = await aiohttp_client(
+        create_app(make_settings(data_dir, read_timeout_seconds=0.3))
+    )
+    stalled = asyncio.Event()
+
+    async def stalling_body():
+        yield one_histogram_file[:100]
+        stalled.set()
+        await asyncio.sleep(30)
+        yield one_histogram_file[100:]
+
+    response = await client.post("/rest/api/files", data=stalling_body(), headers=dqm_headers())
+    assert response.status == 408
+    assert "No data received" in (await response.json())["message"]
+    assert stalled.is_set()
+    await assert_nothing_kept(client, data_dir)
+    assert list((data_dir / ".incoming").iterdir()) == []
+
+
+async def test_disconnect_mid_upload_keeps_nothing(client, data_dir, one_histogram_file):
+    """A client that disconnects mid-upload leaves no file and no temporary behind."""
+    head = (
+        f"POST /rest/api/files HTTP/1.1\r\nHost: x\r\ntoken: {TOKEN}\r\nrunNumber: 1\r\n"
+        f"timeStamp: 2\r\nContent-Length: {len(one_histogram_file)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", client.port)) as raw:
+        raw.sendall(head + one_histogram_file[:2000])
+        while len(client.server.app[UPLOADS]) == 0:
+            await asyncio.sleep(0.01)
+        while client.server.app[UPLOADS].snapshot()[0].received_bytes < 2000:
+            await asyncio.sleep(0.01)
+    for _ in range(200):
+        if len(client.server.app[UPLOADS]) == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert len(client.server.app[UPLOADS]) == 0
+    await assert_nothing_kept(client, data_dir)
+    assert list((data_dir / ".incoming").iterdir()) == []
+
+
+async def test_expect_continue_refuses_before_the_body(client, one_histogram_file):
+    """With Expect: 100-continue a bad token is answered before the client sends its body."""
+    request = (
+        "POST /rest/api/files HTTP/1.1\r\nHost: x\r\ntoken: wrong\r\nrunNumber: 1\r\n"
+        "timeStamp: 2\r\nExpect: 100-continue\r\nContent-Length: 1000000000\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(request)
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    assert status_line.startswith(b"HTTP/1.1 401"), status_line
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    answer = await asyncio.wait_for(reader.readexactly(length), 5)
+    assert b"Received token, but it is invalid!" in answer
+    assert b"connection: close" in head.lower()
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_expect_continue_accepts_good_upload(client, one_histogram_file):
+    """A good upload with Expect: 100-continue goes through as usual."""
+    response = await client.post("/rest/api/files", data=one_histogram_file, headers=dqm_headers(),
+                                 expect100=True)
+    assert response.status == 200
+
+
+async def test_unknown_route_and_method_are_json(client):
+    """Unknown paths and methods answer JSON with a message, like every error."""
+    response = await client.get("/nothing-here")
+    assert response.status == 404
+    assert "message" in await response.json()
+    response = await client.delete("/rest/api/files", headers={"token": TOKEN})
+    assert response.status == 405
+    assert "message" in await response.json()

@@ -1,0 +1,186 @@
+"""POST /rest/api/files: the Overwatch receiver's contract, and what it lacked."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import aiohttp
+import pytest
+import uproot
+
+from dqm_daemon.appkeys import CATALOG
+
+from .conftest import TOKEN, UPLOADER_NAME, dqm_headers, multipart_file
+from .rootfiles import write_dqm_file
+
+EXPECTED_NAME = "EMChistos_123456_DQM_1970_01_02_16_07_24.root"
+SUCCESS = "Successfully received file and extracted information"
+INVALID = "Successfully received the file, but the file is not valid! Perhaps it was corrupted?"
+
+
+def stored_files(data_dir: Path) -> list[str]:
+    """Every file the daemon holds anywhere, temporaries and quarantine included."""
+    return sorted(
+        str(path.relative_to(data_dir))
+        for path in data_dir.rglob("*")
+        if path.is_file() and not path.name.startswith("catalog.sqlite3")
+    )
+
+
+async def test_one_histogram_file_reports_its_object(client, one_histogram_file, data_dir):
+    """An agent's upload is stored under the Overwatch name and reported as the old receiver did."""
+    response = await client.post(
+        "/rest/api/files", data=multipart_file(one_histogram_file), headers=dqm_headers()
+    )
+    body = await response.json()
+    assert response.status == 200, body
+    assert body["status"] == 200
+    assert body["message"] == SUCCESS
+    assert body["filename"] == EXPECTED_NAME
+    assert body["received"] == {"test": "Obj name: test, Obj IsA() Name: TH1F"}
+    assert body["size"] == len(one_histogram_file)
+    assert body["sha256"] == hashlib.sha256(one_histogram_file).hexdigest()
+    assert body["receivedHeaders"]["runNumber"] == "123456"
+    assert body["receivedHeaders"]["amoreAgent"] == "EMC"
+    assert "token" not in {key.lower() for key in body["receivedHeaders"]}
+    assert TOKEN not in await response.text()
+    assert (data_dir / EXPECTED_NAME).read_bytes() == one_histogram_file
+    record = await client.server.app[CATALOG].get(EXPECTED_NAME)
+    assert (record.uploader, record.agent, record.run, record.state) == (
+        UPLOADER_NAME, "EMC", 123456, "ok")
+
+
+async def test_raw_body_upload(client, one_histogram_file):
+    """Agents that send the file as the raw body (as the old receiver allowed) still work."""
+    response = await client.post("/rest/api/files", data=one_histogram_file, headers=dqm_headers())
+    body = await response.json()
+    assert response.status == 200, body
+    assert body["received"] == {"test": "Obj name: test, Obj IsA() Name: TH1F"}
+
+
+async def _chunks(content: bytes, size: int = 1000):
+    for start in range(0, len(content), size):
+        await asyncio.sleep(0)
+        yield content[start:start + size]
+
+
+@pytest.mark.parametrize("as_multipart", [True, False], ids=["multipart", "raw"])
+async def test_chunked_transfer_encoding(client, tmp_path, as_multipart, data_dir):
+    """An upload with no Content-Length (chunked) is stored whole."""
+    content = write_dqm_file(tmp_path / "dqm.root").read_bytes()
+    if as_multipart:
+        writer = aiohttp.MultipartWriter("form-data")
+        part = writer.append(_chunks(content))
+        part.set_content_disposition("form-data", name="file", filename="dqm.root")
+        payload = writer
+    else:
+        payload = _chunks(content)
+    response = await client.post("/rest/api/files", data=payload, headers=dqm_headers())
+    body = await response.json()
+    assert response.status == 200, body
+    assert response.request_info.headers.get("Transfer-Encoding") == "chunked"
+    assert set(body["received"]) == {"hist0", "hist1", "hist2", "detector", "events"}
+    assert body["received"]["events"] == "Obj name: events, Obj IsA() Name: TTree"
+    assert (data_dir / EXPECTED_NAME).read_bytes() == content
+
+
+async def test_defaults_for_agent_and_data_status(client, one_histogram_file):
+    """Without amoreAgent the file is named for agent DQM and dataStatus defaults to 0."""
+    headers = {"token": TOKEN, "runNumber": "7", "timeStamp": "140844"}
+    response = await client.post("/rest/api/files", data=multipart_file(one_histogram_file),
+                                 headers=headers)
+    body = await response.json()
+    assert body["filename"] == "DQMhistos_7_DQM_1970_01_02_16_07_24.root"
+    record = await client.server.app[CATALOG].get(body["filename"])
+    assert record.data_status == 0
+
+
+async def test_summer_time_name(client, one_histogram_file):
+    """Names use Europe/Zurich local time, summer time included (2023-07-01 12:00 UTC = 14:00)."""
+    response = await client.post("/rest/api/files", data=multipart_file(one_histogram_file),
+                                 headers=dqm_headers(timestamp=1688212800, dataStatus="1"))
+    body = await response.json()
+    assert body["filename"] == "EMChistos_123456_DQM_2023_07_01_14_00_00.root"
+    record = await client.server.app[CATALOG].get(body["filename"])
+    assert record.data_status == 1
+
+
+async def test_same_file_twice_is_stored_once(client, one_histogram_file, data_dir):
+    """An agent's retry answers 200 again and stores nothing new."""
+    for _ in range(2):
+        response = await client.post(
+            "/rest/api/files", data=multipart_file(one_histogram_file), headers=dqm_headers()
+        )
+        body = await response.json()
+        assert response.status == 200, body
+        assert body["filename"] == EXPECTED_NAME
+        assert body["received"] == {"test": "Obj name: test, Obj IsA() Name: TH1F"}
+    assert stored_files(data_dir) == [EXPECTED_NAME]
+
+
+async def test_different_file_with_taken_name_is_kept_beside(client, tmp_path, one_histogram_file,
+                                                             data_dir):
+    """A different file under a taken name is kept under a new name; nothing is overwritten."""
+    other = write_dqm_file(tmp_path / "other.root").read_bytes()
+    first = await (await client.post("/rest/api/files", data=multipart_file(one_histogram_file),
+                                     headers=dqm_headers())).json()
+    second = await (await client.post("/rest/api/files", data=multipart_file(other),
+                                      headers=dqm_headers())).json()
+    third = await (await client.post("/rest/api/files", data=multipart_file(other),
+                                     headers=dqm_headers())).json()
+    assert first["filename"] == EXPECTED_NAME
+    assert second["filename"] == "EMChistos_123456_DQM_1970_01_02_16_07_24.v2.root"
+    assert third["filename"] == second["filename"]  # its retry is recognised too
+    assert (data_dir / first["filename"]).read_bytes() == one_histogram_file
+    assert (data_dir / second["filename"]).read_bytes() == other
+    listing = await (await client.get("/rest/api/files", headers={"token": TOKEN})).json()
+    assert listing["files"] == [EXPECTED_NAME, second["filename"]]
+
+
+async def test_sixteen_concurrent_uploads(client, tmp_path, data_dir):
+    """Sixteen agents uploading at once all get their own file stored intact."""
+    contents = {}
+    for run in range(16):
+        contents[run] = write_dqm_file(tmp_path / f"run{run}.root", n_histograms=run + 1).read_bytes()
+
+    async def upload(run: int) -> dict:
+        response = await client.post("/rest/api/files", data=multipart_file(contents[run]),
+                                     headers=dqm_headers(run=run))
+        assert response.status == 200
+        return await response.json()
+
+    answers = await asyncio.gather(*(upload(run) for run in range(16)))
+    for run, answer in enumerate(answers):
+        assert len(answer["received"]) == run + 1 + 2
+        assert (data_dir / answer["filename"]).read_bytes() == contents[run]
+    listing = await (await client.get("/rest/api/files", headers={"token": TOKEN})).json()
+    assert len(listing["files"]) == 16
+
+
+async def test_real_root_files(client, shared_root_files):
+    """Every real ROOT file written by ROOT itself is accepted and its top-level objects listed."""
+    for number, path in enumerate(shared_root_files):
+        content = path.read_bytes()
+        response = await client.post("/rest/api/files", data=multipart_file(content),
+                                     headers=dqm_headers(run=number))
+        body = await response.json()
+        assert response.status == 200, (path.name, body)
+        with uproot.open(path) as root_file:
+            expected = root_file.classnames(recursive=False, cycle=False)
+        assert body["received"] == {
+            name: f"Obj name: {name}, Obj IsA() Name: {class_name}"
+            for name, class_name in expected.items()
+        }, path.name
+        assert body["sha256"] == hashlib.sha256(content).hexdigest()
+
+
+async def test_overwatch_file_from_shared_data(client, shared_root_files):
+    """The Overwatch receiver's own test file gives exactly the answer it gave."""
+    (overwatch,) = [path for path in shared_root_files if path.name.startswith("overwatch")]
+    response = await client.post("/rest/api/files", data=multipart_file(overwatch.read_bytes()),
+                                 headers=dqm_headers())
+    body = await response.json()
+    assert body["filename"] == overwatch.name.removeprefix("overwatch-")
+    assert body["received"] == {"test": "Obj name: test, Obj IsA() Name: TH1F"}

@@ -104,12 +104,13 @@ class DaemonProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"daemon exited: {self.log_path.read_text()[-2000:]}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as probe:
-                    probe.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as probe:
+                    probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                     if probe.recv(16).startswith(b"HTTP/1.1 200"):
                         return self
             except OSError:
-                time.sleep(0.05)
+                pass
+            time.sleep(0.05)
         raise RuntimeError("daemon did not become healthy in time")
 
     def kill(self, sig: int = signal.SIGKILL) -> int:

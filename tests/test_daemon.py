@@ -1,0 +1,148 @@
+"""The real daemon as a subprocess: start-up checks, restarts, logs and a 2 GiB upload."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from .conftest import TOKEN, DaemonProcess, dqm_headers
+from .rootfiles import write_dqm_file, write_one_histogram_file
+
+GiB = 1024**3
+MiB = 1024**2
+
+
+def test_refuses_to_start_without_a_token(tmp_path):
+    """Started with no token configured, the daemon says so and exits instead of running open."""
+    environment = {key: value for key, value in os.environ.items() if key != "DQM_DAEMON_TOKEN"}
+    finished = subprocess.run(
+        [sys.executable, "-m", "dqm_daemon", "serve", "--data-dir", str(tmp_path / "d")],
+        env=environment, capture_output=True, text=True, timeout=60,
+    )
+    assert finished.returncode == 2
+    assert "no token configured" in finished.stderr
+    assert "DQM_DAEMON_TOKEN" in finished.stderr
+
+
+def test_bad_config_names_the_key(tmp_path):
+    """A config with an unknown key or a bad value is refused, naming the key."""
+    config = tmp_path / "config.toml"
+    config.write_text('max_upload_bytes = "lots"\n')
+    finished = subprocess.run(
+        [sys.executable, "-m", "dqm_daemon", "serve", "--config", str(config)],
+        env=dict(os.environ, DQM_DAEMON_TOKEN=TOKEN), capture_output=True, text=True, timeout=60,
+    )
+    assert finished.returncode == 2
+    assert "max_upload_bytes: expected an integer" in finished.stderr
+
+
+async def _upload(session: aiohttp.ClientSession, url: str, content, **header_values) -> dict:
+    async with session.post(f"{url}/rest/api/files", data=content,
+                            headers=dqm_headers(**header_values)) as response:
+        body = await response.json()
+        assert response.status == 200, body
+        return body
+
+
+async def test_config_tokens_name_uploaders_and_never_leak(tmp_path, daemon):
+    """Tokens from the config file work; logs name the uploader, never the token."""
+    config = tmp_path / "config.toml"
+    config.write_text('[tokens]\nemc-shifter = "config-secret-1"\ntpc-agent = "config-secret-2"\n')
+    daemon.extra_args = ["--config", str(config)]
+    daemon.start()
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    async with aiohttp.ClientSession() as session:
+        for token in ("config-secret-1", "config-secret-2", TOKEN):
+            await _upload(session, daemon.url, content, token=token, run=len(token))
+        async with session.post(f"{daemon.url}/rest/api/files", data=content,
+                                headers=dqm_headers(token="config-secret-3")) as response:
+            assert response.status == 401
+    daemon.kill()
+    log_text = daemon.log_path.read_text()
+    lines = [json.loads(line) for line in log_text.splitlines() if line.startswith("{")]
+    uploaders = {line.get("uploader") for line in lines if line.get("event") == "request"}
+    assert {"emc-shifter", "tpc-agent", "env-token"} <= uploaders
+    for secret in ("config-secret-1", "config-secret-2", "config-secret-3", TOKEN):
+        assert secret not in log_text
+
+
+async def test_restart_after_kill_keeps_everything(tmp_path, daemon):
+    """After a kill -9 and a restart every acknowledged file is listed, intact, and a retry
+    of one of them is still recognised."""
+    daemon.start()
+    contents = [write_dqm_file(tmp_path / f"f{n}.root", n_histograms=n + 1).read_bytes()
+                for n in range(5)]
+    async with aiohttp.ClientSession() as session:
+        answers = [await _upload(session, daemon.url, content, run=1000 + n)
+                   for n, content in enumerate(contents)]
+    daemon.kill()
+    daemon.start()
+    async with aiohttp.ClientSession(headers={"token": TOKEN}) as session:
+        async with session.get(f"{daemon.url}/rest/api/files") as response:
+            listed = (await response.json())["files"]
+        assert listed == sorted(answer["filename"] for answer in answers)
+        for answer, content in zip(answers, contents, strict=True):
+            async with session.get(f"{daemon.url}/rest/api/files/{answer['filename']}") as response:
+                assert await response.read() == content
+        again = await _upload(session, daemon.url, contents[0], run=1000)
+        assert again["filename"] == answers[0]["filename"]
+    assert sorted(path.name for path in daemon.data_dir.glob("*.root")) == listed
+
+
+async def _large_body(root_file: bytes, total_bytes: int, chunk: bytes):
+    """A valid ROOT file followed by padding up to `total_bytes` (ROOT ignores the tail)."""
+    yield root_file
+    remaining = total_bytes - len(root_file)
+    while remaining > 0:
+        piece = chunk if remaining >= len(chunk) else chunk[:remaining]
+        remaining -= len(piece)
+        yield piece
+
+
+@pytest.mark.slow
+async def test_two_gib_upload_in_bounded_memory(tmp_path, daemon):
+    """A 2 GiB chunked upload is stored intact while the daemon's memory stays flat."""
+    daemon.start()
+    root_file = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    padding_chunk = os.urandom(4 * MiB)
+    total = 2 * GiB
+    expected = hashlib.sha256()
+    async for piece in _large_body(root_file, total, padding_chunk):
+        expected.update(piece)
+    async with aiohttp.ClientSession() as session:
+        await _upload(session, daemon.url, root_file, run=1)  # warm up every code path
+        idle_kib = daemon.rss_kib("VmRSS")
+        peak_samples = []
+
+        async def sample() -> None:
+            while True:
+                peak_samples.append(daemon.rss_kib("VmRSS"))
+                await asyncio.sleep(0.05)
+
+        sampler = asyncio.create_task(sample())
+        timeout = aiohttp.ClientTimeout(total=600)
+        async with session.post(f"{daemon.url}/rest/api/files", timeout=timeout,
+                                data=_large_body(root_file, total, padding_chunk),
+                                headers=dqm_headers(run=2)) as response:
+            body = await response.json()
+        sampler.cancel()
+        peak_kib = daemon.rss_kib("VmHWM")
+    assert response.status == 200, body
+    assert body["size"] == total
+    assert body["sha256"] == expected.hexdigest()
+    assert body["received"] == {"test": "Obj name: test, Obj IsA() Name: TH1F"}
+    stored = daemon.data_dir / body["filename"]
+    assert stored.stat().st_size == total
+    growth_mib = (peak_kib - idle_kib) / 1024
+    print(f"idle RSS {idle_kib / 1024:.1f} MiB, peak {peak_kib / 1024:.1f} MiB, "
+          f"growth {growth_mib:.1f} MiB, samples max {max(peak_samples) / 1024:.1f} MiB")
+    assert growth_mib < 64
+    stored.unlink()

@@ -1,0 +1,162 @@
+"""GET /rest/api/files and /rest/api/files/{filename}: listing and serving files back."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import pytest
+
+from dqm_daemon.app import create_app
+from dqm_daemon.appkeys import CATALOG
+
+from .conftest import TOKEN, dqm_headers, make_settings, multipart_file
+from .rootfiles import write_dqm_file, write_one_histogram_file
+
+AUTH = {"token": TOKEN}
+
+
+async def upload(client, content: bytes, **header_values) -> dict:
+    response = await client.post(
+        "/rest/api/files", data=multipart_file(content), headers=dqm_headers(**header_values)
+    )
+    body = await response.json()
+    assert response.status == 200, body
+    return body
+
+
+async def list_names(client, **query) -> list[str]:
+    response = await client.get("/rest/api/files", headers=AUTH, params=query)
+    assert response.status == 200
+    return (await response.json())["files"]
+
+
+async def test_listing_ignores_non_dqm_files(client, one_histogram_file, data_dir):
+    """Only DQM files are listed: not other files lying in the data directory."""
+    body = await upload(client, one_histogram_file)
+    (data_dir / "notes.txt").write_text("shift notes")
+    (data_dir / "other.root").write_bytes(one_histogram_file)
+    assert await list_names(client) == [body["filename"]]
+
+
+async def test_listing_is_sorted_and_filtered(client, one_histogram_file):
+    """The listing is sorted and can be narrowed by run, agent and time."""
+    uploads = [
+        ("EMC", 300, 1_700_000_000),
+        ("TPC", 300, 1_700_000_600),
+        ("EMC", 301, 1_700_001_200),
+        ("EMC", 300, 1_700_000_300),
+    ]
+    names = {}
+    for agent, run, timestamp in uploads:
+        body = await upload(client, one_histogram_file, agent=agent, run=run, timestamp=timestamp)
+        names[(agent, run, timestamp)] = body["filename"]
+    assert await list_names(client) == sorted(names.values())
+    assert await list_names(client, run="300") == sorted(
+        name for key, name in names.items() if key[1] == 300)
+    assert await list_names(client, agent="TPC") == [names[("TPC", 300, 1_700_000_600)]]
+    assert await list_names(client, since="1700000600") == sorted(
+        name for key, name in names.items() if key[2] >= 1_700_000_600)
+    assert await list_names(client, since="2023-11-14T22:20:00Z") == sorted(
+        name for key, name in names.items() if key[2] >= 1_700_000_400)
+    assert await list_names(client, run="300", agent="EMC") == sorted(
+        [names[("EMC", 300, 1_700_000_000)], names[("EMC", 300, 1_700_000_300)]])
+
+
+@pytest.mark.parametrize(("query", "fragment"), [({"run": "x"}, "run must be an integer"),
+                                                 ({"since": "last week"}, "since must be")])
+async def test_listing_bad_filters(client, query, fragment):
+    """A malformed filter is answered 400 naming it."""
+    response = await client.get("/rest/api/files", headers=AUTH, params=query)
+    assert response.status == 400
+    assert fragment in (await response.json())["message"]
+
+
+async def test_download_is_identical_to_upload(client, tmp_path):
+    """The bytes served back are exactly the bytes the agent sent."""
+    content = write_dqm_file(tmp_path / "dqm.root").read_bytes()
+    body = await upload(client, content)
+    response = await client.get(f"/rest/api/files/{body['filename']}", headers=AUTH)
+    assert response.status == 200
+    downloaded = await response.read()
+    assert downloaded == content
+    assert hashlib.sha256(downloaded).hexdigest() == body["sha256"]
+
+
+async def test_download_range_and_etag(client, one_histogram_file):
+    """Downloads support Range (resume) and ETag (no re-download of an unchanged file)."""
+    body = await upload(client, one_histogram_file)
+    url = f"/rest/api/files/{body['filename']}"
+    partial = await client.get(url, headers={**AUTH, "Range": "bytes=100-199"})
+    assert partial.status == 206
+    assert await partial.read() == one_histogram_file[100:200]
+    full = await client.get(url, headers=AUTH)
+    etag = full.headers["ETag"]
+    cached = await client.get(url, headers={**AUTH, "If-None-Match": etag})
+    assert cached.status == 304
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/rest/api/files/..%2Fcatalog.sqlite3",
+        "/rest/api/files/%2e%2e%2fcatalog.sqlite3",
+        "/rest/api/files/..%252Fcatalog.sqlite3",
+        "/rest/api/files/%2Fetc%2Fpasswd",
+        "/rest/api/files/catalog.sqlite3",
+        "/rest/api/files/.incoming",
+        "/rest/api/files/unknownhistos_1_DQM_1970_01_01_01_00_00.root",
+    ],
+)
+async def test_download_outside_or_unknown_is_404(client, one_histogram_file, data_dir, path):
+    """No name, encoded or not, reaches a byte outside the stored DQM files."""
+    await upload(client, one_histogram_file)
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\ntoken: {TOKEN}\r\nConnection: close\r\n\r\n"
+                 .encode())
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    assert answer.startswith(b"HTTP/1.1 404"), answer[:100]
+    assert b'"message"' in answer
+    assert b"SQLite" not in answer and b"root:" not in answer
+
+
+async def test_dot_dot_path_is_404(client, one_histogram_file):
+    """A literal ../ in the path never escapes either."""
+    await upload(client, one_histogram_file)
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(f"GET /rest/api/files/../../etc/passwd HTTP/1.1\r\nHost: x\r\ntoken: {TOKEN}\r\n"
+                 "Connection: close\r\n\r\n".encode())
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    assert answer.split(b" ")[1] in (b"404", b"400")
+    assert b"root:" not in answer
+
+
+async def test_restart_adopts_files_and_removes_temporaries(aiohttp_client, tmp_path, data_dir):
+    """Files dropped into the data directory are adopted at start-up; temporaries are removed."""
+    data_dir.mkdir(parents=True)
+    (data_dir / ".incoming").mkdir()
+    leftover = data_dir / ".incoming" / "dead-upload.part"
+    leftover.write_bytes(b"half an upload")
+    adopted = write_one_histogram_file(data_dir / "TPChistos_42_DQM_2024_05_01_10_00_00.root")
+    not_root = data_dir / "TPChistos_43_DQM_2024_05_01_10_00_00.root"
+    not_root.write_text("garbage")
+    client = await aiohttp_client(create_app(make_settings(data_dir)))
+    catalog = client.server.app[CATALOG]
+    for _ in range(500):
+        records = [await catalog.get(name) for name in (adopted.name, not_root.name)]
+        if all(record and record.state != "pending" for record in records):
+            break
+        await asyncio.sleep(0.01)
+    assert not leftover.exists()
+    assert await list_names(client) == [adopted.name]
+    record = await catalog.get(adopted.name)
+    assert (record.agent, record.run, record.uploader) == ("TPC", 42, "adopted")
+    assert record.received == {"test": "Obj name: test, Obj IsA() Name: TH1F"}
+    assert (data_dir / "quarantine" / not_root.name).exists()
+    assert (await catalog.get(not_root.name)).state == "invalid"

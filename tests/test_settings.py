@@ -1,0 +1,81 @@
+"""Settings: embedded defaults, TOML file, environment, command line, and clear refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dqm_daemon.naming import dqm_filename, headers_from_filename
+from dqm_daemon.settings import ENV_TOKEN_UPLOADER, Settings, SettingsError, load_settings
+
+
+def test_embedded_defaults_serve_locally():
+    """With nothing configured the daemon listens on 127.0.0.1:8080 under ./dqm-data."""
+    settings = load_settings(None, environ={"DQM_DAEMON_TOKEN": "t"})
+    assert (settings.host, settings.port, settings.data_dir) == ("127.0.0.1", 8080, Path("dqm-data"))
+    assert settings.tokens == {"t": ENV_TOKEN_UPLOADER}
+
+
+def test_file_then_environment_then_command_line(tmp_path):
+    """Each layer overrides the one before it; the config file names uploaders."""
+    config = tmp_path / "config.toml"
+    config.write_text(
+        'port = 9000\nhost = "0.0.0.0"\nmax_upload_bytes = 1000\nread_timeout_seconds = 5\n'
+        '[tokens]\nemc = "secret-a"\ntpc = "secret-b"\n'
+    )
+    settings = load_settings(config, environ={"DQM_DAEMON_TOKEN": "secret-c"}, port=9100)
+    assert settings.port == 9100
+    assert settings.host == "0.0.0.0"
+    assert settings.max_upload_bytes == 1000
+    assert settings.read_timeout_seconds == 5.0
+    assert settings.tokens == {"secret-a": "emc", "secret-b": "tpc", "secret-c": ENV_TOKEN_UPLOADER}
+
+
+def test_redacted_settings_never_show_tokens():
+    """What is logged at start-up names the uploaders, never their tokens."""
+    settings = Settings(tokens={"very-secret": "emc"})
+    assert "very-secret" not in repr(settings)
+    assert "very-secret" not in str(settings.redacted())
+    assert settings.redacted()["tokens"] == ["emc"]
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("colour = 'blue'\n", "colour: unknown setting"),
+        ("port = 'eighty'\n", "port: expected an integer"),
+        ("port = 70000\n", "port: 70000 is not a TCP port"),
+        ("chunk_bytes = 0\n", "chunk_bytes: 0 must be greater than zero"),
+        ("[tokens]\na = 'same'\nb = 'same'\n", "tokens.b: same token as tokens.a"),
+        ("[tokens]\na = ''\n", "tokens.a: expected a non-empty token"),
+        ("port = \n", "is not valid TOML"),
+    ],
+)
+def test_bad_config_is_refused_naming_the_key(tmp_path, text, fragment):
+    """A bad config is refused with a message that names the key and the problem."""
+    config = tmp_path / "config.toml"
+    config.write_text(text)
+    with pytest.raises(SettingsError, match=fragment):
+        load_settings(config, environ={})
+
+
+def test_no_token_is_refused():
+    """The daemon never runs without a token."""
+    with pytest.raises(SettingsError, match="no token configured"):
+        load_settings(None, environ={}).require_tokens()
+
+
+@pytest.mark.parametrize(
+    ("agent", "run", "timestamp", "expected"),
+    [
+        ("EMC", 123456, 140844, "EMChistos_123456_DQM_1970_01_02_16_07_24.root"),
+        ("TPC", 1, 1688212800, "TPChistos_1_DQM_2023_07_01_14_00_00.root"),  # summer time
+        ("TPC", 1, 1703980800, "TPChistos_1_DQM_2023_12_31_01_00_00.root"),  # winter time
+    ],
+)
+def test_overwatch_file_names(agent, run, timestamp, expected):
+    """Names follow the Overwatch receiver: agent, run and Europe/Zurich local time."""
+    assert dqm_filename(agent, run, timestamp) == expected
+    recovered = headers_from_filename(expected)
+    assert (recovered.agent, recovered.run_number, recovered.timestamp) == (agent, run, timestamp)

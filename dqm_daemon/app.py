@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 from aiohttp import web
@@ -15,8 +14,8 @@ from aiohttp import web
 from .appkeys import (
     CATALOG,
     INGEST,
-    INSPECTION_EXECUTOR,
     INSPECTION_QUEUE,
+    INSPECTORS,
     SETTINGS,
     STARTED_MONOTONIC,
     STORAGE,
@@ -24,6 +23,7 @@ from .appkeys import (
 )
 from .catalog import Catalog
 from .ingest import Ingest
+from .inspection_pool import CHILD_COMMAND, InspectorProcess
 from .inspection_queue import InspectionQueue
 from .middlewares import errors_as_json, request_context, token_auth
 from .routes import setup_routes
@@ -32,6 +32,7 @@ from .storage import Storage
 from .uploads import UploadsInProgress
 
 log = structlog.get_logger(__name__)
+
 
 async def storage_and_catalog(app: web.Application) -> AsyncIterator[None]:
     leftovers = await asyncio.to_thread(app[STORAGE].prepare)
@@ -42,19 +43,24 @@ async def storage_and_catalog(app: web.Application) -> AsyncIterator[None]:
     await app[CATALOG].close()
 
 
-async def inspection_worker(app: web.Application) -> AsyncIterator[None]:
-    """The worker starts first, so that recovery can queue more jobs than the queue holds."""
-    worker = asyncio.create_task(app[INSPECTION_QUEUE].run_worker(), name="inspection-worker")
+async def inspection_workers(app: web.Application) -> AsyncIterator[None]:
+    """One worker per inspection child. Workers start first, so that recovery can queue more
+    jobs than the queue holds."""
+    workers = [
+        asyncio.create_task(app[INSPECTION_QUEUE].run_worker(inspector),
+                            name=f"inspection-worker-{number}")
+        for number, inspector in enumerate(app[INSPECTORS])
+    ]
     recovery = asyncio.create_task(
         app[INGEST].recover(app[SETTINGS].chunk_bytes), name="startup-recovery"
     )
     recovery.add_done_callback(_log_recovery)
     yield
-    for task in (recovery, worker):
+    for task in (recovery, *workers):
         task.cancel()
+    for task in (recovery, *workers):
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    app[INSPECTION_EXECUTOR].shutdown(wait=True, cancel_futures=True)
 
 
 def _log_recovery(task: asyncio.Task[int]) -> None:
@@ -66,7 +72,11 @@ def _log_recovery(task: asyncio.Task[int]) -> None:
         log.info("startup_recovery_queued", files=task.result())
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(
+    settings: Settings, *, inspection_command: tuple[str, ...] = CHILD_COMMAND
+) -> web.Application:
+    """The application. `inspection_command` starts an inspection child (tests swap in one
+    that misbehaves on purpose)."""
     settings.require_tokens()
     app = web.Application(
         middlewares=[request_context, errors_as_json, token_auth(settings.tokens)],
@@ -75,19 +85,20 @@ def create_app(settings: Settings) -> web.Application:
     )
     storage = Storage(settings)
     catalog = Catalog(settings.catalog_path)
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inspection")
-    inspection_queue = InspectionQueue(
-        catalog, storage, executor, settings.inspection_queue_length
-    )
+    inspection_queue = InspectionQueue(catalog, storage, settings.inspection_queue_length)
     app[SETTINGS] = settings
     app[STORAGE] = storage
     app[CATALOG] = catalog
-    app[INSPECTION_EXECUTOR] = executor
+    app[INSPECTORS] = [
+        InspectorProcess(settings.inspection_memory_cap_bytes,
+                         settings.inspection_time_limit_seconds, inspection_command)
+        for _ in range(settings.inspection_workers)
+    ]
     app[INSPECTION_QUEUE] = inspection_queue
     app[INGEST] = Ingest(catalog, storage, inspection_queue)
     app[UPLOADS] = UploadsInProgress(settings.max_concurrent_uploads, settings.retry_after_seconds)
     app[STARTED_MONOTONIC] = time.monotonic()
     app.cleanup_ctx.append(storage_and_catalog)
-    app.cleanup_ctx.append(inspection_worker)
+    app.cleanup_ctx.append(inspection_workers)
     setup_routes(app)
     return app

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from concurrent.futures import Executor
-
 from aiohttp import web
 
 from .catalog import Catalog
 from .ingest import Ingest
+from .inspection_pool import InspectorProcess
 from .inspection_queue import InspectionQueue
 from .settings import Settings
 from .storage import Storage
@@ -17,7 +16,7 @@ SETTINGS = web.AppKey("settings", Settings)
 CATALOG = web.AppKey("catalog", Catalog)
 STORAGE = web.AppKey("storage", Storage)
 INSPECTION_QUEUE = web.AppKey("inspection_queue", InspectionQueue)
-INSPECTION_EXECUTOR = web.AppKey("inspection_executor", Executor)
+INSPECTORS = web.AppKey("inspectors", list[InspectorProcess])
 INGEST = web.AppKey("ingest", Ingest)
 UPLOADS = web.AppKey("uploads", UploadsInProgress)
 STARTED_MONOTONIC = web.AppKey("started_monotonic", float)

@@ -34,7 +34,12 @@ CREATE TABLE IF NOT EXISTS files (
     uploader      TEXT NOT NULL,
     state         TEXT NOT NULL,           -- 'pending', 'ok' or 'invalid'
     reason        TEXT,                    -- why a file is invalid
-    received_json TEXT                     -- top-level objects, as the Overwatch receiver reported
+    received_json TEXT,                    -- top-level objects, as the Overwatch receiver reported
+    objects_json  TEXT,                    -- every object found, with its summary figures
+    object_count  INTEGER,
+    findings_json TEXT,                    -- changes since the previous file of agent and run
+    inspected_at  TEXT,                    -- UTC, ISO 8601
+    inspection_ms REAL
 );
 CREATE INDEX IF NOT EXISTS files_by_run ON files (run, agent, timestamp);
 CREATE INDEX IF NOT EXISTS files_by_agent ON files (agent, timestamp);
@@ -58,13 +63,32 @@ class FileRecord:
     state: str = PENDING
     reason: str | None = None
     received: dict[str, str] | None = None
+    object_count: int | None = None
+    findings: list[dict[str, Any]] | None = None
+    inspected_at: str | None = None
+    inspection_ms: float | None = None
+    # Only filled when asked for (it can be large): see Catalog.get(with_objects=True).
+    objects: list[dict[str, Any]] | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> FileRecord:
-        values = {key: row[key] for key in row.keys() if key != "received_json"}
-        received_json = row["received_json"]
-        values["received"] = json.loads(received_json) if received_json else None
+        values = {key: row[key] for key in row.keys() if not key.endswith("_json")}
+        for column in _JSON_COLUMNS:
+            if column in row.keys():
+                text = row[column]
+                values[column.removesuffix("_json")] = json.loads(text) if text else None
         return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_JSON_COLUMNS = ("received_json", "findings_json", "objects_json")
+# Every column but the objects, which only the file's own info page needs.
+_SUMMARY_COLUMNS = (
+    "name, location, size, sha256, agent, run, timestamp, data_status, received_at, uploader,"
+    " state, reason, received_json, object_count, findings_json, inspected_at, inspection_ms"
+)
 
 
 class Catalog:
@@ -98,8 +122,9 @@ class Catalog:
 
     async def add(self, record: FileRecord) -> None:
         row = dataclasses.asdict(record)
-        received = row.pop("received")
-        row["received_json"] = json.dumps(received) if received is not None else None
+        for column in _JSON_COLUMNS:
+            value = row.pop(column.removesuffix("_json"))
+            row[column] = json.dumps(value) if value is not None else None
         columns = ", ".join(row)
         placeholders = ", ".join(f":{key}" for key in row)
         await self._run(
@@ -108,9 +133,13 @@ class Catalog:
             )
         )
 
-    async def get(self, name: str) -> FileRecord | None:
+    async def get(self, name: str, *, with_objects: bool = False) -> FileRecord | None:
+        columns = "*" if with_objects else _SUMMARY_COLUMNS
+
         def fetch(connection: sqlite3.Connection) -> FileRecord | None:
-            row = connection.execute("SELECT * FROM files WHERE name = ?", (name,)).fetchone()
+            row = connection.execute(
+                f"SELECT {columns} FROM files WHERE name = ?", (name,)
+            ).fetchone()
             return FileRecord.from_row(row) if row else None
 
         return await self._run(fetch)
@@ -123,29 +152,55 @@ class Catalog:
         location: str,
         reason: str | None,
         received: dict[str, str] | None,
+        objects: list[dict[str, Any]] | None,
+        findings: list[dict[str, Any]] | None,
+        inspection_ms: float,
+        inspected_at: str,
     ) -> None:
-        received_json = json.dumps(received) if received is not None else None
+        def as_json(value: Any) -> str | None:
+            return json.dumps(value) if value is not None else None
+
         await self._run(
             lambda connection: connection.execute(
-                "UPDATE files SET state = ?, location = ?, reason = ?, received_json = ?"
-                " WHERE name = ?",
-                (state, location, reason, received_json, name),
+                "UPDATE files SET state = ?, location = ?, reason = ?, received_json = ?,"
+                " objects_json = ?, object_count = ?, findings_json = ?, inspection_ms = ?,"
+                " inspected_at = ? WHERE name = ?",
+                (state, location, reason, as_json(received), as_json(objects),
+                 len(objects) if objects is not None else None, as_json(findings),
+                 inspection_ms, inspected_at, name),
             )
         )
 
-    async def dqm_file_names(
+    async def previous_objects(self, record: FileRecord) -> tuple[str, list[dict[str, Any]]] | None:
+        """The objects of the latest sound file of the same agent and run sent before `record`."""
+
+        def fetch(connection: sqlite3.Connection) -> tuple[str, list[dict[str, Any]]] | None:
+            row = connection.execute(
+                "SELECT name, objects_json FROM files WHERE agent = ? AND run = ? AND state = ?"
+                " AND name != ? AND (timestamp < ? OR (timestamp = ? AND received_at < ?))"
+                " ORDER BY timestamp DESC, received_at DESC LIMIT 1",
+                (record.agent, record.run, OK, record.name, record.timestamp, record.timestamp,
+                 record.received_at),
+            ).fetchone()
+            if row is None or row["objects_json"] is None:
+                return None
+            return row["name"], json.loads(row["objects_json"])
+
+        return await self._run(fetch)
+
+    async def dqm_files(
         self, *, run: int | None = None, agent: str | None = None, since: int | None = None
-    ) -> list[str]:
-        """Names of the sound DQM files in the data directory, sorted, optionally filtered."""
+    ) -> list[FileRecord]:
+        """The sound DQM files in the data directory, sorted by name, optionally filtered."""
         clauses = ["state = ?", "location = ?", "instr(name, 'DQM') > 0"]
         params: list[Any] = [OK, IN_DATA_DIR]
         for clause, value in (("run = ?", run), ("agent = ?", agent), ("timestamp >= ?", since)):
             if value is not None:
                 clauses.append(clause)
                 params.append(value)
-        query = f"SELECT name FROM files WHERE {' AND '.join(clauses)} ORDER BY name"
+        query = f"SELECT {_SUMMARY_COLUMNS} FROM files WHERE {' AND '.join(clauses)} ORDER BY name"
         rows = await self._run(lambda connection: connection.execute(query, params).fetchall())
-        return [row["name"] for row in rows]
+        return [FileRecord.from_row(row) for row in rows]
 
     async def all_names(self) -> set[str]:
         rows = await self._run(
@@ -157,7 +212,8 @@ class Catalog:
         """Files stored but not yet inspected (oldest first): work a restart must finish."""
         rows = await self._run(
             lambda connection: connection.execute(
-                "SELECT * FROM files WHERE state = ? ORDER BY received_at", (PENDING,)
+                f"SELECT {_SUMMARY_COLUMNS} FROM files WHERE state = ? ORDER BY received_at",
+                (PENDING,),
             ).fetchall()
         )
         return [FileRecord.from_row(row) for row in rows]

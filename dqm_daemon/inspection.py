@@ -1,54 +1,179 @@
-"""What a ROOT file holds, read with uproot. Runs in a worker, never on the event loop."""
+"""What a ROOT file holds, read with uproot. Runs in an inspection child process, never in the
+daemon: a hostile file can at worst exhaust the child's memory cap or time limit.
+
+Valid means: the file opens, its directories read, and every key's payload decompresses. A class
+uproot cannot interpret is listed by its stored class name, `interpreted: false`; that alone does
+not make the file invalid.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import math
 import os
+import resource
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import uproot
 
-from .catalog import INVALID, OK
-
-
-@dataclasses.dataclass(frozen=True)
-class InspectionResult:
-    state: str  # OK or INVALID
-    reason: str | None = None
-    # Top-level object name → "Obj name: NAME, Obj IsA() Name: CLASS", as the Overwatch receiver said.
-    received: dict[str, str] | None = None
-
-
+OK, INVALID = "ok", "invalid"
 ROOT_MAGIC = b"root"
+# A file declaring more objects than this is listed only up to it (flagged `objects_truncated`).
+MAX_LISTED_OBJECTS = 100_000
+DIRECTORY_CLASSES = ("TDirectory", "TDirectoryFile")
+LIST_CLASSES = ("TList", "TObjArray", "THashList", "TMap", "TClonesArray")
+PROFILE_CLASSES = ("TProfile", "TProfile2D", "TProfile3D")
+AXIS_NAMES = ("x", "y", "z")
 
 
-def _received_entry(name: str, class_name: str) -> str:
+class InvalidFile(Exception):
+    """The file is not sound ROOT; the message is the short reason kept in the catalog."""
+
+
+def received_entry(name: str, class_name: str) -> str:
+    """The Overwatch receiver's description of a top-level object."""
     return f"Obj name: {name}, Obj IsA() Name: {class_name}"
 
 
-def inspect_file(path: Path) -> InspectionResult:
-    """Open the file with uproot and list its top-level objects; any failure makes it invalid."""
+def inspect_file(path: Path) -> dict[str, Any]:
+    """Inspect one file; returns a JSON-able result with `state` "ok" or "invalid"."""
     try:
-        with open(path, "rb") as raw_file:
-            magic = raw_file.read(4)
-        if magic != ROOT_MAGIC:
-            return InspectionResult(INVALID, "not a ROOT file: it does not start with 'root'")
-        with uproot.open(path) as root_file:
-            declared_end = root_file.file.fEND
-            actual_size = os.path.getsize(path)
-            if actual_size < declared_end:
-                return InspectionResult(
-                    INVALID, f"truncated: {actual_size} bytes of the {declared_end} declared"
-                )
-            class_names = root_file.classnames(recursive=False, cycle=False)
+        objects, truncated = _read_objects(path)
+    except InvalidFile as exc:
+        result: dict[str, Any] = {"state": INVALID, "reason": str(exc)}
+    except MemoryError:
+        result = {"state": INVALID, "reason": "inspection exceeded the memory cap"}
     except Exception as exc:  # uproot raises many kinds on hostile input; all mean "not sound"
-        return InspectionResult(INVALID, _short_reason(exc))
-    received = {name: _received_entry(name, class_name) for name, class_name in class_names.items()}
-    return InspectionResult(OK, received=received)
+        # The daemon's own paths are nobody else's business.
+        result = {"state": INVALID, "reason": short_reason(exc).replace(str(path), "the file")}
+    else:
+        result = {
+            "state": OK,
+            "objects": objects,
+            "objects_truncated": truncated,
+            "received": {
+                entry["path"]: received_entry(entry["path"], entry["class"])
+                for entry in objects
+                if "/" not in entry["path"]
+            },
+        }
+    result["peak_rss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return result
 
 
-def _short_reason(exc: BaseException) -> str:
+def short_reason(exc: BaseException) -> str:
     # uproot's messages run over several lines and end with the file path: keep the gist.
     lines = [line.strip() for line in str(exc).splitlines()]
     gist = " ".join(line for line in lines if line and not line.startswith(("in file", "in object")))
     return f"{type(exc).__name__}: {gist[:200]}" if gist else type(exc).__name__
+
+
+def _read_objects(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    with open(path, "rb") as raw_file:
+        if raw_file.read(4) != ROOT_MAGIC:
+            raise InvalidFile("not a ROOT file: it does not start with 'root'")
+    # Plain reads, not a memory map: mapped pages would count against the address-space cap.
+    with uproot.open(path, handler=uproot.source.file.MultithreadedFileSource) as root_file:
+        declared_end = root_file.file.fEND
+        actual_size = os.path.getsize(path)
+        if actual_size < declared_end:
+            raise InvalidFile(f"truncated: {actual_size} bytes of the {declared_end} declared")
+        objects: list[dict[str, Any]] = []
+        truncated = _walk(root_file, "", objects)
+    return objects, truncated
+
+
+def _walk(directory: Any, prefix: str, objects: list[dict[str, Any]]) -> bool:
+    """Append an entry per key (highest cycle), depth first; True if the listing was cut short."""
+    for name in directory.keys(recursive=False, cycle=False):
+        if len(objects) >= MAX_LISTED_OBJECTS:
+            return True
+        key = directory.key(name)
+        path = f"{prefix}{name}"
+        try:
+            key.get_uncompressed_chunk_cursor()  # every payload must decompress
+        except Exception as exc:
+            raise InvalidFile(f"{path}: payload does not decompress ({short_reason(exc)})") from exc
+        entry: dict[str, Any] = {"path": path, "class": key.fClassName, "title": key.fTitle}
+        objects.append(entry)
+        if key.fClassName in DIRECTORY_CLASSES:
+            try:
+                subdirectory = key.get()
+            except Exception as exc:
+                raise InvalidFile(f"{path}: directory does not read ({short_reason(exc)})") from exc
+            if _walk(subdirectory, f"{path}/", objects):
+                return True
+            continue
+        try:
+            payload = key.get()
+        except MemoryError:
+            raise
+        except Exception as exc:
+            entry["interpreted"] = False
+            entry["note"] = short_reason(exc)
+            continue
+        entry["interpreted"] = True
+        entry.update(describe(payload, key.fClassName))
+    return False
+
+
+def describe(payload: Any, class_name: str) -> dict[str, Any]:
+    """Summary figures of histograms, trees and lists; nothing for other classes."""
+    if class_name.startswith(("TH1", "TH2", "TH3")) or class_name in PROFILE_CLASSES:
+        return _describe_histogram(payload)
+    if class_name in ("TTree", "TNtuple", "TNtupleD"):
+        return {"entries": int(payload.num_entries), "branches": len(payload.keys(recursive=True))}
+    if class_name in LIST_CLASSES:
+        return {"members": [_member(item) for item in payload]}
+    return {}
+
+
+def _member(item: Any) -> dict[str, Any]:
+    has_name = getattr(item, "has_member", lambda _: False)("fName")
+    name = item.member("fName") if has_name else None
+    return {"name": name, "class": getattr(item, "classname", type(item).__name__)}
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN: a mean of an empty histogram is reported as null."""
+    return value if math.isfinite(value) else None
+
+
+def _describe_histogram(histogram: Any) -> dict[str, Any]:
+    values = np.asarray(histogram.values(flow=True), dtype=np.float64)
+    dimensions = values.ndim
+    sum_of_weights = float(histogram.member("fTsumw"))
+    entries = float(histogram.member("fEntries"))
+    axes = []
+    for axis_index in range(dimensions):
+        axis_name = AXIS_NAMES[axis_index]
+        sum_wx = float(histogram.member(f"fTsumw{axis_name}"))
+        sum_wx2 = float(histogram.member(f"fTsumw{axis_name}2"))
+        mean = sum_wx / sum_of_weights if sum_of_weights else math.nan
+        variance = sum_wx2 / sum_of_weights - mean * mean if sum_of_weights else math.nan
+        flow_slices = [slice(None)] * dimensions
+        flow_slices[axis_index] = 0
+        underflow = float(values[tuple(flow_slices)].sum())
+        flow_slices[axis_index] = -1
+        overflow = float(values[tuple(flow_slices)].sum())
+        edges = histogram.axes[axis_index].edges()
+        axes.append({
+            "axis": axis_name,
+            "bins": int(values.shape[axis_index] - 2),
+            "low": float(edges[0]),
+            "high": float(edges[-1]),
+            "mean": _finite(mean),
+            "std": _finite(math.sqrt(variance)) if variance >= 0 else None,
+            "underflow": underflow,
+            "overflow": overflow,
+        })
+    total = float(values.sum())
+    return {
+        "entries": entries,
+        "dimensions": dimensions,
+        "sum_of_weights": sum_of_weights,
+        "integral": total,
+        "axes": axes,
+        "empty": entries == 0 and total == 0,
+    }

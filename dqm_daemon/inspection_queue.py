@@ -1,31 +1,36 @@
-"""The inspection queue: committed files wait here for a worker that inspects them off the loop,
-records the result in the catalog and quarantines what is not sound ROOT."""
+"""The inspection queue: committed files wait here for a worker. Each worker owns one inspection
+child process, records what it found (and what changed since the previous file of the same
+agent and run) in the catalog, and quarantines files that are not sound ROOT."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import defaultdict
-from concurrent.futures import Executor
+from typing import Any
 
+import pendulum
 import structlog
 
 from .catalog import IN_DATA_DIR, IN_QUARANTINE, INVALID, PENDING, Catalog, FileRecord
-from .inspection import InspectionResult, inspect_file
+from .findings import compare_with_previous
+from .inspection_pool import ChildStartFailed, InspectorProcess
 from .storage import Storage
 
 log = structlog.get_logger(__name__)
 
+# After a child failed to start, a worker waits this long before taking the next job.
+START_FAILURE_BACKOFF_SECONDS = 5.0
+
 
 class InspectionQueue:
-    def __init__(
-        self, catalog: Catalog, storage: Storage, executor: Executor, max_jobs: int
-    ) -> None:
+    def __init__(self, catalog: Catalog, storage: Storage, max_jobs: int) -> None:
         self._catalog = catalog
         self._storage = storage
-        self._executor = executor
         self._jobs: asyncio.Queue[FileRecord] = asyncio.Queue(maxsize=max_jobs)
         self._waiters: defaultdict[str, list[asyncio.Future[FileRecord]]] = defaultdict(list)
+        self.busy_workers = 0
 
     @property
     def depth(self) -> int:
@@ -55,44 +60,70 @@ class InspectionQueue:
             if not waiters:
                 self._waiters.pop(name, None)
 
-    async def run_worker(self) -> None:
-        while True:
-            record = await self._jobs.get()
-            try:
-                inspected = await self._inspect(record)
-            except Exception:
-                # A failure of the daemon itself (catalog, disk), not of the file: keep it
-                # pending so a restart retries it, and keep serving.
-                log.exception("inspection_failed", file=record.name)
-                continue
-            finally:
-                self._jobs.task_done()
-            for future in self._waiters.pop(record.name, []):
-                if not future.done():
-                    future.set_result(inspected)
+    async def run_worker(self, inspector: InspectorProcess) -> None:
+        """Take jobs until cancelled. A job interrupted by shutdown stays pending in the catalog
+        and is queued again at the next start."""
+        try:
+            while True:
+                record = await self._jobs.get()
+                self.busy_workers += 1
+                try:
+                    inspected = await self._inspect(record, inspector)
+                except ChildStartFailed as exc:
+                    log.error("inspection_child_failed_to_start", file=record.name, error=str(exc))
+                    await asyncio.sleep(START_FAILURE_BACKOFF_SECONDS)
+                    with contextlib.suppress(asyncio.QueueFull):  # else pending until restart
+                        self._jobs.put_nowait(record)
+                    continue
+                except Exception:
+                    # A fault of the daemon (catalog, disk), not of the file: the file stays
+                    # pending, so a restart retries it; the worker keeps serving.
+                    log.exception("inspection_failed", file=record.name)
+                    continue
+                finally:
+                    self.busy_workers -= 1
+                    self._jobs.task_done()
+                for future in self._waiters.pop(record.name, []):
+                    if not future.done():
+                        future.set_result(inspected)
+        finally:
+            await inspector.close()
 
-    async def _inspect(self, record: FileRecord) -> FileRecord:
+    async def _inspect(self, record: FileRecord, inspector: InspectorProcess) -> FileRecord:
         started = time.perf_counter()
-        path = self._storage.path_of(record.name, record.location)
-        loop = asyncio.get_running_loop()
-        result: InspectionResult = await loop.run_in_executor(self._executor, inspect_file, path)
+        result: dict[str, Any] = await inspector.inspect(
+            self._storage.path_of(record.name, record.location)
+        )
         location = record.location
-        if result.state == INVALID and location == IN_DATA_DIR:
+        if result["state"] == INVALID and location == IN_DATA_DIR:
             await self._storage.quarantine(record.name)
             location = IN_QUARANTINE
+        objects = result.get("objects")
+        findings = None
+        if objects is not None:
+            previous = await self._catalog.previous_objects(record)
+            findings = compare_with_previous(*previous, objects) if previous else []
+        duration_ms = round((time.perf_counter() - started) * 1000, 1)
         await self._catalog.record_inspection(
             record.name,
-            state=result.state,
+            state=result["state"],
             location=location,
-            reason=result.reason,
-            received=result.received,
+            reason=result.get("reason"),
+            received=result.get("received"),
+            objects=objects,
+            findings=findings,
+            inspection_ms=duration_ms,
+            inspected_at=pendulum.now("UTC").to_iso8601_string(),
         )
         log.info(
             "file_inspected",
             file=record.name,
-            state=result.state,
-            reason=result.reason,
-            duration_ms=round((time.perf_counter() - started) * 1000, 1),
+            state=result["state"],
+            reason=result.get("reason"),
+            objects=len(objects) if objects is not None else None,
+            findings=len(findings) if findings else 0,
+            duration_ms=duration_ms,
+            child_peak_rss_kib=result.get("peak_rss_kib"),
         )
         inspected = await self._catalog.get(record.name)
         assert inspected is not None

@@ -48,11 +48,18 @@ class Settings:
     inspection_budget_seconds: float = 30.0
     # Jobs the inspection queue holds before uploads wait for room.
     inspection_queue_length: int = 1000
+    # Inspection child processes working at once.
+    inspection_workers: int = 2
+    # An inspection running longer is stopped (its child killed and replaced); the file is invalid.
+    inspection_time_limit_seconds: float = 120.0
+    # Address-space cap (RLIMIT_AS) of each inspection child.
+    inspection_memory_cap_bytes: int = 2 * GiB
 
     def __post_init__(self) -> None:
         _check_positive(self, "port", "chunk_bytes", "max_upload_bytes", "max_concurrent_uploads",
                         "read_timeout_seconds", "inspection_budget_seconds",
-                        "inspection_queue_length")
+                        "inspection_queue_length", "inspection_workers",
+                        "inspection_time_limit_seconds", "inspection_memory_cap_bytes")
         if self.port > 65535:
             raise SettingsError(f"port: {self.port} is not a TCP port (1-65535)")
         if self.disk_reserve_bytes < 0 or self.retry_after_seconds < 0:

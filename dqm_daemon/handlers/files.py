@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pendulum
 from aiohttp import web
+from pendulum.parsing.exceptions import ParserError
 
 from ..appkeys import CATALOG, STORAGE
-from ..catalog import IN_DATA_DIR, INVALID
+from ..catalog import IN_DATA_DIR, INVALID, FileRecord
 
 
 def _integer_query(request: web.Request, name: str) -> int | None:
@@ -28,19 +31,38 @@ def _since_query(request: web.Request) -> int | None:
         return int(raw)
     try:
         return int(pendulum.parse(raw).timestamp())
-    except (ValueError, TypeError, pendulum.parsing.exceptions.ParserError):
+    except (ValueError, TypeError, ParserError):
         raise web.HTTPBadRequest(
             text=f"Query parameter since must be unix seconds or an ISO 8601 time, got {raw!r}"
         ) from None
 
 
 async def list_files(request: web.Request) -> web.Response:
-    names = await request.app[CATALOG].dqm_file_names(
+    """`{"files": [names]}`; with `details=1`, the catalog rows (without their objects)."""
+    records = await request.app[CATALOG].dqm_files(
         run=_integer_query(request, "run"),
         agent=request.query.get("agent"),
         since=_since_query(request),
     )
-    return web.json_response({"files": names})
+    if request.query.get("details", "0") not in ("0", "false", ""):
+        return web.json_response({"files": [_public_row(record) for record in records]})
+    return web.json_response({"files": [record.name for record in records]})
+
+
+def _public_row(record: FileRecord) -> dict[str, Any]:
+    row = record.as_dict()
+    if row["objects"] is None:
+        del row["objects"]
+    return row
+
+
+async def file_info(request: web.Request) -> web.Response:
+    """The catalog row of one file, with everything inspection found; quarantined files too."""
+    name = request.match_info["filename"]
+    record = await request.app[CATALOG].get(name, with_objects=True)
+    if record is None:
+        raise web.HTTPNotFound(text=f"No such file: {name}")
+    return web.json_response(_public_row(record))
 
 
 async def download_file(request: web.Request) -> web.FileResponse:

@@ -1,0 +1,39 @@
+"""The inspection child process: `python -m dqm_daemon.inspection_child --memory-cap BYTES`.
+
+Reads one JSON job per line on stdin (`{"path": ...}`), answers one JSON result per line on the
+original stdout. It caps its own address space first, so a hostile file that makes uproot
+allocate without bound fails here, not in the daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+
+READY = {"ready": True}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--memory-cap", type=int, required=True, help="RLIMIT_AS in bytes")
+    arguments = parser.parse_args()
+    # Results go to a private copy of stdout; anything a library prints goes to stderr.
+    results = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    from .inspection import inspect_file  # heavy imports (uproot, numpy) before the cap
+
+    resource.setrlimit(resource.RLIMIT_AS, (arguments.memory_cap, arguments.memory_cap))
+    results.write(json.dumps(READY) + "\n")
+    results.flush()
+    for line in sys.stdin:
+        job = json.loads(line)
+        result = inspect_file(job["path"])
+        results.write(json.dumps(result, allow_nan=False) + "\n")
+        results.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Inspection child processes, seen from the daemon: one per worker, started on first use,
+killed and replaced when it overruns its time limit or dies."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from .inspection import INVALID
+
+log = structlog.get_logger(__name__)
+
+CHILD_COMMAND = (sys.executable, "-m", "dqm_daemon.inspection_child")
+# A result line holds at most MAX_LISTED_OBJECTS entries; this bounds what the daemon buffers.
+RESULT_LINE_LIMIT = 256 * 1024 * 1024
+START_TIMEOUT_SECONDS = 60.0
+
+
+class ChildStartFailed(RuntimeError):
+    """The child could not start: a fault of the daemon's machine, not of any file."""
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is not None and returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+class InspectorProcess:
+    def __init__(self, memory_cap_bytes: int, time_limit_seconds: float,
+                 command: tuple[str, ...] = CHILD_COMMAND) -> None:
+        self._memory_cap_bytes = memory_cap_bytes
+        self._time_limit_seconds = time_limit_seconds
+        self._command = command
+        self._process: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.returncode is None
+
+    async def _start(self) -> asyncio.subprocess.Process:
+        # One BLAS thread: the child needs no parallel linear algebra, and idle BLAS threads
+        # reserve address space that would count against the memory cap.
+        environment = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+        process = await asyncio.create_subprocess_exec(
+            *self._command, "--memory-cap", str(self._memory_cap_bytes),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            env=environment, limit=RESULT_LINE_LIMIT,
+        )
+        try:
+            ready = await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT_SECONDS)
+        except TimeoutError:
+            ready = b""
+        if not ready.startswith(b'{"ready"'):
+            await self._kill(process)
+            raise ChildStartFailed(f"inspection child did not start ({describe_exit(process.returncode)})")
+        log.info("inspection_child_started", pid=process.pid)
+        return process
+
+    async def inspect(self, path: Path) -> dict[str, Any]:
+        """The child's result for `path`; an overrun or a crash is an invalid result, and the
+        child is replaced on the next call."""
+        if not self.alive:
+            self._process = await self._start()
+        process = self._process
+        assert process is not None and process.stdin is not None and process.stdout is not None
+        try:
+            process.stdin.write(json.dumps({"path": str(path)}).encode() + b"\n")
+            await process.stdin.drain()
+            line = await asyncio.wait_for(process.stdout.readline(), self._time_limit_seconds)
+        except TimeoutError:
+            await self._kill(process)
+            return {"state": INVALID,
+                    "reason": f"inspection took longer than the limit of {self._time_limit_seconds:g} s"}
+        except (ConnectionError, ValueError):  # broken pipe, or an over-long line
+            line = b""
+        if not line:
+            await self._kill(process)
+            return {"state": INVALID,
+                    "reason": f"inspection crashed ({describe_exit(process.returncode)})"}
+        return json.loads(line)
+
+    @staticmethod
+    async def _kill(process: asyncio.subprocess.Process) -> None:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+        await process.wait()
+
+    async def close(self) -> None:
+        """Stop the child: it finishes nothing more (its job stays pending in the catalog)."""
+        if self._process is not None:
+            await self._kill(self._process)
+            self._process = None

@@ -141,7 +141,12 @@ def _finite(value: float) -> float | None:
 
 
 def _describe_histogram(histogram: Any) -> dict[str, Any]:
+    # A profile's bin values are means; its contents are counted in entries per bin.
+    is_profile = histogram.classname.startswith("TProfile")
     values = np.asarray(histogram.values(flow=True), dtype=np.float64)
+    if is_profile:
+        values = np.asarray(histogram.member("fBinEntries"), dtype=np.float64).reshape(
+            values.shape, order="F")
     dimensions = values.ndim
     sum_of_weights = float(histogram.member("fTsumw"))
     entries = float(histogram.member("fEntries"))

@@ -22,6 +22,8 @@ CHILD_COMMAND = (sys.executable, "-m", "dqm_daemon.inspection_child")
 # A result line holds at most MAX_LISTED_OBJECTS entries; this bounds what the daemon buffers.
 RESULT_LINE_LIMIT = 256 * 1024 * 1024
 START_TIMEOUT_SECONDS = 60.0
+# A child that closed its output is given this long to exit before it is killed.
+EXIT_GRACE_SECONDS = 5.0
 
 
 class ChildStartFailed(RuntimeError):
@@ -67,7 +69,7 @@ class InspectorProcess:
         except TimeoutError:
             ready = b""
         if not ready.startswith(b'{"ready"'):
-            await self._kill(process)
+            await self._reap(process)
             raise ChildStartFailed(f"inspection child did not start ({describe_exit(process.returncode)})")
         log.info("inspection_child_started", pid=process.pid)
         return process
@@ -90,10 +92,19 @@ class InspectorProcess:
         except (ConnectionError, ValueError):  # broken pipe, or an over-long line
             line = b""
         if not line:
-            await self._kill(process)
+            await self._reap(process)
             return {"state": INVALID,
                     "reason": f"inspection crashed ({describe_exit(process.returncode)})"}
         return json.loads(line)
+
+    @staticmethod
+    async def _reap(process: asyncio.subprocess.Process) -> None:
+        """Collect the exit status of a child that closed its output. Not kill() first: that
+        polls (and so reaps) the child itself, and the real status would be lost."""
+        try:
+            await asyncio.wait_for(process.wait(), EXIT_GRACE_SECONDS)
+        except TimeoutError:
+            await InspectorProcess._kill(process)
 
     @staticmethod
     async def _kill(process: asyncio.subprocess.Process) -> None:

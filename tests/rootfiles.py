@@ -44,3 +44,89 @@ def write_dqm_file(path: Path, n_histograms: int = 3) -> Path:
         tree = root_file.mktree("events", {"energy": np.float64})
         tree.extend({"energy": np.linspace(0.0, 1.0, 10)})
     return path
+
+
+def _axis(name: str, bins: int, low: float, high: float):
+    return to_TAxis(name, name, bins, low, high)
+
+
+def _counts_with_flow(columns: list[np.ndarray], bins: int, low: float, high: float,
+                      weights: np.ndarray | None = None) -> np.ndarray:
+    """Bin contents including under- and overflow along every axis (ROOT's layout)."""
+    edges = [np.concatenate(([-np.inf], np.linspace(low, high, bins + 1), [np.inf]))] * len(columns)
+    counts, _ = np.histogramdd(np.column_stack(columns), bins=edges, weights=weights)
+    # ROOT stores x fastest: transpose numpy's C order (first index slowest).
+    return counts.T.reshape(-1)
+
+
+def _in_range(columns: list[np.ndarray], low: float, high: float) -> np.ndarray:
+    inside = np.ones(len(columns[0]), dtype=bool)
+    for column in columns:
+        inside &= (column >= low) & (column < high)
+    return inside
+
+
+def histogram(name: str, title: str, columns: list[np.ndarray], bins: int = 20,
+              low: float = 0.0, high: float = 1.0, dtype=np.float64):
+    """A TH1/TH2/TH3 (F, D or I by dtype) filled with the sample columns, statistics as ROOT
+    keeps them (sums over in-range entries)."""
+    dimensions = len(columns)
+    data = _counts_with_flow(columns, bins, low, high).astype(dtype)
+    inside = _in_range(columns, low, high)
+    x, *rest = [column[inside] for column in columns]
+    total = float(inside.sum())
+    sums = {"fEntries": float(len(columns[0])), "fTsumw": total, "fTsumw2": total,
+            "fTsumwx": float(x.sum()), "fTsumwx2": float((x * x).sum())}
+    axes = {"fXaxis": _axis("xaxis", bins, low, high)}
+    if dimensions >= 2:
+        y = rest[0]
+        sums.update(fTsumwy=float(y.sum()), fTsumwy2=float((y * y).sum()),
+                    fTsumwxy=float((x * y).sum()))
+        axes["fYaxis"] = _axis("yaxis", bins, low, high)
+    if dimensions == 3:
+        z = rest[1]
+        sums.update(fTsumwz=float(z.sum()), fTsumwz2=float((z * z).sum()),
+                    fTsumwxz=float((x * z).sum()), fTsumwyz=float((rest[0] * z).sum()))
+        axes["fZaxis"] = _axis("zaxis", bins, low, high)
+    builder = {1: to_TH1x, 2: uproot.writing.identify.to_TH2x,
+               3: uproot.writing.identify.to_TH3x}[dimensions]
+    return builder(name, title, data, fSumw2=np.zeros(len(data)), **sums, **axes)
+
+
+def profile(name: str, title: str, columns: list[np.ndarray], values: np.ndarray,
+            bins: int = 10, low: float = 0.0, high: float = 1.0):
+    """A TProfile (one column) or TProfile2D (two columns) of `values`."""
+    inside = _in_range(columns, low, high)
+    sums_of_values = _counts_with_flow(columns, bins, low, high, weights=values)
+    entries = _counts_with_flow(columns, bins, low, high)
+    x = columns[0][inside]
+    total = float(inside.sum())
+    common = dict(
+        fEntries=float(len(values)), fTsumw=total, fTsumw2=total,
+        fTsumwx=float(x.sum()), fTsumwx2=float((x * x).sum()),
+        fSumw2=_counts_with_flow(columns, bins, low, high, weights=values * values),
+        fBinEntries=entries, fBinSumw2=np.zeros(len(entries)),
+        fXaxis=_axis("xaxis", bins, low, high),
+    )
+    v = values[inside]
+    if len(columns) == 1:
+        return uproot.writing.identify.to_TProfile(
+            name, title, sums_of_values, fTsumwy=float(v.sum()), fTsumwy2=float((v * v).sum()),
+            **common)
+    y = columns[1][inside]
+    return uproot.writing.identify.to_TProfile2D(
+        name, title, sums_of_values, fTsumwy=float(y.sum()), fTsumwy2=float((y * y).sum()),
+        fTsumwxy=float((x * y).sum()), fTsumwz=float(v.sum()), fTsumwz2=float((v * v).sum()),
+        fYaxis=_axis("yaxis", bins, low, high), **common)
+
+
+def write_many_histograms_file(path: Path, n_histograms: int, n_directories: int = 10) -> Path:
+    """A large DQM file: `n_histograms` TH1F spread over nested directories."""
+    rng = np.random.default_rng(7)
+    with uproot.recreate(path) as root_file:
+        for index in range(n_histograms):
+            directory = f"det{index % n_directories}/sub{index % 3}"
+            name = f"h{index}"
+            root_file[f"{directory}/{name}"] = histogram(
+                name, f"histogram {index}", [rng.random(100)], bins=50, dtype=np.float32)
+    return path

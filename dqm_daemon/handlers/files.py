@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pendulum
 from aiohttp import web
 from pendulum.parsing.exceptions import ParserError
 
 from ..appkeys import CATALOG, STORAGE
-from ..catalog import IN_DATA_DIR, INVALID, FileRecord
+from ..catalog import IN_DATA_DIR, INVALID
 
 
 def _integer_query(request: web.Request, name: str) -> int | None:
@@ -45,15 +43,11 @@ async def list_files(request: web.Request) -> web.Response:
         since=_since_query(request),
     )
     if request.query.get("details", "0") not in ("0", "false", ""):
-        return web.json_response({"files": [_public_row(record) for record in records]})
+        rows = [record.as_dict() for record in records]
+        for row in rows:
+            del row["objects"]  # never loaded for listings; only the info resource has them
+        return web.json_response({"files": rows})
     return web.json_response({"files": [record.name for record in records]})
-
-
-def _public_row(record: FileRecord) -> dict[str, Any]:
-    row = record.as_dict()
-    if row["objects"] is None:
-        del row["objects"]
-    return row
 
 
 async def file_info(request: web.Request) -> web.Response:
@@ -62,7 +56,7 @@ async def file_info(request: web.Request) -> web.Response:
     record = await request.app[CATALOG].get(name, with_objects=True)
     if record is None:
         raise web.HTTPNotFound(text=f"No such file: {name}")
-    return web.json_response(_public_row(record))
+    return web.json_response(record.as_dict())
 
 
 async def download_file(request: web.Request) -> web.FileResponse:

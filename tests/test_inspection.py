@@ -1,0 +1,210 @@
+"""What inspection finds in a file, checked against what the file was written to hold."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import uproot
+
+from dqm_daemon.findings import compare_with_previous
+from dqm_daemon.inspection import inspect_file
+
+from .rootfiles import histogram, profile, th1f, write_one_histogram_file
+
+RNG = np.random.default_rng(2026)
+X = RNG.normal(0.5, 0.2, 2000)
+Y = RNG.normal(0.4, 0.1, 2000)
+Z = RNG.random(2000)
+
+
+def by_path(result: dict) -> dict[str, dict]:
+    return {entry["path"]: entry for entry in result["objects"]}
+
+
+@pytest.fixture(scope="module")
+def every_class_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("root") / "classes.root"
+    with uproot.recreate(path) as root_file:
+        root_file["h1f"] = histogram("h1f", "float 1D", [X], dtype=np.float32)
+        root_file["h1d"] = histogram("h1d", "double 1D", [X], dtype=np.float64)
+        root_file["h1i"] = histogram("h1i", "int 1D", [X], dtype=np.int32)
+        root_file["h1s"] = histogram("h1s", "short 1D", [X], dtype=np.int16)
+        root_file["h1c"] = histogram("h1c", "char 1D", [X[:100]], dtype=np.int8)
+        root_file["maps/h2f"] = histogram("h2f", "float 2D", [X, Y], dtype=np.float32)
+        root_file["maps/h2d"] = histogram("h2d", "double 2D", [X, Y])
+        root_file["maps/deeper/h3d"] = histogram("h3d", "double 3D", [X, Y, Z], bins=8)
+        root_file["maps/deeper/h3f"] = histogram("h3f", "float 3D", [X, Y, Z], bins=8,
+                                                 dtype=np.float32)
+        root_file["prof"] = profile("prof", "profile", [X], Y)
+        root_file["prof2d"] = profile("prof2d", "profile 2D", [X, Y], Z)
+        root_file["empty"] = histogram("empty", "nothing yet", [np.array([])])
+        root_file["summary"] = uproot.writing.identify.to_TList(
+            [th1f("rate", "rate", [1, 2]), histogram("width", "width", [X, Y])], name="summary")
+        tree = root_file.mktree("events", {"energy": np.float64, "hits": np.int32},
+                                title="the events")
+        tree.extend({"energy": Z[:500], "hits": np.arange(500, dtype=np.int32)})
+    return path
+
+
+def test_every_histogram_class_is_summarised(every_class_file):
+    """Each histogram class reports entries, bins, mean, std and flow as written."""
+    result = inspect_file(every_class_file)
+    assert result["state"] == "ok", result
+    objects = by_path(result)
+    assert {path: entry["class"] for path, entry in objects.items()} == {
+        "h1f": "TH1F", "h1d": "TH1D", "h1i": "TH1I", "h1s": "TH1S", "h1c": "TH1C",
+        "maps": "TDirectory", "maps/h2f": "TH2F", "maps/h2d": "TH2D",
+        "maps/deeper": "TDirectory", "maps/deeper/h3d": "TH3D", "maps/deeper/h3f": "TH3F",
+        "prof": "TProfile", "prof2d": "TProfile2D", "empty": "TH1D", "events": "TTree",
+        "summary": "TList",
+    }
+    inside_x = (X >= 0) & (X < 1)
+    h1 = objects["h1d"]
+    assert h1["title"] == "double 1D"
+    assert (h1["entries"], h1["dimensions"], h1["empty"]) == (2000, 1, False)
+    (x_axis,) = h1["axes"]
+    assert (x_axis["bins"], x_axis["low"], x_axis["high"]) == (20, 0.0, 1.0)
+    assert x_axis["mean"] == pytest.approx(X[inside_x].mean())
+    assert x_axis["std"] == pytest.approx(X[inside_x].std())
+    assert x_axis["underflow"] == (X < 0).sum()
+    assert x_axis["overflow"] == (X >= 1).sum()
+    assert h1["sum_of_weights"] == inside_x.sum()
+    inside_xy = inside_x & (Y >= 0) & (Y < 1)
+    h2 = objects["maps/h2f"]
+    assert h2["dimensions"] == 2
+    assert [axis["bins"] for axis in h2["axes"]] == [20, 20]
+    assert h2["axes"][1]["mean"] == pytest.approx(Y[inside_xy].mean(), rel=1e-6)
+    assert h2["axes"][0]["underflow"] == (X < 0).sum()
+    h3 = objects["maps/deeper/h3d"]
+    assert (h3["dimensions"], [axis["bins"] for axis in h3["axes"]]) == (3, [8, 8, 8])
+    assert h3["integral"] == 2000
+    prof = objects["prof"]
+    assert prof["dimensions"] == 1
+    assert prof["axes"][0]["overflow"] == (X >= 1).sum()
+    assert objects["prof2d"]["dimensions"] == 2
+
+
+def test_empty_histogram_and_tree(every_class_file):
+    """An empty histogram is flagged empty; a tree reports entries and branches."""
+    objects = by_path(inspect_file(every_class_file))
+    assert objects["empty"]["empty"] is True
+    assert objects["empty"]["axes"][0]["mean"] is None
+    assert objects["events"] == {"path": "events", "class": "TTree", "title": "the events",
+                                 "interpreted": True, "entries": 500, "branches": 2}
+    assert objects["maps"]["class"] == "TDirectory"
+
+
+def test_received_lists_top_level_objects(every_class_file):
+    """The compatibility map lists top-level keys as the old receiver did, directories too."""
+    received = inspect_file(every_class_file)["received"]
+    assert received["h1f"] == "Obj name: h1f, Obj IsA() Name: TH1F"
+    assert received["maps"] == "Obj name: maps, Obj IsA() Name: TDirectory"
+    assert "maps/h2f" not in received
+    assert len(received) == 11
+
+
+def test_only_the_highest_cycle_is_listed(tmp_path):
+    """A key written twice is listed once, as its latest cycle."""
+    path = tmp_path / "cycles.root"
+    with uproot.recreate(path) as root_file:
+        root_file["h"] = th1f("h", "first", [1, 2])
+        root_file["h"] = th1f("h", "second", [1, 2, 3, 4])
+    result = inspect_file(path)
+    (entry,) = result["objects"]
+    assert (entry["title"], entry["entries"]) == ("second", 10)
+
+
+def test_shared_real_files(shared_root_files):
+    """Every real file written by ROOT inspects as sound, listing every key uproot sees."""
+    for path in shared_root_files:
+        result = inspect_file(path)
+        assert result["state"] == "ok", (path.name, result)
+        with uproot.open(path) as root_file:
+            expected = root_file.classnames(recursive=True, cycle=False)
+        listed = {entry["path"]: entry["class"] for entry in result["objects"]}
+        for key_path, class_name in expected.items():
+            assert listed.get(key_path) == class_name, (path.name, key_path)
+        assert set(result["received"]) == {key for key in expected if "/" not in key}
+
+
+def test_uninterpretable_class_is_listed_not_invalid(shared_root_files):
+    """A class uproot cannot read (TEfficiency here) is listed by name, not interpreted."""
+    (path,) = [path for path in shared_root_files if path.name == "uproot-issue209.root"]
+    result = inspect_file(path)
+    assert result["state"] == "ok"
+    (entry,) = result["objects"]
+    assert (entry["class"], entry["interpreted"]) == ("TEfficiency", False)
+
+
+def test_lists_report_their_members(every_class_file):
+    """A TList names its members and their classes."""
+    assert by_path(inspect_file(every_class_file))["summary"]["members"] == [
+        {"name": "rate", "class": "TH1F"}, {"name": "width", "class": "TH2D"}]
+
+
+def test_ntuple_from_root_reports_branches(shared_root_files):
+    """A TNtuple written by ROOT reports its entries and branches."""
+    (path,) = [p for p in shared_root_files if p.name == "uproot-hepdata-example.root"]
+    assert by_path(inspect_file(path))["ntuple"]["entries"] == 75000
+    assert by_path(inspect_file(path))["ntuple"]["branches"] == 5
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbled", "empty", "text", "header_only",
+                                  "bad_payload"])
+def test_unsound_files_are_invalid_with_a_reason(tmp_path, kind):
+    """Truncated, garbled, empty, text and header-only files are invalid, with a short reason."""
+    sound = write_one_histogram_file(tmp_path / "sound.root").read_bytes()
+    if kind == "bad_payload":
+        content = _corrupt_compressed_payload(sound)
+    else:
+        content = {
+            "truncated": sound[: len(sound) - 500],
+            "garbled": sound[:100] + bytes(RNG.integers(0, 256, len(sound) - 100,
+                                                        dtype=np.uint8)),
+            "empty": b"",
+            "text": b"root of all evil, said the text file\n" * 20,
+            "header_only": sound[:64],
+        }[kind]
+    path = tmp_path / f"{kind}.root"
+    path.write_bytes(content)
+    result = inspect_file(path)
+    assert result["state"] == "invalid", result
+    assert result["reason"] and len(result["reason"]) < 300
+    assert str(tmp_path) not in result["reason"]
+    assert "objects" not in result
+
+
+def _corrupt_compressed_payload(sound: bytes) -> bytes:
+    """Flip bytes inside the histogram's zlib stream, leaving every header intact."""
+    start = sound.index(b"ZL")  # ROOT's compression block header
+    corrupted = bytearray(sound)
+    for offset in range(start + 12, start + 40):
+        corrupted[offset] ^= 0x5A
+    return bytes(corrupted)
+
+
+def test_findings_against_previous_file():
+    """Disappeared and new objects, emptied histograms and entries going back are found."""
+    before = [{"path": "a", "entries": 10, "empty": False},
+              {"path": "b", "entries": 5, "empty": False},
+              {"path": "gone", "entries": 1, "empty": False}]
+    after = [{"path": "a", "entries": 0, "empty": True},
+             {"path": "b", "entries": 7, "empty": False},
+             {"path": "new", "entries": 3, "empty": False}]
+    findings = {f["kind"]: f for f in compare_with_previous("prev.root", before, after)}
+    assert findings["objects_disappeared"]["objects"] == ["gone"]
+    assert findings["objects_appeared"]["objects"] == ["new"]
+    assert findings["histograms_became_empty"]["objects"] == ["a"]
+    assert findings["entries_went_backwards"]["entries"] == {"a": [10, 0]}
+    assert all(f["previous_file"] == "prev.root" for f in findings.values())
+    assert compare_with_previous("prev.root", after, after) == []
+
+
+def test_zlib_marker_helper_is_real(tmp_path):
+    """The corruption helper really targets a zlib stream (guards the test above)."""
+    sound = write_one_histogram_file(tmp_path / "s.root").read_bytes()
+    start = sound.index(b"ZL")
+    zlib.decompressobj().decompress(sound[start + 9:start + 200])

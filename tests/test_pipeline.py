@@ -1,0 +1,178 @@
+"""The inspection pipeline through the API: results kept and served, findings, budgets, and
+children that crash, hang or run out of memory while the daemon keeps answering."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import uproot
+
+from dqm_daemon.app import create_app
+from dqm_daemon.appkeys import INSPECTORS
+
+from .conftest import TOKEN, dqm_headers, make_settings, multipart_file
+from .rootfiles import histogram, th1f, write_dqm_file, write_one_histogram_file
+
+AUTH = {"token": TOKEN}
+FAULTY_CHILD = (sys.executable, str(Path(__file__).with_name("faulty_child.py")))
+
+
+async def upload(client, content: bytes, **header_values):
+    response = await client.post("/rest/api/files", data=multipart_file(content),
+                                 headers=dqm_headers(**header_values))
+    return response, await response.json()
+
+
+async def info(client, name: str) -> dict:
+    response = await client.get(f"/rest/api/files/{name}/info", headers=AUTH)
+    assert response.status == 200
+    return await response.json()
+
+
+@pytest.fixture
+async def faulty_client(aiohttp_client, data_dir):
+    settings = make_settings(data_dir, inspection_workers=1, inspection_time_limit_seconds=1.5,
+                             inspection_budget_seconds=10)
+    return await aiohttp_client(create_app(settings, inspection_command=FAULTY_CHILD))
+
+
+async def test_info_of_a_sound_file(client, tmp_path):
+    """The info resource holds the catalog row and every object inspection found."""
+    content = write_dqm_file(tmp_path / "dqm.root").read_bytes()
+    _, body = await upload(client, content, dataStatus="1")
+    details = await info(client, body["filename"])
+    assert details["state"] == "ok"
+    assert (details["agent"], details["run"], details["data_status"]) == ("EMC", 123456, 1)
+    assert details["uploader"] == "emc-agent"
+    assert details["sha256"] == body["sha256"] and details["size"] == len(content)
+    assert {entry["path"] for entry in details["objects"]} == {
+        "hist0", "hist1", "hist2", "detector", "detector/occupancy", "events"}
+    assert details["object_count"] == 6
+    assert details["findings"] == []
+    assert details["inspected_at"] and details["inspection_ms"] > 0
+    assert "token" not in str(details).lower()
+
+
+async def test_info_of_a_quarantined_file(client):
+    """A quarantined file's info says invalid, why, and where it is kept."""
+    _, body = await upload(client, b"root but not really a ROOT file" * 10)
+    details = await info(client, body["filename"])
+    assert (details["state"], details["location"]) == ("invalid", "quarantine")
+    assert details["reason"]
+    assert details["objects"] is None
+
+
+async def test_info_unknown_is_404(client):
+    """Info on an unknown name is a JSON 404."""
+    response = await client.get("/rest/api/files/nothing.root/info", headers=AUTH)
+    assert response.status == 404
+    assert "No such file" in (await response.json())["message"]
+
+
+async def test_listing_with_details(client, tmp_path):
+    """details=1 lists the catalog rows, without the (large) object lists."""
+    content = write_dqm_file(tmp_path / "dqm.root").read_bytes()
+    _, body = await upload(client, content)
+    response = await client.get("/rest/api/files", headers=AUTH, params={"details": "1"})
+    (row,) = (await response.json())["files"]
+    assert row["name"] == body["filename"]
+    assert (row["state"], row["object_count"], row["size"]) == ("ok", 6, len(content))
+    assert "objects" not in row
+
+
+async def test_findings_against_previous_file_of_agent_and_run(client, tmp_path):
+    """A file that lost objects, emptied a histogram or went back in entries says so."""
+    first = tmp_path / "first.root"
+    with uproot.recreate(first) as root_file:
+        root_file["rate"] = th1f("rate", "rate", [5, 5, 5])
+        root_file["occupancy"] = th1f("occupancy", "occupancy", [1, 2])
+        root_file["clusters"] = th1f("clusters", "clusters", [3])
+    second = tmp_path / "second.root"
+    with uproot.recreate(second) as root_file:
+        root_file["rate"] = th1f("rate", "rate", [1, 1, 1])
+        root_file["occupancy"] = histogram("occupancy", "occupancy", [np.array([])])
+        root_file["tracks"] = th1f("tracks", "tracks", [4])
+    _, first_body = await upload(client, first.read_bytes(), timestamp=1000)
+    # Another agent's and another run's files are not compared with.
+    await upload(client, write_one_histogram_file(tmp_path / "o.root").read_bytes(),
+                 timestamp=1100, agent="TPC")
+    _, second_body = await upload(client, second.read_bytes(), timestamp=1200)
+    findings = {finding["kind"]: finding
+                for finding in (await info(client, second_body["filename"]))["findings"]}
+    assert findings["objects_disappeared"]["objects"] == ["clusters"]
+    assert findings["objects_appeared"]["objects"] == ["tracks"]
+    assert findings["histograms_became_empty"]["objects"] == ["occupancy"]
+    assert findings["entries_went_backwards"]["entries"]["rate"] == [15, 3]
+    assert findings["objects_disappeared"]["previous_file"] == first_body["filename"]
+
+
+async def test_crashing_child_marks_file_invalid_and_is_replaced(faulty_client, one_histogram_file):
+    """A child that dies on a file makes that file invalid; the next file is inspected fine."""
+    response, body = await upload(faulty_client, one_histogram_file, agent="CRASH")
+    assert response.status == 400
+    assert body["reason"] == "inspection crashed (killed by SIGSEGV)"
+    first_pid = faulty_client.server.app[INSPECTORS][0].pid
+    response, body = await upload(faulty_client, one_histogram_file, agent="EMC")
+    assert response.status == 200, body
+    assert body["received"] == {"test": "Obj name: test, Obj IsA() Name: TH1F"}
+    assert faulty_client.server.app[INSPECTORS][0].pid != first_pid
+
+
+async def test_hanging_child_times_out_while_daemon_answers(faulty_client, one_histogram_file):
+    """A file whose inspection overruns the limit ends invalid; meanwhile the daemon answers."""
+    hanging = asyncio.create_task(upload(faulty_client, one_histogram_file, agent="HANG"))
+    await asyncio.sleep(0.5)
+    health = await faulty_client.get("/healthz")
+    assert health.status == 200
+    assert not hanging.done()
+    response, body = await hanging
+    assert response.status == 400
+    assert body["reason"] == "inspection took longer than the limit of 1.5 s"
+    response, body = await upload(faulty_client, one_histogram_file, agent="EMC")
+    assert response.status == 200, body
+
+
+async def test_budget_exceeded_answers_202_then_result(aiohttp_client, data_dir,
+                                                      one_histogram_file):
+    """When inspection outlasts the POST's budget the answer is 202 with where to look."""
+    settings = make_settings(data_dir, inspection_workers=1, inspection_budget_seconds=0.2)
+    client = await aiohttp_client(create_app(settings, inspection_command=FAULTY_CHILD))
+    response, body = await upload(client, one_histogram_file, agent="SLOW")
+    assert response.status == 202
+    assert body["state"] == "pending"
+    location = response.headers["Location"]
+    assert location == f"/rest/api/files/{body['filename']}/info"
+    for _ in range(100):
+        details = await (await client.get(location, headers=AUTH)).json()
+        if details["state"] != "pending":
+            break
+        await asyncio.sleep(0.1)
+    assert details["state"] == "ok"
+    # The agent's retry of the same file now gets the final answer.
+    response, body = await upload(client, one_histogram_file, agent="SLOW")
+    assert response.status == 200
+    assert body["received"] == {"test": "Obj name: test, Obj IsA() Name: TH1F"}
+
+
+@pytest.mark.slow
+async def test_memory_cap_stops_a_decompression_bomb(aiohttp_client, data_dir, tmp_path):
+    """A small file that expands to hundreds of MiB is stopped by the child's memory cap."""
+    bomb = tmp_path / "bomb.root"
+    bins = 40_000_000  # 320 MB of zeros, a few hundred KiB compressed
+    with uproot.recreate(bomb) as root_file:
+        root_file["huge"] = uproot.writing.identify.to_TH1x(
+            "huge", "huge", np.zeros(bins + 2), 0.0, 0.0, 0.0, 0.0, 0.0, np.zeros(0),
+            uproot.writing.identify.to_TAxis("x", "x", bins, 0.0, 1.0))
+    assert bomb.stat().st_size < 8 * 1024 * 1024
+    settings = make_settings(data_dir, inspection_workers=1,
+                             inspection_memory_cap_bytes=384 * 1024 * 1024)
+    client = await aiohttp_client(create_app(settings))
+    response, body = await upload(client, bomb.read_bytes())
+    assert response.status == 400, body
+    assert "memory" in body["reason"].lower() or "crashed" in body["reason"]
+    health = await client.get("/healthz")
+    assert health.status == 200

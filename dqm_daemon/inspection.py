@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +57,21 @@ def inspect_file(path: Path) -> dict[str, Any]:
                 if "/" not in entry["path"]
             },
         }
-    result["peak_rss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result["peak_rss_kib"] = peak_rss_kib()
     return result
+
+
+def peak_rss_kib() -> int | None:
+    """This process's peak resident memory (VmHWM; unlike ru_maxrss it is not inherited
+    across exec from the daemon)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 def short_reason(exc: BaseException) -> str:
@@ -91,31 +103,35 @@ def _walk(directory: Any, prefix: str, objects: list[dict[str, Any]]) -> bool:
             return True
         key = directory.key(name)
         path = f"{prefix}{name}"
-        try:
-            key.get_uncompressed_chunk_cursor()  # every payload must decompress
-        except Exception as exc:
-            raise InvalidFile(f"{path}: payload does not decompress ({short_reason(exc)})") from exc
         entry: dict[str, Any] = {"path": path, "class": key.fClassName, "title": key.fTitle}
         objects.append(entry)
-        if key.fClassName in DIRECTORY_CLASSES:
-            try:
-                subdirectory = key.get()
-            except Exception as exc:
-                raise InvalidFile(f"{path}: directory does not read ({short_reason(exc)})") from exc
-            if _walk(subdirectory, f"{path}/", objects):
-                return True
-            continue
         try:
-            payload = key.get()
+            payload = key.get()  # decompresses the payload and interprets it
         except MemoryError:
             raise
         except Exception as exc:
+            _check_decompresses(key, path)  # a payload that does not decompress: unsound
+            if key.fClassName in DIRECTORY_CLASSES:
+                raise InvalidFile(f"{path}: directory does not read ({short_reason(exc)})") from exc
             entry["interpreted"] = False
             entry["note"] = short_reason(exc)
+            continue
+        if key.fClassName in DIRECTORY_CLASSES:
+            if _walk(payload, f"{path}/", objects):
+                return True
             continue
         entry["interpreted"] = True
         entry.update(describe(payload, key.fClassName))
     return False
+
+
+def _check_decompresses(key: Any, path: str) -> None:
+    try:
+        key.get_uncompressed_chunk_cursor()
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise InvalidFile(f"{path}: payload does not decompress ({short_reason(exc)})") from exc
 
 
 def describe(payload: Any, class_name: str) -> dict[str, Any]:

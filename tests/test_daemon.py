@@ -6,6 +6,8 @@ import asyncio
 import hashlib
 import json
 import os
+import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ import aiohttp
 import pytest
 
 from .conftest import TOKEN, DaemonProcess, dqm_headers
-from .rootfiles import write_dqm_file, write_one_histogram_file
+from .rootfiles import write_dqm_file, write_many_histograms_file, write_one_histogram_file
 
 GiB = 1024**3
 MiB = 1024**2
@@ -146,3 +148,35 @@ async def test_two_gib_upload_in_bounded_memory(tmp_path, daemon):
           f"growth {growth_mib:.1f} MiB, samples max {max(peak_samples) / 1024:.1f} MiB")
     assert growth_mib < 64
     stored.unlink()
+
+
+async def test_kill_with_inspections_pending_then_restart_finishes_them(tmp_path, daemon):
+    """Files acknowledged with 202 while inspections queue up are all inspected after a
+    kill -9 and a restart."""
+    config = tmp_path / "config.toml"
+    config.write_text("inspection_workers = 1\ninspection_budget_seconds = 0.01\n")
+    daemon.extra_args = ["--config", str(config)]
+    daemon.start()
+    content = write_many_histograms_file(tmp_path / "many.root", 300).read_bytes()
+    async with aiohttp.ClientSession() as session:
+        names = []
+        for run in range(8):
+            async with session.post(f"{daemon.url}/rest/api/files", data=content,
+                                    headers=dqm_headers(run=run)) as response:
+                assert response.status in (200, 202)
+                names.append((await response.json())["filename"])
+    daemon.kill(signal.SIGKILL)
+    with sqlite3.connect(daemon.data_dir / "catalog.sqlite3") as catalog:
+        pending = catalog.execute("SELECT count(*) FROM files WHERE state = 'pending'").fetchone()[0]
+    assert pending > 0, "the test needs inspections still pending when the daemon dies"
+    daemon.start()
+    async with aiohttp.ClientSession(headers={"token": TOKEN}) as session:
+        states = {}
+        for _ in range(600):
+            for name in names:
+                async with session.get(f"{daemon.url}/rest/api/files/{name}/info") as response:
+                    states[name] = (await response.json())["state"]
+            if all(state != "pending" for state in states.values()):
+                break
+            await asyncio.sleep(0.1)
+    assert set(states.values()) == {"ok"}, states

@@ -208,3 +208,17 @@ def test_zlib_marker_helper_is_real(tmp_path):
     sound = write_one_histogram_file(tmp_path / "s.root").read_bytes()
     start = sound.index(b"ZL")
     zlib.decompressobj().decompress(sound[start + 9:start + 200])
+
+
+@pytest.mark.parametrize("compression", [uproot.ZLIB(4), uproot.LZMA(4), uproot.LZ4(4),
+                                         uproot.ZSTD(4), None], ids=str)
+def test_every_compression_algorithm(tmp_path, compression):
+    """Files compressed with zlib, lzma, lz4 or zstd (or not at all) inspect as sound."""
+    path = tmp_path / "compressed.root"
+    with uproot.recreate(path, compression=compression) as root_file:
+        root_file["h"] = th1f("h", "h", list(range(500)))
+        root_file["d/h2"] = histogram("h2", "h2", [X, Y])
+    result = inspect_file(path)
+    assert result["state"] == "ok", result
+    assert by_path(result)["h"]["entries"] == sum(range(500))
+    assert by_path(result)["d/h2"]["entries"] == len(X)

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.resources
 import time
 from collections.abc import AsyncIterator
 
+from pathlib import Path
+
+import aiohttp_jinja2
+import jinja2
 import structlog
 from aiohttp import web
 
@@ -16,6 +21,7 @@ from .appkeys import (
     INGEST,
     INSPECTION_QUEUE,
     INSPECTORS,
+    PREVIEWER,
     SETTINGS,
     STARTED_MONOTONIC,
     STORAGE,
@@ -25,7 +31,9 @@ from .catalog import Catalog
 from .ingest import Ingest
 from .inspection_pool import CHILD_COMMAND, InspectorProcess
 from .inspection_queue import InspectionQueue
-from .middlewares import errors_as_json, request_context, token_auth
+from .middlewares import basic_auth_for_pages, errors_as_json, request_context, token_auth
+from .page_format import FILTERS
+from .previewer import Previewer
 from .routes import setup_routes
 from .settings import Settings
 from .storage import Storage
@@ -61,6 +69,7 @@ async def inspection_workers(app: web.Application) -> AsyncIterator[None]:
     for task in (recovery, *workers):
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    await app[PREVIEWER].close()
 
 
 def _log_recovery(task: asyncio.Task[int]) -> None:
@@ -79,7 +88,8 @@ def create_app(
     that misbehaves on purpose)."""
     settings.require_tokens()
     app = web.Application(
-        middlewares=[request_context, errors_as_json, token_auth(settings.tokens)],
+        middlewares=[request_context, errors_as_json, token_auth(settings.tokens),
+                     basic_auth_for_pages(settings.pages_basic_auth)],
         # Uploads are streamed by the handlers; this only bounds bodies read whole (none today).
         client_max_size=1024 * 1024,
     )
@@ -95,10 +105,22 @@ def create_app(
         for _ in range(settings.inspection_workers)
     ]
     app[INSPECTION_QUEUE] = inspection_queue
+    app[PREVIEWER] = Previewer(
+        InspectorProcess(settings.inspection_memory_cap_bytes,
+                         settings.inspection_time_limit_seconds, inspection_command),
+        storage,
+    )
     app[INGEST] = Ingest(catalog, storage, inspection_queue)
     app[UPLOADS] = UploadsInProgress(settings.max_concurrent_uploads, settings.retry_after_seconds)
     app[STARTED_MONOTONIC] = time.monotonic()
     app.cleanup_ctx.append(storage_and_catalog)
     app.cleanup_ctx.append(inspection_workers)
-    setup_routes(app)
+    web_files = importlib.resources.files("dqm_daemon.web")
+    aiohttp_jinja2.setup(
+        app,
+        loader=jinja2.FileSystemLoader(str(web_files / "templates")),
+        autoescape=jinja2.select_autoescape(["html"]),
+        filters=FILTERS,
+    )
+    setup_routes(app, static_dir=Path(str(web_files / "static")))
     return app

@@ -8,6 +8,7 @@ from .catalog import Catalog
 from .ingest import Ingest
 from .inspection_pool import InspectorProcess
 from .inspection_queue import InspectionQueue
+from .previewer import Previewer
 from .settings import Settings
 from .storage import Storage
 from .uploads import UploadsInProgress
@@ -17,6 +18,7 @@ CATALOG = web.AppKey("catalog", Catalog)
 STORAGE = web.AppKey("storage", Storage)
 INSPECTION_QUEUE = web.AppKey("inspection_queue", InspectionQueue)
 INSPECTORS = web.AppKey("inspectors", list[InspectorProcess])
+PREVIEWER = web.AppKey("previewer", Previewer)
 INGEST = web.AppKey("ingest", Ingest)
 UPLOADS = web.AppKey("uploads", UploadsInProgress)
 STARTED_MONOTONIC = web.AppKey("started_monotonic", float)

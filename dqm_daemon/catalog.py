@@ -7,15 +7,29 @@ connection is only ever used from the thread that owns it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import activity
+
 T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def _transaction(connection: sqlite3.Connection) -> Iterator[None]:
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
 
 PENDING, OK, INVALID = "pending", "ok", "invalid"
 IN_DATA_DIR, IN_QUARANTINE = "data", "quarantine"
@@ -44,7 +58,8 @@ CREATE TABLE IF NOT EXISTS files (
 CREATE INDEX IF NOT EXISTS files_by_run ON files (run, agent, timestamp);
 CREATE INDEX IF NOT EXISTS files_by_agent ON files (agent, timestamp);
 CREATE INDEX IF NOT EXISTS files_by_time ON files (timestamp);
-CREATE INDEX IF NOT EXISTS files_by_state ON files (state);
+CREATE INDEX IF NOT EXISTS files_by_state ON files (state, received_at);
+CREATE INDEX IF NOT EXISTS files_by_received ON files (received_at);
 """
 
 
@@ -110,6 +125,7 @@ class Catalog:
             # FULL: a row is on disk when the upload is acknowledged, like the file itself.
             connection.execute("PRAGMA synchronous=FULL")
             connection.executescript(_SCHEMA)
+            connection.executescript(activity.SCHEMA)
             return connection
 
         self._connection = await asyncio.get_running_loop().run_in_executor(self._thread, connect)
@@ -120,18 +136,48 @@ class Catalog:
             self._connection = None
         self._thread.shutdown(wait=True)
 
-    async def add(self, record: FileRecord) -> None:
+    async def add(self, record: FileRecord, *, uploaded: bool = True) -> None:
+        """Insert a new file; an uploaded one (not adopted from disk) also counts as activity
+        of its agent and run."""
         row = dataclasses.asdict(record)
         for column in _JSON_COLUMNS:
             value = row.pop(column.removesuffix("_json"))
             row[column] = json.dumps(value) if value is not None else None
         columns = ", ".join(row)
         placeholders = ", ".join(f":{key}" for key in row)
-        await self._run(
+
+        def insert(connection: sqlite3.Connection) -> None:
+            with _transaction(connection):
+                connection.execute(f"INSERT INTO files ({columns}) VALUES ({placeholders})", row)
+                if uploaded:
+                    activity.record_upload(connection, record.agent, record.run, record.name,
+                                           record.data_status, record.received_at)
+
+        await self._run(insert)
+
+    async def view(self, query: Callable[..., T], *args: Any) -> T:
+        """Run a read-only query function (see `activity`) on the catalog's thread."""
+        return await self._run(lambda connection: query(connection, *args))
+
+    async def latest_files(self, limit: int) -> list[FileRecord]:
+        rows = await self._run(
             lambda connection: connection.execute(
-                f"INSERT INTO files ({columns}) VALUES ({placeholders})", row
-            )
+                f"SELECT {_SUMMARY_COLUMNS} FROM files ORDER BY received_at DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
         )
+        return [FileRecord.from_row(row) for row in rows]
+
+    async def run_files(self, run: int, limit: int) -> list[FileRecord]:
+        """One run's files by agent and time."""
+        rows = await self._run(
+            lambda connection: connection.execute(
+                f"SELECT {_SUMMARY_COLUMNS} FROM files WHERE run = ?"
+                " ORDER BY agent, timestamp, received_at LIMIT ?",
+                (run, limit),
+            ).fetchall()
+        )
+        return [FileRecord.from_row(row) for row in rows]
 
     async def get(self, name: str, *, with_objects: bool = False) -> FileRecord | None:
         columns = "*" if with_objects else _SUMMARY_COLUMNS

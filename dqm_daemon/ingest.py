@@ -89,7 +89,8 @@ class Ingest:
                     data_status=dqm.data_status,
                     received_at=utc_now(),
                     uploader=ADOPTED_UPLOADER,
-                )
+                ),
+                uploaded=False,
             )
             log.info("file_adopted", file=path.name)
         pending = await self._catalog.pending()

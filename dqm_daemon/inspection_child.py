@@ -1,7 +1,7 @@
 """The inspection child process: `python -m dqm_daemon.inspection_child --memory-cap BYTES`.
 
-Reads one JSON job per line on stdin (`{"path": ...}`), answers one JSON result per line on the
-original stdout. It caps its own address space first, so a hostile file that makes uproot
+Reads one JSON job per line on stdin (`{"path": ...}` to inspect a file, with `"previews": [...]`
+to read histograms for drawing), answers one JSON result per line on the original stdout. It caps its own address space first, so a hostile file that makes uproot
 allocate without bound fails here, not in the daemon.
 """
 
@@ -24,13 +24,17 @@ def main() -> None:
     results = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     from .inspection import inspect_file  # heavy imports (uproot, numpy) before the cap
+    from .previews import read_previews
 
     resource.setrlimit(resource.RLIMIT_AS, (arguments.memory_cap, arguments.memory_cap))
     results.write(json.dumps(READY) + "\n")
     results.flush()
     for line in sys.stdin:
         job = json.loads(line)
-        result = inspect_file(job["path"])
+        if "previews" in job:
+            result = read_previews(job["path"], job["previews"], job["max_bins"])
+        else:
+            result = inspect_file(job["path"])
         results.write(json.dumps(result, allow_nan=False) + "\n")
         results.flush()
 

@@ -46,6 +46,8 @@ class InspectorProcess:
         self._time_limit_seconds = time_limit_seconds
         self._command = command
         self._process: asyncio.subprocess.Process | None = None
+        # One job at a time per child: a second caller waits its turn.
+        self._turn = asyncio.Lock()
 
     @property
     def pid(self) -> int | None:
@@ -77,12 +79,25 @@ class InspectorProcess:
     async def inspect(self, path: Path) -> dict[str, Any]:
         """The child's result for `path`; an overrun or a crash is an invalid result, and the
         child is replaced on the next call."""
+        return await self.run_job({"path": str(path)})
+
+    async def previews(self, path: Path, object_paths: list[str], max_bins: int) -> dict[str, Any]:
+        """Bin contents of the named histograms, for drawing (same isolation as inspection)."""
+        return await self.run_job(
+            {"path": str(path), "previews": object_paths, "max_bins": max_bins}
+        )
+
+    async def run_job(self, job: dict[str, Any]) -> dict[str, Any]:
+        async with self._turn:
+            return await self._exchange(job)
+
+    async def _exchange(self, job: dict[str, Any]) -> dict[str, Any]:
         if not self.alive:
             self._process = await self._start()
         process = self._process
         assert process is not None and process.stdin is not None and process.stdout is not None
         try:
-            process.stdin.write(json.dumps({"path": str(path)}).encode() + b"\n")
+            process.stdin.write(json.dumps(job).encode() + b"\n")
             await process.stdin.drain()
             line = await asyncio.wait_for(process.stdout.readline(), self._time_limit_seconds)
         except TimeoutError:

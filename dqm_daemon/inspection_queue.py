@@ -30,7 +30,10 @@ class InspectionQueue:
         self._storage = storage
         self._jobs: asyncio.Queue[FileRecord] = asyncio.Queue(maxsize=max_jobs)
         self._waiters: defaultdict[str, list[asyncio.Future[FileRecord]]] = defaultdict(list)
+        self.running_workers = 0
         self.busy_workers = 0
+        # Why the last inspection child failed to start; cleared by the next inspection done.
+        self.child_start_failure: str | None = None
 
     @property
     def depth(self) -> int:
@@ -63,13 +66,16 @@ class InspectionQueue:
     async def run_worker(self, inspector: InspectorProcess) -> None:
         """Take jobs until cancelled. A job interrupted by shutdown stays pending in the catalog
         and is queued again at the next start."""
+        self.running_workers += 1
         try:
             while True:
                 record = await self._jobs.get()
                 self.busy_workers += 1
                 try:
                     inspected = await self._inspect(record, inspector)
+                    self.child_start_failure = None
                 except ChildStartFailed as exc:
+                    self.child_start_failure = str(exc)
                     log.error("inspection_child_failed_to_start", file=record.name, error=str(exc))
                     await asyncio.sleep(START_FAILURE_BACKOFF_SECONDS)
                     with contextlib.suppress(asyncio.QueueFull):  # else pending until restart
@@ -87,6 +93,7 @@ class InspectionQueue:
                     if not future.done():
                         future.set_result(inspected)
         finally:
+            self.running_workers -= 1
             await inspector.close()
 
     async def _inspect(self, record: FileRecord, inspector: InspectorProcess) -> FileRecord:

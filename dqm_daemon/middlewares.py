@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hmac
 import time
 import uuid
@@ -93,6 +94,25 @@ def uploader_for_token(headers: Mapping[str, str], tokens: Mapping[str, str]) ->
     if uploader is None:
         raise web.HTTPUnauthorized(text="Received token, but it is invalid!")
     return uploader
+
+
+def basic_auth_for_pages(credentials: str) -> Callable[[web.Request, Handler], Awaitable]:
+    """With `credentials` ("user:password") set, the pages need HTTP basic auth; the API keeps
+    its token and /healthz stays open."""
+    expected = f"Basic {base64.b64encode(credentials.encode()).decode()}".encode()
+
+    @web.middleware
+    async def check_basic_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if credentials and not request.path.startswith((PROTECTED_PREFIX, "/healthz")):
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, expected):
+                raise web.HTTPUnauthorized(
+                    text="These pages need a user name and password",
+                    headers={"WWW-Authenticate": 'Basic realm="dqm-daemon", charset="UTF-8"'},
+                )
+        return await handler(request)
+
+    return check_basic_auth
 
 
 def token_auth(tokens: Mapping[str, str]) -> Callable[[web.Request, Handler], Awaitable]:

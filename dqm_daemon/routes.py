@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from aiohttp import web
 
 from .handlers.files import download_file, file_info, list_files
 from .handlers.health import healthz
+from .handlers.pages import file_data, page, root, run_data, status_data, twin
 from .handlers.upload import expect_continue, post_file
 
 
-def setup_routes(app: web.Application) -> None:
+def setup_routes(app: web.Application, static_dir: Path) -> None:
     app.router.add_get("/healthz", healthz)
+    # The shift crew's pages, each with its JSON twin (the .json routes come first).
+    app.router.add_get("/", root)
+    app.router.add_get("/status", page("status.html", status_data))
+    app.router.add_get("/status.json", twin(status_data))
+    app.router.add_get("/files/{filename}.json", twin(file_data))
+    app.router.add_get("/files/{filename}", page("file.html", file_data))
+    app.router.add_get(r"/runs/{run:\d+}.json", twin(run_data))
+    app.router.add_get(r"/runs/{run:\d+}", page("run.html", run_data))
+    app.router.add_static("/static", static_dir)
+    # The Overwatch-compatible API (token required).
     app.router.add_get("/rest/api/files", list_files)
     app.router.add_post("/rest/api/files", post_file, expect_handler=expect_continue)
     app.router.add_get("/rest/api/files/{filename}", download_file)

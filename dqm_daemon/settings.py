@@ -54,12 +54,26 @@ class Settings:
     inspection_time_limit_seconds: float = 120.0
     # Address-space cap (RLIMIT_AS) of each inspection child.
     inspection_memory_cap_bytes: int = 2 * GiB
+    # The status banner warns when more files than this wait for inspection.
+    inspection_backlog_warning: int = 100
+    # An agent in a run is silent after this many of its usual intervals without a file.
+    silent_after_intervals: float = 3.0
+    # The usual interval assumed for an agent that has sent only one file so far.
+    default_agent_interval_seconds: float = 300.0
+    # Pages reload themselves this often.
+    page_refresh_seconds: int = 5
+    # "user:password" to require HTTP basic auth on the pages; empty: pages are open.
+    pages_basic_auth: str = dataclasses.field(default="", repr=False)
 
     def __post_init__(self) -> None:
         _check_positive(self, "port", "chunk_bytes", "max_upload_bytes", "max_concurrent_uploads",
                         "read_timeout_seconds", "inspection_budget_seconds",
                         "inspection_queue_length", "inspection_workers",
-                        "inspection_time_limit_seconds", "inspection_memory_cap_bytes")
+                        "inspection_time_limit_seconds", "inspection_memory_cap_bytes",
+                        "inspection_backlog_warning", "silent_after_intervals",
+                        "default_agent_interval_seconds", "page_refresh_seconds")
+        if self.pages_basic_auth and ":" not in self.pages_basic_auth:
+            raise SettingsError("pages_basic_auth: expected \"user:password\"")
         if self.port > 65535:
             raise SettingsError(f"port: {self.port} is not a TCP port (1-65535)")
         if self.disk_reserve_bytes < 0 or self.retry_after_seconds < 0:
@@ -92,6 +106,7 @@ class Settings:
         """The effective settings for display: uploader names only, never a token."""
         shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         shown["tokens"] = sorted(self.tokens.values())
+        shown["pages_basic_auth"] = "(set)" if self.pages_basic_auth else ""
         shown["data_dir"] = str(self.data_dir)
         return shown
 

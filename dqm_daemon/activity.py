@@ -1,0 +1,120 @@
+"""Who sends what: per-agent and per-run activity kept beside the files in the catalog database,
+updated with every upload, and the bounded, indexed queries the status pages are built from.
+
+Every function here takes the catalog's connection and runs on the catalog's thread.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS agent_runs (
+    agent             TEXT NOT NULL,
+    run               INTEGER NOT NULL,
+    files             INTEGER NOT NULL,
+    first_received_at TEXT NOT NULL,
+    last_received_at  TEXT NOT NULL,
+    last_file         TEXT NOT NULL,
+    started_at        TEXT,       -- when its dataStatus 1 (start of data) file arrived
+    ended_at          TEXT,       -- when its dataStatus 2 (end of data) file arrived
+    PRIMARY KEY (agent, run)
+);
+CREATE INDEX IF NOT EXISTS agent_runs_by_time ON agent_runs (last_received_at);
+CREATE TABLE IF NOT EXISTS agents (
+    agent             TEXT PRIMARY KEY,
+    last_run          INTEGER NOT NULL,
+    last_file         TEXT NOT NULL,
+    last_received_at  TEXT NOT NULL,
+    files             INTEGER NOT NULL,
+    interval_seconds  REAL        -- usual time between its files (moving average)
+);
+"""
+
+START_OF_DATA, END_OF_DATA = 1, 2
+# Weight of the newest interval in the moving average of an agent's usual interval.
+INTERVAL_SMOOTHING = 0.3
+# Queries never return more rows than these.
+MAX_RUN_FILES = 5000
+
+
+def _seconds_between(earlier_iso: str, later_iso: str) -> float:
+    return (datetime.fromisoformat(later_iso) - datetime.fromisoformat(earlier_iso)).total_seconds()
+
+
+def record_upload(connection: sqlite3.Connection, agent: str, run: int, name: str,
+                  data_status: int, received_at: str) -> None:
+    """Fold one received file into its agent's and its run's activity."""
+    started_at = received_at if data_status == START_OF_DATA else None
+    ended_at = received_at if data_status == END_OF_DATA else None
+    connection.execute(
+        "INSERT INTO agent_runs VALUES (?, ?, 1, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (agent, run) DO UPDATE SET files = files + 1,"
+        " last_received_at = excluded.last_received_at, last_file = excluded.last_file,"
+        " started_at = coalesce(started_at, excluded.started_at),"
+        " ended_at = coalesce(excluded.ended_at, ended_at)",
+        (agent, run, received_at, received_at, name, started_at, ended_at),
+    )
+    previous = connection.execute(
+        "SELECT last_received_at, interval_seconds FROM agents WHERE agent = ?", (agent,)
+    ).fetchone()
+    interval = None
+    if previous is not None:
+        latest = max(_seconds_between(previous["last_received_at"], received_at), 0.0)
+        old = previous["interval_seconds"]
+        interval = latest if old is None else old + INTERVAL_SMOOTHING * (latest - old)
+    connection.execute(
+        "INSERT INTO agents VALUES (?, ?, ?, ?, 1, ?)"
+        " ON CONFLICT (agent) DO UPDATE SET last_run = excluded.last_run,"
+        " last_file = excluded.last_file, last_received_at = excluded.last_received_at,"
+        " files = files + 1, interval_seconds = excluded.interval_seconds",
+        (agent, run, name, received_at, interval),
+    )
+
+
+def agents_board(connection: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Every agent with its latest run's start and end (one row per agent)."""
+    rows = connection.execute(
+        "SELECT a.agent, a.last_run, a.last_file, a.last_received_at, a.files,"
+        " a.interval_seconds, r.started_at, r.ended_at, r.files AS run_files"
+        " FROM agents a LEFT JOIN agent_runs r ON r.agent = a.agent AND r.run = a.last_run"
+        " ORDER BY a.agent"
+    ).fetchall()
+    return [dict(row) for row in rows]
+
+
+def recent_runs(connection: sqlite3.Connection, limit: int) -> list[dict[str, Any]]:
+    """The `limit` runs with the most recent activity, newest first."""
+    rows = connection.execute(
+        "SELECT run, group_concat(agent, ' ') AS agents, sum(files) AS files,"
+        " min(first_received_at) AS first_received_at, max(last_received_at) AS last_received_at,"
+        " min(started_at) AS started_at, max(ended_at) AS ended_at"
+        " FROM agent_runs WHERE run IN ("
+        "   SELECT run FROM agent_runs ORDER BY last_received_at DESC LIMIT ?)"
+        " GROUP BY run ORDER BY max(last_received_at) DESC LIMIT ?",
+        (limit * 20, limit),
+    ).fetchall()
+    return [dict(row) for row in rows]
+
+
+def run_agents(connection: sqlite3.Connection, run: int) -> list[dict[str, Any]]:
+    rows = connection.execute(
+        "SELECT * FROM agent_runs WHERE run = ? ORDER BY agent", (run,)
+    ).fetchall()
+    return [dict(row) for row in rows]
+
+
+def count_invalid_since(connection: sqlite3.Connection, since_iso: str) -> int:
+    return connection.execute(
+        "SELECT count(*) FROM files WHERE state = 'invalid' AND received_at >= ?", (since_iso,)
+    ).fetchone()[0]
+
+
+def count_pending(connection: sqlite3.Connection) -> tuple[int, str | None]:
+    """How many files wait for inspection, and since when the oldest has waited."""
+    row = connection.execute(
+        "SELECT count(*), min(received_at) FROM files WHERE state = 'pending'"
+    ).fetchone()
+    return row[0], row[1]

@@ -1,0 +1,90 @@
+"""The shift crew's pages, each with a JSON twin built from the same data:
+/status (+ .json), /files/{filename} (+ .json), /runs/{run} (+ .json)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp_jinja2
+from aiohttp import web
+
+from .. import activity
+from ..appkeys import CATALOG, PREVIEWER, SETTINGS
+from ..catalog import IN_DATA_DIR, OK, PENDING
+from ..status import file_summary, status_report
+
+DataBuilder = Callable[[web.Request], Awaitable[dict[str, Any]]]
+PREVIEWED_CLASSES = ("TH1", "TH2", "TProfile")
+DEFAULT_PREVIEWS, MAX_PREVIEWS = 24, 200
+MAX_RUN_FILES = 5000
+
+
+async def status_data(request: web.Request) -> dict[str, Any]:
+    return await status_report(request.app)
+
+
+def _previewable(entry: dict[str, Any]) -> bool:
+    return (entry.get("interpreted") is True and entry.get("dimensions") in (1, 2)
+            and entry["class"].startswith(PREVIEWED_CLASSES))
+
+
+async def file_data(request: web.Request) -> dict[str, Any]:
+    name = request.match_info["filename"]
+    record = await request.app[CATALOG].get(name, with_objects=True)
+    if record is None:
+        raise web.HTTPNotFound(text=f"No such file: {name}")
+    try:
+        wanted = min(int(request.query.get("previews", DEFAULT_PREVIEWS)), MAX_PREVIEWS)
+    except ValueError:
+        raise web.HTTPBadRequest(text="Query parameter previews must be an integer") from None
+    histograms = [entry["path"] for entry in record.objects or [] if _previewable(entry)]
+    previews = {}
+    if record.state == OK and record.location == IN_DATA_DIR and wanted > 0 and histograms:
+        previews = await request.app[PREVIEWER].previews(record, histograms[:wanted])
+    return {
+        "file": record.as_dict(),
+        "download_url": f"/rest/api/files/{record.name}" if record.location == IN_DATA_DIR else None,
+        "histograms": len(histograms),
+        "previews": previews,
+    }
+
+
+async def run_data(request: web.Request) -> dict[str, Any]:
+    run = int(request.match_info["run"])
+    catalog = request.app[CATALOG]
+    files = await catalog.run_files(run, MAX_RUN_FILES)
+    agents = await catalog.view(activity.run_agents, run)
+    if not files and not agents:
+        raise web.HTTPNotFound(text=f"No files for run {run}")
+    return {
+        "run": run,
+        "agents": agents,
+        "files": [file_summary(record) for record in files],
+        "files_truncated": len(files) == MAX_RUN_FILES,
+        "pending": sum(record.state == PENDING for record in files),
+    }
+
+
+def page(template: str, build: DataBuilder) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """An HTML page rendering `template` with the data of `build` (and the refresh period)."""
+
+    async def handler(request: web.Request) -> web.Response:
+        data = await build(request)
+        context = {"data": data, "refresh_seconds": request.app[SETTINGS].page_refresh_seconds}
+        return aiohttp_jinja2.render_template(template, request, context)
+
+    return handler
+
+
+def twin(build: DataBuilder) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The page's JSON twin: exactly the data the page shows."""
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(await build(request))
+
+    return handler
+
+
+async def root(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/status")

@@ -1,0 +1,82 @@
+"""How the pages show values: sizes, times in Europe/Zurich, "3 min ago", durations, previews.
+Registered as Jinja2 filters; the JSON twins keep the raw values."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pendulum
+from markupsafe import Markup, escape
+
+from .naming import NAME_TIMEZONE
+from .svg import draw
+
+STATE_MARKS = {"ok": ("✔", "tag-ok"), "pending": ("…", ""), "invalid": ("✖", "tag-bad")}
+
+
+def human_bytes(size: float | None) -> str:
+    if size is None:
+        return "—"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"  # pragma: no cover
+
+
+def _moment(value: str | int | float) -> pendulum.DateTime:
+    if isinstance(value, (int, float)):
+        return pendulum.from_timestamp(value, tz="UTC")
+    return pendulum.parse(value)
+
+
+def zurich_time(value: str | int | float | None) -> str:
+    """An ISO time or unix seconds as local time at CERN."""
+    if value is None:
+        return "—"
+    return _moment(value).in_timezone(NAME_TIMEZONE).format("YYYY-MM-DD HH:mm:ss")
+
+
+def ago(value: str | int | float | None) -> str:
+    if value is None:
+        return "—"
+    return _moment(value).diff_for_humans(pendulum.now("UTC"), absolute=True) + " ago"
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    seconds = max(seconds, 0)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    minutes = seconds / 60
+    if minutes < 120:
+        return f"{minutes:.0f} min"
+    return f"{int(minutes // 60)} h {int(minutes % 60)} min"
+
+
+def number(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return f"{value:.4g}"
+
+
+def state_tag(state: str) -> Markup:
+    mark, css_class = STATE_MARKS.get(state, ("?", ""))
+    return Markup(f'<span class="tag {css_class}">{mark} {escape(state)}</span>')
+
+
+def preview_svg(preview: dict[str, Any]) -> Markup:
+    return draw(preview)
+
+
+FILTERS = {
+    "bytes": human_bytes,
+    "zurich": zurich_time,
+    "ago": ago,
+    "duration": duration,
+    "number": number,
+    "state_tag": state_tag,
+    "svg": preview_svg,
+}

@@ -1,0 +1,129 @@
+"""The state of the receiver at a glance: what the status page and /status.json show.
+
+Built from the catalog (bounded, indexed queries) and the daemon's live state (uploads in
+progress, the inspection queue), as plain JSON-able data; the page only formats it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pendulum
+from aiohttp import web
+
+from . import __version__, activity
+from .appkeys import (
+    CATALOG,
+    INSPECTION_QUEUE,
+    INSPECTORS,
+    SETTINGS,
+    STARTED_MONOTONIC,
+    STORAGE,
+    UPLOADS,
+)
+from .catalog import INVALID
+from .settings import Settings
+
+OK_LEVEL, WARNING_LEVEL, ERROR_LEVEL = "OK", "WARNING", "ERROR"
+LATEST_FILES = 25
+RECENT_RUNS = 12
+INVALID_WINDOW_SECONDS = 3600
+# An inspection backlog whose oldest file waits longer than this is reported too.
+BACKLOG_AGE_WARNING_SECONDS = 600
+
+
+def _seconds_since(iso_time: str | None, now: pendulum.DateTime) -> float | None:
+    if iso_time is None:
+        return None
+    return (now - pendulum.parse(iso_time)).total_seconds()
+
+
+def agent_silence(agent: dict[str, Any], settings: Settings, now: pendulum.DateTime) -> dict:
+    """Is this agent silent: it started its run (dataStatus 1), has not ended it (dataStatus 2),
+    and has sent nothing for several of its usual intervals?"""
+    interval = agent["interval_seconds"] or settings.default_agent_interval_seconds
+    quiet_for = _seconds_since(agent["last_received_at"], now) or 0.0
+    in_run = agent["started_at"] is not None and agent["ended_at"] is None
+    silent_after = settings.silent_after_intervals * interval
+    return {**agent, "in_run": in_run, "quiet_seconds": quiet_for,
+            "silent_after_seconds": silent_after, "silent": in_run and quiet_for > silent_after}
+
+
+def _banner(report: dict[str, Any], settings: Settings) -> tuple[str, list[str]]:
+    errors, warnings = [], []
+    disk = report["disk"]
+    if disk["free_bytes"] < settings.disk_reserve_bytes:
+        errors.append("free disk below the reserve: uploads are refused")
+    elif disk["free_bytes"] < 2 * settings.disk_reserve_bytes:
+        warnings.append("free disk low (under twice the reserve)")
+    inspection = report["inspection"]
+    if inspection["workers_running"] < inspection["workers"]:
+        errors.append(f"inspection workers down: {inspection['workers_running']} of "
+                      f"{inspection['workers']} running")
+    if inspection["child_start_failure"]:
+        errors.append(f"inspection child cannot start: {inspection['child_start_failure']}")
+    if inspection["pending_files"] > settings.inspection_backlog_warning:
+        warnings.append(f"inspection backlog: {inspection['pending_files']} files waiting")
+    elif (inspection["oldest_pending_seconds"] or 0) > BACKLOG_AGE_WARNING_SECONDS:
+        warnings.append("inspection backlog: a file has waited over "
+                        f"{BACKLOG_AGE_WARNING_SECONDS // 60} min")
+    for agent in report["agents"]:
+        if agent["silent"]:
+            warnings.append(f"agent {agent['agent']} silent in run {agent['last_run']} for "
+                            f"{round(agent['quiet_seconds'] / 60)} min")
+    if report["invalid_last_hour"]:
+        warnings.append(f"{report['invalid_last_hour']} invalid file(s) in the last hour")
+    level = ERROR_LEVEL if errors else WARNING_LEVEL if warnings else OK_LEVEL
+    return level, errors + warnings
+
+
+async def status_report(app: web.Application) -> dict[str, Any]:
+    settings, catalog = app[SETTINGS], app[CATALOG]
+    now = pendulum.now("UTC")
+    pending_files, oldest_pending = await catalog.view(activity.count_pending)
+    invalid_since = now.subtract(seconds=INVALID_WINDOW_SECONDS).to_iso8601_string()
+    queue = app[INSPECTION_QUEUE]
+    report: dict[str, Any] = {
+        "generated_at": now.to_iso8601_string(),
+        "version": __version__,
+        "uptime_seconds": round(time.monotonic() - app[STARTED_MONOTONIC]),
+        "disk": {"free_bytes": app[STORAGE].free_bytes(),
+                 "reserve_bytes": settings.disk_reserve_bytes},
+        "uploads": [
+            {"agent": upload.agent, "run": upload.run, "uploader": upload.uploader,
+             "received_bytes": upload.received_bytes,
+             "bytes_per_second": round(upload.bytes_per_second),
+             "seconds": round(time.monotonic() - upload.started_monotonic, 1)}
+            for upload in app[UPLOADS].snapshot()
+        ],
+        "inspection": {
+            "queue_depth": queue.depth,
+            "pending_files": pending_files,
+            "oldest_pending_at": oldest_pending,
+            "oldest_pending_seconds": _seconds_since(oldest_pending, now),
+            "workers": len(app[INSPECTORS]),
+            "workers_running": queue.running_workers,
+            "workers_busy": queue.busy_workers,
+            "child_start_failure": queue.child_start_failure,
+        },
+        "latest_files": [
+            file_summary(record) for record in await catalog.latest_files(LATEST_FILES)
+        ],
+        "agents": [agent_silence(agent, settings, now)
+                   for agent in await catalog.view(activity.agents_board)],
+        "runs": await catalog.view(activity.recent_runs, RECENT_RUNS),
+        "invalid_last_hour": await catalog.view(activity.count_invalid_since, invalid_since),
+    }
+    report["level"], report["reasons"] = _banner(report, settings)
+    return report
+
+
+def file_summary(record: Any) -> dict[str, Any]:
+    row = record.as_dict()
+    row.pop("objects", None)
+    row.pop("received", None)
+    row["findings_count"] = len(record.findings or [])
+    row["finding_kinds"] = sorted({finding["kind"] for finding in record.findings or []})
+    row["is_invalid"] = record.state == INVALID
+    return row

@@ -1,0 +1,1 @@
+"""Templates and static files of the pages (installed as the package `dqm_daemon.web`)."""

@@ -52,33 +52,27 @@ async def storage_and_catalog(app: web.Application) -> AsyncIterator[None]:
 
 
 async def inspection_workers(app: web.Application) -> AsyncIterator[None]:
-    """One worker per inspection child. Workers start first, so that recovery can queue more
-    jobs than the queue holds."""
+    """One worker per inspection child, then start-up recovery: adopt unknown files, and let
+    the sweeper queue everything pending (workers first, so the queue drains meanwhile)."""
+    queue = app[INSPECTION_QUEUE]
     workers = [
-        asyncio.create_task(app[INSPECTION_QUEUE].run_worker(inspector),
-                            name=f"inspection-worker-{number}")
+        asyncio.create_task(queue.run_worker(inspector), name=f"inspection-worker-{number}")
         for number, inspector in enumerate(app[INSPECTORS])
     ]
-    recovery = asyncio.create_task(
-        app[INGEST].recover(app[SETTINGS].chunk_bytes), name="startup-recovery"
-    )
-    recovery.add_done_callback(_log_recovery)
+
+    async def recover_then_sweep() -> None:
+        adopted = await app[INGEST].adopt_unknown_files(app[SETTINGS].chunk_bytes)
+        log.info("startup_recovery", adopted_files=adopted)
+        await queue.run_sweeper(app[SETTINGS].inspection_sweep_seconds)
+
+    sweeper = asyncio.create_task(recover_then_sweep(), name="inspection-sweeper")
     yield
-    for task in (recovery, *workers):
+    for task in (sweeper, *workers):
         task.cancel()
-    for task in (recovery, *workers):
+    for task in (sweeper, *workers):
         with contextlib.suppress(asyncio.CancelledError):
             await task
     await app[PREVIEWER].close()
-
-
-def _log_recovery(task: asyncio.Task[int]) -> None:
-    if task.cancelled():
-        return
-    if task.exception() is not None:
-        log.error("startup_recovery_failed", error=repr(task.exception()))
-    else:
-        log.info("startup_recovery_queued", files=task.result())
 
 
 def create_app(
@@ -110,7 +104,7 @@ def create_app(
                          settings.inspection_time_limit_seconds, inspection_command),
         storage,
     )
-    app[INGEST] = Ingest(catalog, storage, inspection_queue)
+    app[INGEST] = Ingest(catalog, storage)
     app[UPLOADS] = UploadsInProgress(settings.max_concurrent_uploads, settings.retry_after_seconds)
     app[STARTED_MONOTONIC] = time.monotonic()
     app.cleanup_ctx.append(storage_and_catalog)

@@ -95,7 +95,8 @@ class FileRecord:
         return cls(**values)
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # Shallow: the object list can be long, and deep-copying it is wasted work.
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
 
 _JSON_COLUMNS = ("received_json", "findings_json", "objects_json")
@@ -254,12 +255,13 @@ class Catalog:
         )
         return {row["name"] for row in rows}
 
-    async def pending(self) -> list[FileRecord]:
+    async def pending(self, limit: int) -> list[FileRecord]:
         """Files stored but not yet inspected (oldest first): work a restart must finish."""
         rows = await self._run(
             lambda connection: connection.execute(
-                f"SELECT {_SUMMARY_COLUMNS} FROM files WHERE state = ? ORDER BY received_at",
-                (PENDING,),
+                f"SELECT {_SUMMARY_COLUMNS} FROM files WHERE state = ?"
+                " ORDER BY received_at LIMIT ?",
+                (PENDING, limit),
             ).fetchall()
         )
         return [FileRecord.from_row(row) for row in rows]

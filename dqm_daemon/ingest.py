@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+from pathlib import Path
 
 import pendulum
 import structlog
 
 from .catalog import IN_DATA_DIR, Catalog, FileRecord
-from .inspection_queue import InspectionQueue
 from .naming import DEFAULT_AGENT, DQMHeaders, headers_from_filename, variant_filename
 from .storage import IncomingFile, Storage, sha256_of_file
 
@@ -34,10 +34,9 @@ def utc_now() -> str:
 
 
 class Ingest:
-    def __init__(self, catalog: Catalog, storage: Storage, inspection_queue: InspectionQueue):
+    def __init__(self, catalog: Catalog, storage: Storage):
         self._catalog = catalog
         self._storage = storage
-        self._inspection_queue = inspection_queue
         # Serialises the name choice, so two uploads never both think a name is free.
         self._naming_lock = asyncio.Lock()
 
@@ -67,33 +66,49 @@ class Ingest:
                 received_at=utc_now(),
                 uploader=uploader,
             )
-            await self._catalog.add(record)
+            try:
+                await self._catalog.add(record)
+            except BaseException:
+                # Not cataloged means not acknowledged: take the file back out, so no
+                # uncataloged copy is left for a later adoption to trip over.
+                await self._storage.remove_placed(name)
+                raise
         return Commit(record, duplicate=False)
 
-    async def recover(self, chunk_bytes: int) -> int:
-        """Adopt DQM files found on disk but not in the catalog, and queue every file still
-        pending inspection. Returns how many files were queued."""
+    async def adopt_unknown_files(self, chunk_bytes: int) -> int:
+        """Catalog the DQM files found in the data directory but not in the catalog (copied in
+        by hand, or left by a crash), as pending: the inspection sweeper queues them."""
         known_names = await self._catalog.all_names()
-        for path in self._storage.unknown_dqm_files(known_names):
-            dqm = headers_from_filename(path.name) or DQMHeaders(0, 0, DEFAULT_AGENT, 0)
-            sha256 = await asyncio.to_thread(sha256_of_file, path, chunk_bytes)
-            await self._catalog.add(
-                FileRecord(
-                    name=path.name,
-                    location=IN_DATA_DIR,
-                    size=path.stat().st_size,
-                    sha256=sha256,
-                    agent=dqm.agent,
-                    run=dqm.run_number,
-                    timestamp=dqm.timestamp,
-                    data_status=dqm.data_status,
-                    received_at=utc_now(),
-                    uploader=ADOPTED_UPLOADER,
-                ),
-                uploaded=False,
-            )
-            log.info("file_adopted", file=path.name)
-        pending = await self._catalog.pending()
-        for record in pending:
-            await self._inspection_queue.put(record)
-        return len(pending)
+        unknown = await asyncio.to_thread(
+            lambda: list(self._storage.unknown_dqm_files(known_names))
+        )
+        adopted = 0
+        for path in unknown:
+            try:
+                await self._adopt(path, chunk_bytes)
+                adopted += 1
+            except Exception:
+                # One unreadable file must not stop the others from being adopted.
+                log.exception("file_adoption_failed", file=path.name)
+        return adopted
+
+    async def _adopt(self, path: Path, chunk_bytes: int) -> None:
+        dqm = headers_from_filename(path.name) or DQMHeaders(0, 0, DEFAULT_AGENT, 0)
+        sha256 = await asyncio.to_thread(sha256_of_file, path, chunk_bytes)
+        size = (await asyncio.to_thread(path.stat)).st_size
+        await self._catalog.add(
+            FileRecord(
+                name=path.name,
+                location=IN_DATA_DIR,
+                size=size,
+                sha256=sha256,
+                agent=dqm.agent,
+                run=dqm.run_number,
+                timestamp=dqm.timestamp,
+                data_status=dqm.data_status,
+                received_at=utc_now(),
+                uploader=ADOPTED_UPLOADER,
+            ),
+            uploaded=False,
+        )
+        log.info("file_adopted", file=path.name)

@@ -20,6 +20,8 @@ OK, INVALID = "ok", "invalid"
 ROOT_MAGIC = b"root"
 # A file declaring more objects than this is listed only up to it (flagged `objects_truncated`).
 MAX_LISTED_OBJECTS = 100_000
+# A list with more members than this names only the first ones (with `member_count` beside).
+MAX_LISTED_MEMBERS = 1000
 DIRECTORY_CLASSES = ("TDirectory", "TDirectoryFile")
 LIST_CLASSES = ("TList", "TObjArray", "THashList", "TMap", "TClonesArray")
 PROFILE_CLASSES = ("TProfile", "TProfile2D", "TProfile3D")
@@ -120,8 +122,16 @@ def _walk(directory: Any, prefix: str, objects: list[dict[str, Any]]) -> bool:
             if _walk(payload, f"{path}/", objects):
                 return True
             continue
+        try:
+            summary = describe(payload, key.fClassName)
+        except MemoryError:
+            raise
+        except Exception as exc:  # a class that reads but does not summarise (TH2Poly, ...)
+            entry["interpreted"] = False
+            entry["note"] = short_reason(exc)
+            continue
         entry["interpreted"] = True
-        entry.update(describe(payload, key.fClassName))
+        entry.update(summary)
     return False
 
 
@@ -141,7 +151,8 @@ def describe(payload: Any, class_name: str) -> dict[str, Any]:
     if class_name in ("TTree", "TNtuple", "TNtupleD"):
         return {"entries": int(payload.num_entries), "branches": len(payload.keys(recursive=True))}
     if class_name in LIST_CLASSES:
-        return {"members": [_member(item) for item in payload]}
+        members = [_member(item) for _, item in zip(range(MAX_LISTED_MEMBERS), payload)]
+        return {"members": members, "member_count": len(payload)}
     return {}
 
 

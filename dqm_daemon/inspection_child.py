@@ -9,11 +9,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import sys
+from typing import Any
 
 READY = {"ready": True}
+
+
+def finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: a histogram holding them reports null there."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [finite(item) for item in value]
+    return value
 
 
 def main() -> None:
@@ -35,7 +48,7 @@ def main() -> None:
             result = read_previews(job["path"], job["previews"], job["max_bins"])
         else:
             result = inspect_file(job["path"])
-        results.write(json.dumps(result, allow_nan=False) + "\n")
+        results.write(json.dumps(finite(result), allow_nan=False) + "\n")
         results.flush()
 
 

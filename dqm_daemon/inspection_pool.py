@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 
 from .inspection import INVALID
+from .settings import TOKEN_ENV_VAR
 
 log = structlog.get_logger(__name__)
 
@@ -22,6 +23,7 @@ CHILD_COMMAND = (sys.executable, "-m", "dqm_daemon.inspection_child")
 # A result line holds at most MAX_LISTED_OBJECTS entries; this bounds what the daemon buffers.
 RESULT_LINE_LIMIT = 256 * 1024 * 1024
 START_TIMEOUT_SECONDS = 60.0
+LARGE_RESULT_BYTES = 256 * 1024
 # A child that closed its output is given this long to exit before it is killed.
 EXIT_GRACE_SECONDS = 5.0
 
@@ -61,6 +63,8 @@ class InspectorProcess:
         # One BLAS thread: the child needs no parallel linear algebra, and idle BLAS threads
         # reserve address space that would count against the memory cap.
         environment = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+        # The child parses untrusted files: it gets no secret it does not need.
+        environment.pop(TOKEN_ENV_VAR, None)
         process = await asyncio.create_subprocess_exec(
             *self._command, "--memory-cap", str(self._memory_cap_bytes),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -110,6 +114,8 @@ class InspectorProcess:
             await self._reap(process)
             return {"state": INVALID,
                     "reason": f"inspection crashed ({describe_exit(process.returncode)})"}
+        if len(line) > LARGE_RESULT_BYTES:  # parsing megabytes would stall the event loop
+            return await asyncio.to_thread(json.loads, line)
         return json.loads(line)
 
     @staticmethod

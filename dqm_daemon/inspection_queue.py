@@ -22,6 +22,10 @@ log = structlog.get_logger(__name__)
 
 # After a child failed to start, a worker waits this long before taking the next job.
 START_FAILURE_BACKOFF_SECONDS = 5.0
+# Pending files the sweeper queues per pass (the rest on the next pass).
+SWEEP_BATCH = 10_000
+# Object lists longer than this are compared off the event loop.
+LARGE_OBJECT_LIST = 2_000
 
 
 class InspectionQueue:
@@ -30,6 +34,8 @@ class InspectionQueue:
         self._storage = storage
         self._jobs: asyncio.Queue[FileRecord] = asyncio.Queue(maxsize=max_jobs)
         self._waiters: defaultdict[str, list[asyncio.Future[FileRecord]]] = defaultdict(list)
+        # Names queued or being inspected: a file is never queued twice at once.
+        self._queued: set[str] = set()
         self.running_workers = 0
         self.busy_workers = 0
         # Why the last inspection child failed to start; cleared by the next inspection done.
@@ -40,8 +46,27 @@ class InspectionQueue:
         return self._jobs.qsize()
 
     async def put(self, record: FileRecord) -> None:
-        """Queue a file the catalog already holds as pending (waits while the queue is full)."""
-        await self._jobs.put(record)
+        """Queue a file the catalog already holds as pending (waits while the queue is full;
+        a file not queued in the end stays pending and the sweeper queues it)."""
+        if record.name in self._queued:
+            return
+        self._queued.add(record.name)
+        try:
+            await self._jobs.put(record)
+        except BaseException:
+            self._queued.discard(record.name)
+            raise
+
+    async def run_sweeper(self, interval_seconds: float) -> None:
+        """Queue every file the catalog holds as pending: at start-up (what a restart or a
+        kill -9 left), then every `interval_seconds` (what a full queue turned away)."""
+        while True:
+            try:
+                for record in await self._catalog.pending(SWEEP_BATCH):
+                    await self.put(record)
+            except Exception:
+                log.exception("inspection_sweep_failed")
+            await asyncio.sleep(interval_seconds)
 
     async def wait_inspected(self, name: str, timeout: float) -> FileRecord | None:
         """The file's catalog record once inspected; None if that takes longer than `timeout`
@@ -88,6 +113,7 @@ class InspectionQueue:
                     continue
                 finally:
                     self.busy_workers -= 1
+                    self._queued.discard(record.name)
                     self._jobs.task_done()
                 for future in self._waiters.pop(record.name, []):
                     if not future.done():
@@ -97,11 +123,16 @@ class InspectionQueue:
             await inspector.close()
 
     async def _inspect(self, record: FileRecord, inspector: InspectorProcess) -> FileRecord:
+        current = await self._catalog.get(record.name)
+        if current is None or current.state != PENDING:
+            return current or record  # inspected meanwhile (queued by a POST and the sweeper)
         started = time.perf_counter()
-        result: dict[str, Any] = await inspector.inspect(
-            self._storage.path_of(record.name, record.location)
+        location = await asyncio.to_thread(
+            self._storage.current_location, record.name, record.location
         )
-        location = record.location
+        result: dict[str, Any] = await inspector.inspect(
+            self._storage.path_of(record.name, location)
+        )
         if result["state"] == INVALID and location == IN_DATA_DIR:
             await self._storage.quarantine(record.name)
             location = IN_QUARANTINE
@@ -109,7 +140,10 @@ class InspectionQueue:
         findings = None
         if objects is not None:
             previous = await self._catalog.previous_objects(record)
-            findings = compare_with_previous(*previous, objects) if previous else []
+            if previous and len(objects) > LARGE_OBJECT_LIST:
+                findings = await asyncio.to_thread(compare_with_previous, *previous, objects)
+            else:
+                findings = compare_with_previous(*previous, objects) if previous else []
         duration_ms = round((time.perf_counter() - started) * 1000, 1)
         await self._catalog.record_inspection(
             record.name,

@@ -46,7 +46,14 @@ def variant_filename(filename: str, variant: int) -> str:
     return f"{stem}.v{variant}.root"
 
 
-def _integer_header(headers: Mapping[str, str], name: str, default: int | None) -> int:
+# Upper bounds (inclusive): what SQLite stores and pendulum renders (up to the year 9999).
+MAX_RUN_NUMBER = 2**63 - 1
+MAX_TIMESTAMP = 253402300799  # 9999-12-31 23:59:59 UTC
+MAX_DATA_STATUS = 2**31 - 1
+
+
+def _integer_header(headers: Mapping[str, str], name: str, default: int | None,
+                    maximum: int) -> int:
     raw = headers.get(name)
     if raw is None:
         if default is None:
@@ -58,14 +65,16 @@ def _integer_header(headers: Mapping[str, str], name: str, default: int | None) 
         raise web.HTTPBadRequest(text=f"Header {name} must be an integer, got {raw!r}") from None
     if value < 0:
         raise web.HTTPBadRequest(text=f"Header {name} must not be negative, got {raw!r}")
+    if value > maximum:
+        raise web.HTTPBadRequest(text=f"Header {name} must be at most {maximum}, got {raw!r}")
     return value
 
 
 def parse_dqm_headers(headers: Mapping[str, str]) -> DQMHeaders:
     """Validate the upload headers; a bad one raises 400 naming the header and the value."""
-    run_number = _integer_header(headers, "runNumber", None)
-    timestamp = _integer_header(headers, "timeStamp", None)
-    data_status = _integer_header(headers, "dataStatus", 0)
+    run_number = _integer_header(headers, "runNumber", None, MAX_RUN_NUMBER)
+    timestamp = _integer_header(headers, "timeStamp", None, MAX_TIMESTAMP)
+    data_status = _integer_header(headers, "dataStatus", 0, MAX_DATA_STATUS)
     agent = headers.get("amoreAgent", DEFAULT_AGENT)
     if not _AGENT_PATTERN.fullmatch(agent) or ".." in agent:
         raise web.HTTPBadRequest(

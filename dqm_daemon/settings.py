@@ -54,6 +54,8 @@ class Settings:
     inspection_time_limit_seconds: float = 120.0
     # Address-space cap (RLIMIT_AS) of each inspection child.
     inspection_memory_cap_bytes: int = 2 * GiB
+    # How often files left pending (queue full, child failed to start) are queued again.
+    inspection_sweep_seconds: float = 30.0
     # The status banner warns when more files than this wait for inspection.
     inspection_backlog_warning: int = 100
     # An agent in a run is silent after this many of its usual intervals without a file.
@@ -71,6 +73,7 @@ class Settings:
                         "inspection_queue_length", "inspection_workers",
                         "inspection_time_limit_seconds", "inspection_memory_cap_bytes",
                         "inspection_backlog_warning", "silent_after_intervals",
+                        "inspection_sweep_seconds",
                         "default_agent_interval_seconds", "page_refresh_seconds")
         if self.pages_basic_auth and ":" not in self.pages_basic_auth:
             raise SettingsError("pages_basic_auth: expected \"user:password\"")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from .catalog import IN_QUARANTINE
+from .catalog import IN_DATA_DIR, IN_QUARANTINE
 from .settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -114,11 +114,32 @@ class Storage:
         """Give a finished upload its name in the data directory; False if the name is taken."""
         return await asyncio.to_thread(self._link_sync, incoming, name)
 
+    def _remove_placed_sync(self, name: str) -> None:
+        (self.data_dir / name).unlink(missing_ok=True)
+        fsync_directory(self.data_dir)
+
+    async def remove_placed(self, name: str) -> None:
+        """Undo `link_into_place` for a file that could not be cataloged."""
+        await asyncio.to_thread(self._remove_placed_sync, name)
+
+    def current_location(self, name: str, location: str) -> str:
+        """Where a cataloged file really is: a crash between moving a file to quarantine and
+        recording it leaves the catalog one step behind."""
+        if location == IN_DATA_DIR and not (self.data_dir / name).exists() and (
+            self.quarantine_dir / name
+        ).exists():
+            return IN_QUARANTINE
+        return location
+
     def _quarantine_sync(self, name: str) -> None:
         source = self.data_dir / name
         if not source.exists():
             return  # already moved by an earlier, interrupted run
-        os.replace(source, self.quarantine_dir / name)
+        target = self.quarantine_dir / name
+        if target.exists():
+            # Something uncataloged already has that name: keep it, beside, never overwrite.
+            os.rename(target, target.with_name(f"{name}.stray-{uuid.uuid4().hex[:8]}"))
+        os.rename(source, target)
         fsync_directory(self.quarantine_dir)
         fsync_directory(self.data_dir)
 

@@ -1,5 +1,6 @@
 """An inspection child that misbehaves on purpose, by the file's agent name:
-CRASH… dies of SIGSEGV, HANG… never answers, SLOW… takes two seconds. Others inspect normally.
+CRASH… dies of SIGSEGV, HANG… never answers, SLOW… takes two seconds, ENVCHECK… reports
+whether the token variable reached it. Others inspect normally.
 It runs the real child's loop, so the daemon's handling of it is the real one."""
 
 import os
@@ -21,6 +22,9 @@ def misbehaving_inspect_file(path):
         time.sleep(3600)
     if name.startswith("SLOW"):
         time.sleep(2)
+    if name.startswith("ENVCHECK"):
+        present = "DQM_DAEMON_TOKEN" in os.environ
+        return {"state": "invalid", "reason": f"token in environment: {present}"}
     return real_inspect_file(path)
 
 

@@ -60,6 +60,9 @@ async def test_listing_and_download_need_a_token(client):
         ("timeStamp", None, "Missing required header timeStamp"),
         ("timeStamp", "yesterday", "timeStamp must be an integer, got 'yesterday'"),
         ("dataStatus", "end", "dataStatus must be an integer, got 'end'"),
+        ("runNumber", str(2**63), "runNumber must be at most 9223372036854775807"),
+        ("timeStamp", "1000000000000", "timeStamp must be at most 253402300799"),
+        ("dataStatus", str(2**40), "dataStatus must be at most 2147483647"),
     ],
 )
 async def test_bad_integer_headers(client, one_histogram_file, data_dir, header, value, fragment):
@@ -300,3 +303,23 @@ async def test_unknown_route_and_method_are_json(client):
     response = await client.delete("/rest/api/files", headers={"token": TOKEN})
     assert response.status == 405
     assert "message" in await response.json()
+
+
+async def test_multipart_stalled_before_the_file_part(aiohttp_client, data_dir):
+    """A client that stalls inside the multipart preamble is dropped after the read timeout."""
+    client = await aiohttp_client(create_app(make_settings(data_dir, read_timeout_seconds=0.3)))
+    head = (
+        f"POST /rest/api/files HTTP/1.1\r\nHost: x\r\ntoken: {TOKEN}\r\nrunNumber: 1\r\n"
+        "timeStamp: 2\r\nContent-Type: multipart/form-data; boundary=XyZ\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    preamble = b"--XyZ\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nabc"
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(head + f"{len(preamble):x}\r\n".encode() + preamble + b"\r\n")
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 10)
+    assert status_line.startswith(b"HTTP/1.1 408"), status_line
+    writer.close()
+    await writer.wait_closed()
+    assert len(client.server.app[UPLOADS]) == 0
+    assert list((data_dir / ".incoming").iterdir()) == []

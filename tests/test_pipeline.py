@@ -4,6 +4,7 @@ children that crash, hang or run out of memory while the daemon keeps answering.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -176,3 +177,63 @@ async def test_memory_cap_stops_a_decompression_bomb(aiohttp_client, data_dir, t
     assert "memory" in body["reason"].lower() or "crashed" in body["reason"]
     health = await client.get("/healthz")
     assert health.status == 200
+
+
+async def test_infinite_bin_contents_do_not_break_inspection(client, tmp_path):
+    """A histogram holding inf or NaN is still a sound file (JSON shows null there)."""
+    path = tmp_path / "inf.root"
+    with uproot.recreate(path) as root_file:
+        root_file["h"] = th1f("h", "h", [1.0, float("inf"), float("nan")])
+    response, body = await upload(client, path.read_bytes())
+    assert response.status == 200, body
+    (entry,) = (await info(client, body["filename"]))["objects"]
+    assert entry["integral"] is None
+
+
+async def test_full_queue_answers_202_and_the_sweeper_catches_up(aiohttp_client, data_dir,
+                                                                one_histogram_file):
+    """With the inspection queue full an upload is still acknowledged (202), never stuck, and
+    inspected later."""
+    settings = make_settings(data_dir, inspection_workers=1, inspection_queue_length=1,
+                             inspection_budget_seconds=0.3, inspection_sweep_seconds=0.5)
+    client = await aiohttp_client(create_app(settings, inspection_command=FAULTY_CHILD))
+    answers = [await upload(client, one_histogram_file, agent="SLOW", run=run)
+               for run in range(4)]
+    assert all(response.status == 202 for response, _ in answers)
+    for _, body in answers:
+        for _ in range(300):
+            details = await info(client, body["filename"])
+            if details["state"] != "pending":
+                break
+            await asyncio.sleep(0.1)
+        assert details["state"] == "ok", details
+
+
+async def test_child_never_sees_the_token(aiohttp_client, data_dir, one_histogram_file,
+                                          monkeypatch):
+    """The inspection child, which parses untrusted files, is started without the token."""
+    monkeypatch.setenv("DQM_DAEMON_TOKEN", "secret-from-environment")
+    client = await aiohttp_client(create_app(make_settings(data_dir),
+                                             inspection_command=FAULTY_CHILD))
+    _, body = await upload(client, one_histogram_file, agent="ENVCHECK")
+    assert body["reason"] == "token in environment: False"
+
+
+async def test_restart_after_quarantine_move_keeps_the_real_reason(aiohttp_client, data_dir):
+    """A crash between moving a file to quarantine and recording it: the restart finds the
+    file in quarantine and records why it is invalid."""
+    client = await aiohttp_client(create_app(make_settings(data_dir)))
+    _, body = await upload(client, b"this is not ROOT at all" * 10)
+    name = body["filename"]
+    await client.close()
+    with sqlite3.connect(data_dir / "catalog.sqlite3") as catalog:
+        catalog.execute("UPDATE files SET state = 'pending', location = 'data', reason = NULL "
+                        "WHERE name = ?", (name,))
+    client = await aiohttp_client(create_app(make_settings(data_dir)))
+    for _ in range(200):
+        details = await info(client, name)
+        if details["state"] != "pending":
+            break
+        await asyncio.sleep(0.05)
+    assert (details["state"], details["location"]) == ("invalid", "quarantine")
+    assert details["reason"] == "not a ROOT file: it does not start with 'root'"

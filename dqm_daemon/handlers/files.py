@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import pendulum
 from aiohttp import web
 from pendulum.parsing.exceptions import ParserError
@@ -56,7 +59,9 @@ async def file_info(request: web.Request) -> web.Response:
     record = await request.app[CATALOG].get(name, with_objects=True)
     if record is None:
         raise web.HTTPNotFound(text=f"No such file: {name}")
-    return web.json_response(record.as_dict())
+    # Thousands of objects take a while to serialise: not on the event loop.
+    body = await asyncio.to_thread(json.dumps, record.as_dict())
+    return web.json_response(text=body)
 
 
 async def download_file(request: web.Request) -> web.FileResponse:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import structlog
 from aiohttp import BodyPartReader, web
@@ -27,6 +28,8 @@ FILE_FIELD = "file"
 SECRET_HEADERS = frozenset({"token", "authorization", "cookie"})
 
 ReadChunk = Callable[[int], Awaitable[bytes]]
+T = TypeVar("T")
+SKIPPED_FIELD_CHUNK = 64 * 1024
 
 
 def _check_room(settings: Settings, storage: Storage, declared_length: int | None) -> None:
@@ -63,16 +66,29 @@ async def expect_continue(request: web.Request) -> web.Response | None:
     return None
 
 
-async def _file_reader(request: web.Request) -> ReadChunk | None:
+async def _within(read_timeout: float, step: Awaitable[T]) -> T:
+    """One read from the client, which must deliver within the read timeout."""
+    try:
+        async with asyncio.timeout(read_timeout):
+            return await step
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(
+            text=f"No data received for {read_timeout} s; upload dropped"
+        ) from None
+
+
+async def _file_reader(request: web.Request, read_timeout: float) -> ReadChunk | None:
     """The body's file: the multipart field `file`, or the raw body. None: no file field."""
     if not request.content_type.startswith("multipart/"):
         return request.content.read
     try:
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
+        reader = await _within(read_timeout, request.multipart())
+        while (part := await _within(read_timeout, reader.next())) is not None:
             if isinstance(part, BodyPartReader) and part.name == FILE_FIELD:
                 return part.read_chunk
-            await part.release()
+            # Skip other fields chunk by chunk, each read under the timeout.
+            while await _within(read_timeout, part.read_chunk(SKIPPED_FIELD_CHUNK)):
+                pass
     except (ValueError, AssertionError, KeyError) as exc:
         raise web.HTTPBadRequest(text=f"Malformed multipart body: {exc}") from None
     return None
@@ -89,12 +105,7 @@ async def _stream_to_disk(
     buffered = bytearray()
     while True:
         try:
-            async with asyncio.timeout(settings.read_timeout_seconds):
-                chunk = await read_chunk(settings.chunk_bytes)
-        except TimeoutError:
-            raise web.HTTPRequestTimeout(
-                text=f"No data received for {settings.read_timeout_seconds} s; upload dropped"
-            ) from None
+            chunk = await _within(settings.read_timeout_seconds, read_chunk(settings.chunk_bytes))
         except ValueError as exc:  # the multipart reader's word for a malformed part
             raise web.HTTPBadRequest(text=f"Malformed multipart body: {exc}") from None
         if chunk:
@@ -119,16 +130,9 @@ async def _stream_to_disk(
 
 async def _receive(request: web.Request, incoming: IncomingFile, progress: UploadProgress) -> None:
     settings, storage = request.app[SETTINGS], request.app[STORAGE]
-    read_chunk = await _file_reader(request)
+    read_chunk = await _file_reader(request, settings.read_timeout_seconds)
     if read_chunk is not None:
-        try:
-            await _stream_to_disk(read_chunk, incoming, progress, settings, storage)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise web.HTTPInsufficientStorage(
-                    text="The receiver's disk is full; nothing was kept"
-                ) from None
-            raise
+        await _stream_to_disk(read_chunk, incoming, progress, settings, storage)
     if incoming.size == 0:
         raise web.HTTPBadRequest(text=EMPTY_MESSAGE)
     await incoming.finish()
@@ -165,6 +169,13 @@ async def post_file(request: web.Request) -> web.Response:
         try:
             await _receive(request, incoming, progress)
             commit = await request.app[INGEST].commit(incoming, dqm, uploader)
+        except OSError as exc:
+            await asyncio.shield(incoming.discard())
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise web.HTTPInsufficientStorage(
+                    text="The receiver's disk is full; nothing was kept"
+                ) from None
+            raise
         except BaseException:
             await asyncio.shield(incoming.discard())
             raise
@@ -172,11 +183,16 @@ async def post_file(request: web.Request) -> web.Response:
             structlog.contextvars.bind_contextvars(bytes=progress.received_bytes)
     record = commit.record
     inspection_queue = request.app[INSPECTION_QUEUE]
-    if not commit.duplicate:
-        await inspection_queue.put(record)
-    inspected = await inspection_queue.wait_inspected(
-        record.name, settings.inspection_budget_seconds
-    )
+    deadline = asyncio.get_running_loop().time() + settings.inspection_budget_seconds
+    inspected = None
+    try:
+        if not commit.duplicate:
+            # A full queue leaves the file pending: the sweeper queues it later.
+            await asyncio.wait_for(inspection_queue.put(record), settings.inspection_budget_seconds)
+        remaining = deadline - asyncio.get_running_loop().time()
+        inspected = await inspection_queue.wait_inspected(record.name, max(remaining, 0.0))
+    except TimeoutError:
+        pass
     if inspected is None:
         response = _answer(record, request, status=202, message="Received; inspection pending")
         response.headers["Location"] = f"/rest/api/files/{record.name}/info"

@@ -60,6 +60,8 @@ class Settings:
     inspection_backlog_warning: int = 100
     # An agent in a run is silent after this many of its usual intervals without a file.
     silent_after_intervals: float = 3.0
+    # ... but never before this many seconds (retries make some intervals tiny).
+    silent_minimum_seconds: float = 120.0
     # The usual interval assumed for an agent that has sent only one file so far.
     default_agent_interval_seconds: float = 300.0
     # Pages reload themselves this often.
@@ -73,7 +75,7 @@ class Settings:
                         "inspection_queue_length", "inspection_workers",
                         "inspection_time_limit_seconds", "inspection_memory_cap_bytes",
                         "inspection_backlog_warning", "silent_after_intervals",
-                        "inspection_sweep_seconds",
+                        "inspection_sweep_seconds", "silent_minimum_seconds",
                         "default_agent_interval_seconds", "page_refresh_seconds")
         if self.pages_basic_auth and ":" not in self.pages_basic_auth:
             raise SettingsError("pages_basic_auth: expected \"user:password\"")

@@ -23,6 +23,7 @@ from .appkeys import (
     UPLOADS,
 )
 from .catalog import INVALID
+from .page_format import duration
 from .settings import Settings
 
 OK_LEVEL, WARNING_LEVEL, ERROR_LEVEL = "OK", "WARNING", "ERROR"
@@ -45,7 +46,7 @@ def agent_silence(agent: dict[str, Any], settings: Settings, now: pendulum.DateT
     interval = agent["interval_seconds"] or settings.default_agent_interval_seconds
     quiet_for = _seconds_since(agent["last_received_at"], now) or 0.0
     in_run = agent["started_at"] is not None and agent["ended_at"] is None
-    silent_after = settings.silent_after_intervals * interval
+    silent_after = max(settings.silent_after_intervals * interval, settings.silent_minimum_seconds)
     return {**agent, "in_run": in_run, "quiet_seconds": quiet_for,
             "silent_after_seconds": silent_after, "silent": in_run and quiet_for > silent_after}
 
@@ -71,7 +72,7 @@ def _banner(report: dict[str, Any], settings: Settings) -> tuple[str, list[str]]
     for agent in report["agents"]:
         if agent["silent"]:
             warnings.append(f"agent {agent['agent']} silent in run {agent['last_run']} for "
-                            f"{round(agent['quiet_seconds'] / 60)} min")
+                            f"{duration(agent['quiet_seconds'])}")
     if report["invalid_last_hour"]:
         warnings.append(f"{report['invalid_last_hour']} invalid file(s) in the last hour")
     level = ERROR_LEVEL if errors else WARNING_LEVEL if warnings else OK_LEVEL

@@ -3,6 +3,7 @@ subprocess, and the shared real ROOT files when they are present."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import signal
@@ -19,7 +20,9 @@ import pytest
 from dqm_daemon.app import create_app
 from dqm_daemon.settings import Settings
 
-from .rootfiles import write_one_histogram_file
+from dqm_daemon.appkeys import UPLOADS
+
+from .rootfiles import write_dqm_file, write_one_histogram_file, write_shift_file
 
 TOKEN = "test-token-0123456789"
 UPLOADER_NAME = "emc-agent"
@@ -132,3 +135,52 @@ def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
     yield process
     if process.process is not None and process.process.poll() is None:
         process.kill(signal.SIGKILL)
+
+
+# Agent times of the prepared run: an hour ago, so names and pages look like a live run.
+RUN_START = int(time.time()) - 3600
+# Scaled-down time: agents send every few tenths of a second, silence shows within a second.
+FAST_CLOCK = dict(silent_after_intervals=2.0, silent_minimum_seconds=0.5,
+                  default_agent_interval_seconds=0.3)
+
+
+async def _post(client, content: bytes, **header_values) -> dict:
+    response = await client.post("/rest/api/files", data=multipart_file(content),
+                                 headers=dqm_headers(**header_values))
+    return await response.json()
+
+
+@pytest.fixture
+async def control_room(aiohttp_client, data_dir, tmp_path):
+    """A receiver mid-run: EMC started run 100 and went silent, TPC started and ended it, MFT
+    sends without a start, TRD sent an invalid file, and LIVE is uploading right now."""
+    client = await aiohttp_client(create_app(make_settings(data_dir, **FAST_CLOCK)))
+    content = write_shift_file(tmp_path / "dqm.root", seed=1).read_bytes()
+    other = write_dqm_file(tmp_path / "dqm2.root", n_histograms=2).read_bytes()
+    files = {}
+    files["emc_start"] = await _post(client, content, agent="EMC", run=100, timestamp=RUN_START,
+                                     dataStatus="1")
+    files["emc_next"] = await _post(client, other, agent="EMC", run=100, timestamp=RUN_START + 60)
+    files["tpc_start"] = await _post(client, content, agent="TPC", run=100, timestamp=RUN_START,
+                                     dataStatus="1")
+    files["tpc_end"] = await _post(client, content, agent="TPC", run=100, timestamp=RUN_START + 120,
+                                   dataStatus="2")
+    files["mft"] = await _post(client, content, agent="MFT", run=101, timestamp=RUN_START + 300)
+    files["trd_bad"] = await _post(client, b"not a ROOT file\n" * 30, agent="TRD", run=101,
+                                   timestamp=RUN_START + 301)
+    await asyncio.sleep(1.0)  # EMC's usual interval is ~0.1 s: it is now silent
+    release = asyncio.Event()
+
+    async def live_body():
+        yield content[:5000]
+        await release.wait()
+        yield content[5000:]
+
+    live = asyncio.create_task(client.post("/rest/api/files", data=live_body(),
+                                           headers=dqm_headers(agent="LIVE", run=102)))
+    while not client.server.app[UPLOADS].snapshot() or \
+            client.server.app[UPLOADS].snapshot()[0].received_bytes == 0:
+        await asyncio.sleep(0.01)
+    yield client, files
+    release.set()
+    await live

@@ -67,7 +67,8 @@ def _in_range(columns: list[np.ndarray], low: float, high: float) -> np.ndarray:
 
 
 def histogram(name: str, title: str, columns: list[np.ndarray], bins: int = 20,
-              low: float = 0.0, high: float = 1.0, dtype=np.float64):
+              low: float = 0.0, high: float = 1.0, dtype=np.float64,
+              axis_titles: tuple[str, ...] = ("xaxis", "yaxis", "zaxis")):
     """A TH1/TH2/TH3 (F, D or I by dtype) filled with the sample columns, statistics as ROOT
     keeps them (sums over in-range entries)."""
     dimensions = len(columns)
@@ -77,17 +78,17 @@ def histogram(name: str, title: str, columns: list[np.ndarray], bins: int = 20,
     total = float(inside.sum())
     sums = {"fEntries": float(len(columns[0])), "fTsumw": total, "fTsumw2": total,
             "fTsumwx": float(x.sum()), "fTsumwx2": float((x * x).sum())}
-    axes = {"fXaxis": _axis("xaxis", bins, low, high)}
+    axes = {"fXaxis": _axis(axis_titles[0], bins, low, high)}
     if dimensions >= 2:
         y = rest[0]
         sums.update(fTsumwy=float(y.sum()), fTsumwy2=float((y * y).sum()),
                     fTsumwxy=float((x * y).sum()))
-        axes["fYaxis"] = _axis("yaxis", bins, low, high)
+        axes["fYaxis"] = _axis(axis_titles[1], bins, low, high)
     if dimensions == 3:
         z = rest[1]
         sums.update(fTsumwz=float(z.sum()), fTsumwz2=float((z * z).sum()),
                     fTsumwxz=float((x * z).sum()), fTsumwyz=float((rest[0] * z).sum()))
-        axes["fZaxis"] = _axis("zaxis", bins, low, high)
+        axes["fZaxis"] = _axis(axis_titles[2], bins, low, high)
     builder = {1: to_TH1x, 2: uproot.writing.identify.to_TH2x,
                3: uproot.writing.identify.to_TH3x}[dimensions]
     return builder(name, title, data, fSumw2=np.zeros(len(data)), **sums, **axes)
@@ -129,4 +130,28 @@ def write_many_histograms_file(path: Path, n_histograms: int, n_directories: int
             name = f"h{index}"
             root_file[f"{directory}/{name}"] = histogram(
                 name, f"histogram {index}", [rng.random(100)], bins=50, dtype=np.float32)
+    return path
+
+
+def write_shift_file(path: Path, seed: int = 1, events: int = 20_000) -> Path:
+    """What a detector agent sends mid-run: rates, an occupancy map, cluster sizes, a profile."""
+    rng = np.random.default_rng(seed)
+    time_of_hit = rng.normal(50.0, 12.0, events)
+    column, row = rng.normal(20.0, 6.0, events), rng.normal(20.0, 4.0, events)
+    cluster_size = rng.exponential(3.0, events)
+    energy = 0.8 * cluster_size + rng.normal(0.0, 0.5, events)
+    with uproot.recreate(path) as root_file:
+        root_file["hits/time"] = histogram("time", "Hit time", [time_of_hit], bins=60, low=0,
+                                           high=100, dtype=np.float32,
+                                           axis_titles=("time (ns)",))
+        root_file["hits/occupancy"] = histogram(
+            "occupancy", "Occupancy", [column, row], bins=40, low=0, high=40, dtype=np.float32,
+            axis_titles=("column", "row"))
+        root_file["clusters/size"] = histogram("size", "Cluster size", [cluster_size], bins=30,
+                                               low=0, high=15, axis_titles=("pixels",))
+        root_file["clusters/energy_vs_size"] = profile("energy_vs_size", "Energy vs size",
+                                                       [cluster_size], energy, bins=15, low=0,
+                                                       high=15)
+        tree = root_file.mktree("events", {"time": np.float64, "size": np.float64})
+        tree.extend({"time": time_of_hit[:1000], "size": cluster_size[:1000]})
     return path

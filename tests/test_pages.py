@@ -1,0 +1,143 @@
+"""The shift crew's pages: what they show for a prepared catalog, and their JSON twins."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+import uproot
+
+from dqm_daemon.app import create_app
+
+from .conftest import RUN_START, TOKEN, make_settings
+
+async def test_status_json_tells_the_whole_story(control_room):
+    """The status twin reports the banner, agents, runs, uploads and latest files."""
+    client, files = control_room
+    status = await (await client.get("/status.json")).json()
+    assert status["level"] == "WARNING"
+    assert any(reason.startswith("agent EMC silent in run 100") for reason in status["reasons"])
+    assert "1 invalid file(s) in the last hour" in status["reasons"]
+    agents = {agent["agent"]: agent for agent in status["agents"]}
+    assert agents["EMC"]["silent"] is True and agents["EMC"]["in_run"] is True
+    assert agents["TPC"]["silent"] is False and agents["TPC"]["ended_at"] is not None
+    assert agents["MFT"]["in_run"] is False and agents["MFT"]["silent"] is False
+    assert agents["EMC"]["files"] == 2 and agents["EMC"]["interval_seconds"] is not None
+    (upload,) = status["uploads"]
+    assert (upload["agent"], upload["run"], upload["uploader"]) == ("LIVE", 102, "emc-agent")
+    assert upload["received_bytes"] > 0
+    latest = {row["name"]: row for row in status["latest_files"]}
+    assert latest[files["trd_bad"]["filename"]]["state"] == "invalid"
+    assert latest[files["emc_start"]["filename"]]["object_count"] == 7
+    runs = {run["run"]: run for run in status["runs"]}
+    assert sorted(runs[100]["agents"].split()) == ["EMC", "TPC"]
+    assert runs[100]["files"] == 4 and runs[100]["started_at"] and runs[100]["ended_at"]
+    assert runs[101]["files"] == 2
+    assert status["inspection"]["workers_running"] == status["inspection"]["workers"] == 2
+    assert status["disk"]["free_bytes"] > 0 and status["version"]
+
+
+async def test_status_page_shows_it_to_the_crew(control_room):
+    """The HTML page shows the same facts in words and symbols, never the token."""
+    client, files = control_room
+    response = await client.get("/status")
+    assert response.status == 200
+    html = await response.text()
+    assert '<meta http-equiv="refresh" content="5">' in html
+    assert "▲ WARNING" in html
+    assert "agent EMC silent in run 100" in html
+    assert "✖ SILENT" in html
+    assert files["trd_bad"]["filename"] in html and "✖ invalid" in html
+    assert "LIVE" in html  # the upload in progress
+    assert 'href="/runs/100"' in html
+    assert "ago" in html
+    assert TOKEN not in html
+
+
+async def test_root_redirects_to_status(client):
+    """The bare address leads to the status page."""
+    response = await client.get("/", allow_redirects=False)
+    assert (response.status, response.headers["Location"]) == (302, "/status")
+
+
+async def test_fresh_daemon_is_ok(client):
+    """With nothing wrong the banner says OK."""
+    status = await (await client.get("/status.json")).json()
+    assert (status["level"], status["reasons"]) == ("OK", [])
+    assert "✔ OK" in await (await client.get("/status")).text()
+
+
+async def test_low_disk_is_an_error(aiohttp_client, data_dir):
+    """Free disk under the reserve turns the banner to ERROR, saying why."""
+    client = await aiohttp_client(create_app(make_settings(data_dir, disk_reserve_bytes=1 << 60)))
+    status = await (await client.get("/status.json")).json()
+    assert status["level"] == "ERROR"
+    assert "free disk below the reserve: uploads are refused" in status["reasons"]
+
+
+async def test_file_page_with_previews(control_room, data_dir):
+    """A file's page shows its metadata, object tree and SVG previews of its histograms."""
+    client, files = control_room
+    name = files["emc_start"]["filename"]
+    html = await (await client.get(f"/files/{name}")).text()
+    # hits/time, clusters/size, clusters/energy_vs_size as step lines, hits/occupancy as a map
+    assert html.count("<svg") == 4
+    assert html.count('class="step"') == 3 and "heat map 40×40" in html
+    assert "Hit time" in html and "time (ns)" in html and "Occupancy" in html
+    assert f'href="/rest/api/files/{name}"' in html
+    assert "TTree" in html and "2 branches" in html
+    twin = await (await client.get(f"/files/{name}.json")).json()
+    assert twin["file"]["name"] == name and twin["histograms"] == 4
+    with uproot.open(data_dir / name) as root_file:
+        expected_time = root_file["hits/time"].values().tolist()
+        expected_map = root_file["hits/occupancy"].values().tolist()
+    assert twin["previews"]["hits/time"]["values"] == expected_time
+    assert twin["previews"]["hits/occupancy"]["values"] == expected_map
+    assert twin["previews"]["hits/occupancy"]["axes"][1]["title"] == "row"
+
+
+async def test_quarantined_file_page_shows_reason(control_room):
+    """A quarantined file's page says it is invalid, why, and offers no download."""
+    client, files = control_room
+    name = files["trd_bad"]["filename"]
+    html = await (await client.get(f"/files/{name}")).text()
+    assert "✖ INVALID" in html
+    assert "not a ROOT file" in html and "quarantine" in html
+    assert "download" not in html
+
+
+async def test_run_page(control_room):
+    """A run's page lists its files by agent and time, and who started and ended it."""
+    client, files = control_room
+    twin = await (await client.get("/runs/100.json")).json()
+    assert [(row["agent"], row["timestamp"] - RUN_START) for row in twin["files"]] == [
+        ("EMC", 0), ("EMC", 60), ("TPC", 0), ("TPC", 120)]
+    agents = {agent["agent"]: agent for agent in twin["agents"]}
+    assert agents["TPC"]["ended_at"] and not agents["EMC"]["ended_at"]
+    html = await (await client.get("/runs/100")).text()
+    assert files["tpc_end"]["filename"] in html and "Run 100" in html
+
+
+@pytest.mark.parametrize("path", ["/files/nothing.root", "/files/nothing.root.json",
+                                  "/runs/999", "/runs/999.json"])
+async def test_unknown_pages_are_404(client, path):
+    """Unknown files and runs are a JSON 404."""
+    response = await client.get(path)
+    assert response.status == 404
+    assert "message" in await response.json()
+
+
+async def test_pages_can_require_basic_auth(aiohttp_client, data_dir, one_histogram_file):
+    """With pages_basic_auth set, pages ask for a password; /healthz and the API do not."""
+    client = await aiohttp_client(create_app(make_settings(data_dir,
+                                                           pages_basic_auth="shift:crew-pass")))
+    response = await client.get("/status")
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"].startswith("Basic")
+    wrong = base64.b64encode(b"shift:nope").decode()
+    assert (await client.get("/status", headers={"Authorization": f"Basic {wrong}"})).status == 401
+    right = base64.b64encode(b"shift:crew-pass").decode()
+    assert (await client.get("/status.json",
+                             headers={"Authorization": f"Basic {right}"})).status == 200
+    assert (await client.get("/healthz")).status == 200
+    assert (await client.get("/rest/api/files", headers={"token": TOKEN})).status == 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import pytest
@@ -141,3 +142,22 @@ async def test_pages_can_require_basic_auth(aiohttp_client, data_dir, one_histog
                              headers={"Authorization": f"Basic {right}"})).status == 200
     assert (await client.get("/healthz")).status == 200
     assert (await client.get("/rest/api/files", headers={"token": TOKEN})).status == 200
+
+
+async def test_inspection_child_that_cannot_start_is_an_error(aiohttp_client, data_dir,
+                                                              one_histogram_file):
+    """If the inspection child cannot start, the banner turns ERROR and says so; the upload is
+    still acknowledged and kept pending."""
+    settings = make_settings(data_dir, inspection_workers=1, inspection_budget_seconds=0.5)
+    client = await aiohttp_client(create_app(settings, inspection_command=("/bin/false",)))
+    response = await client.post("/rest/api/files", data=one_histogram_file,
+                                 headers={"token": TOKEN, "runNumber": "1", "timeStamp": "2"})
+    assert response.status == 202
+    for _ in range(100):
+        status = await (await client.get("/status.json")).json()
+        if status["level"] == "ERROR":
+            break
+        await asyncio.sleep(0.05)
+    assert status["level"] == "ERROR"
+    assert any(reason.startswith("inspection child cannot start") for reason in status["reasons"])
+    assert status["inspection"]["pending_files"] == 1

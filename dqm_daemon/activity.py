@@ -112,6 +112,17 @@ def count_invalid_since(connection: sqlite3.Connection, since_iso: str) -> int:
     ).fetchone()[0]
 
 
+def count_by_state(connection: sqlite3.Connection) -> dict[str, int]:
+    counts = {"pending": 0, "ok": 0, "invalid": 0}
+    for state, count in connection.execute("SELECT state, count(*) FROM files GROUP BY state"):
+        counts[state] = count
+    return counts
+
+
+def unix_seconds(iso_time: str) -> float:
+    return datetime.fromisoformat(iso_time).timestamp()
+
+
 def count_pending(connection: sqlite3.Connection) -> tuple[int, str | None]:
     """How many files wait for inspection, and since when the oldest has waited."""
     row = connection.execute(

@@ -21,6 +21,7 @@ from .appkeys import (
     INGEST,
     INSPECTION_QUEUE,
     INSPECTORS,
+    METRICS,
     PREVIEWER,
     SETTINGS,
     STARTED_MONOTONIC,
@@ -31,6 +32,7 @@ from .catalog import Catalog
 from .ingest import Ingest
 from .inspection_pool import CHILD_COMMAND, InspectorProcess
 from .inspection_queue import InspectionQueue
+from .metrics import Metrics
 from .middlewares import basic_auth_for_pages, errors_as_json, request_context, token_auth
 from .page_format import FILTERS
 from .previewer import Previewer
@@ -89,8 +91,11 @@ def create_app(
     )
     storage = Storage(settings)
     catalog = Catalog(settings.catalog_path)
-    inspection_queue = InspectionQueue(catalog, storage, settings.inspection_queue_length)
+    metrics = Metrics()
+    inspection_queue = InspectionQueue(catalog, storage, metrics,
+                                       settings.inspection_queue_length)
     app[SETTINGS] = settings
+    app[METRICS] = metrics
     app[STORAGE] = storage
     app[CATALOG] = catalog
     app[INSPECTORS] = [

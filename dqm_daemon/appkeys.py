@@ -8,6 +8,7 @@ from .catalog import Catalog
 from .ingest import Ingest
 from .inspection_pool import InspectorProcess
 from .inspection_queue import InspectionQueue
+from .metrics import Metrics
 from .previewer import Previewer
 from .settings import Settings
 from .storage import Storage
@@ -19,6 +20,7 @@ STORAGE = web.AppKey("storage", Storage)
 INSPECTION_QUEUE = web.AppKey("inspection_queue", InspectionQueue)
 INSPECTORS = web.AppKey("inspectors", list[InspectorProcess])
 PREVIEWER = web.AppKey("previewer", Previewer)
+METRICS = web.AppKey("metrics", Metrics)
 INGEST = web.AppKey("ingest", Ingest)
 UPLOADS = web.AppKey("uploads", UploadsInProgress)
 STARTED_MONOTONIC = web.AppKey("started_monotonic", float)

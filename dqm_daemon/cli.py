@@ -1,63 +1,63 @@
-"""The `dqm-daemon` command: `dqm-daemon serve [--host] [--port] [--data-dir] [--config]`."""
+"""The `dqm-daemon` command.
+
+    dqm-daemon serve [--config PATH] [--host HOST] [--port PORT] [--data-dir DIR]
+    dqm-daemon check-config [--config PATH]
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import os
 import sys
 from pathlib import Path
 
 import structlog
-from aiohttp import web
 
 from . import __version__
-from .app import create_app
 from .logs import configure_logging
-from .settings import SettingsError, load_settings
+from .service import serve
+from .settings import Settings, SettingsError, load_settings
 
 log = structlog.get_logger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dqm-daemon", description=__doc__)
+    parser = argparse.ArgumentParser(prog="dqm-daemon", description="A receiver for DQM files.")
     parser.add_argument("--version", action="version", version=f"dqm-daemon {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the receiver")
-    serve.add_argument("--config", type=Path, help="TOML config file (see README)")
-    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="TCP port (default 8080)")
-    serve.add_argument("--data-dir", type=Path, help="where files and catalog live (default ./dqm-data)")
+    run = commands.add_parser("serve", help="run the receiver")
+    check = commands.add_parser("check-config",
+                                help="validate a config and print the effective settings")
+    for command in (run, check):
+        command.add_argument("--config", type=Path, help="TOML config file (see README)")
+    run.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    run.add_argument("--port", type=int, help="TCP port (default 8080)")
+    run.add_argument("--data-dir", type=Path, help="files and catalog (default ./dqm-data)")
     return parser
 
 
-def serve(arguments: argparse.Namespace) -> int:
-    try:
-        settings = load_settings(
-            arguments.config,
-            host=arguments.host,
-            port=arguments.port,
-            data_dir=arguments.data_dir,
-        )
-        settings.require_tokens()
-    except SettingsError as exc:
-        print(f"dqm-daemon: {exc}", file=sys.stderr)
-        return 2
-    configure_logging()
-    log.info("starting", version=__version__, **settings.redacted())
-    web.run_app(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        print=lambda message: log.info("listening", host=settings.host, port=settings.port),
-        access_log=None,
-    )
-    return 0
+def _settings(arguments: argparse.Namespace) -> Settings:
+    overrides = {key: getattr(arguments, key, None) for key in ("host", "port", "data_dir")}
+    settings = load_settings(arguments.config, **overrides)
+    settings.require_tokens()
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
-    if arguments.command == "serve":
-        return serve(arguments)
-    return 2  # pragma: no cover - argparse rejects unknown commands
+    try:
+        settings = _settings(arguments)
+    except SettingsError as exc:
+        print(f"dqm-daemon: {exc}", file=sys.stderr)
+        return 2
+    if arguments.command == "check-config":
+        print(json.dumps(settings.redacted(), indent=2, default=str))
+        return 0
+    configure_logging()
+    log.info("starting", version=__version__, **settings.redacted())
+    return asyncio.run(serve(settings, os.environ))
 
 
 if __name__ == "__main__":

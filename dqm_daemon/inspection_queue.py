@@ -16,6 +16,7 @@ import structlog
 from .catalog import IN_DATA_DIR, IN_QUARANTINE, INVALID, PENDING, Catalog, FileRecord
 from .findings import compare_with_previous
 from .inspection_pool import ChildStartFailed, InspectorProcess
+from .metrics import Metrics
 from .storage import Storage
 
 log = structlog.get_logger(__name__)
@@ -29,9 +30,11 @@ LARGE_OBJECT_LIST = 2_000
 
 
 class InspectionQueue:
-    def __init__(self, catalog: Catalog, storage: Storage, max_jobs: int) -> None:
+    def __init__(self, catalog: Catalog, storage: Storage, metrics: Metrics, max_jobs: int,
+                 ) -> None:
         self._catalog = catalog
         self._storage = storage
+        self._metrics = metrics
         self._jobs: asyncio.Queue[FileRecord] = asyncio.Queue(maxsize=max_jobs)
         self._waiters: defaultdict[str, list[asyncio.Future[FileRecord]]] = defaultdict(list)
         # Names queued or being inspected: a file is never queued twice at once.
@@ -40,6 +43,10 @@ class InspectionQueue:
         self.busy_workers = 0
         # Why the last inspection child failed to start; cleared by the next inspection done.
         self.child_start_failure: str | None = None
+        # Set once start-up recovery has queued what the catalog held pending.
+        self.recovery_queued = asyncio.Event()
+        # When a worker last took or finished a job (for the stuck-queue health check).
+        self.last_progress_monotonic = time.monotonic()
 
     @property
     def depth(self) -> int:
@@ -62,10 +69,21 @@ class InspectionQueue:
         kill -9 left), then every `interval_seconds` (what a full queue turned away)."""
         while True:
             try:
-                for record in await self._catalog.pending(SWEEP_BATCH):
+                pending = await self._catalog.pending(SWEEP_BATCH)
+                queued_now = 0
+                for record in pending:
+                    if self._jobs.full() and not self.recovery_queued.is_set():
+                        # The rest stays pending in the catalog (durable); readiness need
+                        # not wait for a long backlog to fit in the queue.
+                        self.recovery_queued.set()
                     await self.put(record)
+                    queued_now += 1
+                if not self.recovery_queued.is_set():
+                    log.info("startup_recovery_queued", files=queued_now)
+                    self.recovery_queued.set()
             except Exception:
                 log.exception("inspection_sweep_failed")
+                self.recovery_queued.set()
             await asyncio.sleep(interval_seconds)
 
     async def wait_inspected(self, name: str, timeout: float) -> FileRecord | None:
@@ -96,6 +114,7 @@ class InspectionQueue:
             while True:
                 record = await self._jobs.get()
                 self.busy_workers += 1
+                self.last_progress_monotonic = time.monotonic()
                 try:
                     inspected = await self._inspect(record, inspector)
                     self.child_start_failure = None
@@ -113,6 +132,7 @@ class InspectionQueue:
                     continue
                 finally:
                     self.busy_workers -= 1
+                    self.last_progress_monotonic = time.monotonic()
                     self._queued.discard(record.name)
                     self._jobs.task_done()
                 for future in self._waiters.pop(record.name, []):
@@ -144,7 +164,9 @@ class InspectionQueue:
                 findings = await asyncio.to_thread(compare_with_previous, *previous, objects)
             else:
                 findings = compare_with_previous(*previous, objects) if previous else []
-        duration_ms = round((time.perf_counter() - started) * 1000, 1)
+        duration_seconds = time.perf_counter() - started
+        duration_ms = round(duration_seconds * 1000, 1)
+        self._metrics.inspection_seconds.labels(result["state"]).observe(duration_seconds)
         await self._catalog.record_inspection(
             record.name,
             state=result["state"],

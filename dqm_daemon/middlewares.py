@@ -19,6 +19,8 @@ TOKEN_HEADER = "token"
 UPLOADER = web.RequestKey("uploader", str)
 # Paths under this prefix need a token; /healthz and the pages do not.
 PROTECTED_PREFIX = "/rest/api/"
+# Open to monitoring (systemd, load balancers, Prometheus) even when the pages need a password.
+OPERATIONS_PATHS = ("/healthz", "/metrics")
 # A client that went away mid-request: nothing to answer, nothing to log as an error.
 CLIENT_GONE = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
 
@@ -98,12 +100,12 @@ def uploader_for_token(headers: Mapping[str, str], tokens: Mapping[str, str]) ->
 
 def basic_auth_for_pages(credentials: str) -> Callable[[web.Request, Handler], Awaitable]:
     """With `credentials` ("user:password") set, the pages need HTTP basic auth; the API keeps
-    its token and /healthz stays open."""
+    its token and /healthz and /metrics stay open."""
     expected = f"Basic {base64.b64encode(credentials.encode()).decode()}".encode()
 
     @web.middleware
     async def check_basic_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if credentials and not request.path.startswith((PROTECTED_PREFIX, "/healthz")):
+        if credentials and not request.path.startswith((PROTECTED_PREFIX, *OPERATIONS_PATHS)):
             given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(given, expected):
                 raise web.HTTPUnauthorized(

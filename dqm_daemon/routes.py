@@ -7,13 +7,14 @@ from pathlib import Path
 from aiohttp import web
 
 from .handlers.files import download_file, file_info, list_files
-from .handlers.health import healthz
+from .handlers.health import healthz, metrics
 from .handlers.pages import file_data, page, root, run_data, status_data, twin
 from .handlers.upload import expect_continue, post_file
 
 
 def setup_routes(app: web.Application, static_dir: Path) -> None:
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
     # The shift crew's pages, each with its JSON twin (the .json routes come first).
     app.router.add_get("/", root)
     app.router.add_get("/status", page("status.html", status_data))

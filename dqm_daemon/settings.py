@@ -16,6 +16,8 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 
 TOKEN_ENV_VAR = "DQM_DAEMON_TOKEN"
+# The credential (systemd LoadCredential=) holding tokens, in $CREDENTIALS_DIRECTORY.
+CREDENTIAL_NAME = "tokens"
 # The uploader name shown for the token given through the environment.
 ENV_TOKEN_UPLOADER = "env-token"
 
@@ -64,6 +66,8 @@ class Settings:
     silent_minimum_seconds: float = 120.0
     # The usual interval assumed for an agent that has sent only one file so far.
     default_agent_interval_seconds: float = 300.0
+    # On SIGTERM, uploads in flight get this long to finish (systemd's TimeoutStopSec is longer).
+    shutdown_grace_seconds: float = 30.0
     # Pages reload themselves this often.
     page_refresh_seconds: int = 5
     # "user:password" to require HTTP basic auth on the pages; empty: pages are open.
@@ -76,6 +80,7 @@ class Settings:
                         "inspection_time_limit_seconds", "inspection_memory_cap_bytes",
                         "inspection_backlog_warning", "silent_after_intervals",
                         "inspection_sweep_seconds", "silent_minimum_seconds",
+                        "shutdown_grace_seconds",
                         "default_agent_interval_seconds", "page_refresh_seconds")
         if self.pages_basic_auth and ":" not in self.pages_basic_auth:
             raise SettingsError("pages_basic_auth: expected \"user:password\"")
@@ -162,13 +167,30 @@ def _tokens_from_table(table: Any) -> dict[str, str]:
     return tokens
 
 
+def _tokens_from_credentials(path: Path, known: Mapping[str, str]) -> dict[str, str]:
+    """systemd's LoadCredential= file: TOML lines `uploader-name = "token"`."""
+    if not path.exists():
+        return {}
+    try:
+        with open(path, "rb") as credential_file:
+            table = tomllib.load(credential_file)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsError(f"credential {path} is not readable TOML: {exc}") from exc
+    tokens = _tokens_from_table(table)
+    for token, uploader in tokens.items():
+        if token in known:
+            raise SettingsError(f"credential {path}: {uploader} has the token of {known[token]}")
+    return tokens
+
+
 def load_settings(
     config_path: Path | None = None,
     environ: Mapping[str, str] | None = None,
     **overrides: Any,
 ) -> Settings:
-    """Build the settings: embedded defaults, then the TOML file, then the environment,
-    then the command-line overrides (entries that are None are ignored)."""
+    """Build the settings: embedded defaults, then the TOML file, then the environment
+    (tokens from $CREDENTIALS_DIRECTORY/tokens and DQM_DAEMON_TOKEN), then the command-line
+    overrides (entries that are None are ignored)."""
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     tokens: dict[str, str] = {}
@@ -187,6 +209,9 @@ def load_settings(
                 values[key] = _coerce(key, value)
             else:
                 raise SettingsError(f"{key}: unknown setting in {config_path}")
+    credentials = environ.get("CREDENTIALS_DIRECTORY")
+    if credentials:
+        tokens.update(_tokens_from_credentials(Path(credentials) / CREDENTIAL_NAME, tokens))
     env_token = environ.get(TOKEN_ENV_VAR, "").strip()
     if env_token:
         tokens.setdefault(env_token, ENV_TOKEN_UPLOADER)

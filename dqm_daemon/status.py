@@ -23,6 +23,7 @@ from .appkeys import (
     UPLOADS,
 )
 from .catalog import INVALID
+from .health_checks import health_problems
 from .page_format import duration
 from .settings import Settings
 
@@ -51,19 +52,14 @@ def agent_silence(agent: dict[str, Any], settings: Settings, now: pendulum.DateT
             "silent_after_seconds": silent_after, "silent": in_run and quiet_for > silent_after}
 
 
-def _banner(report: dict[str, Any], settings: Settings) -> tuple[str, list[str]]:
-    errors, warnings = [], []
+def _banner(report: dict[str, Any], settings: Settings,
+            errors: list[str]) -> tuple[str, list[str]]:
+    """ERROR for what makes /healthz fail, WARNING for what the crew should look at."""
+    warnings = []
     disk = report["disk"]
-    if disk["free_bytes"] < settings.disk_reserve_bytes:
-        errors.append("free disk below the reserve: uploads are refused")
-    elif disk["free_bytes"] < 2 * settings.disk_reserve_bytes:
+    if settings.disk_reserve_bytes <= disk["free_bytes"] < 2 * settings.disk_reserve_bytes:
         warnings.append("free disk low (under twice the reserve)")
     inspection = report["inspection"]
-    if inspection["workers_running"] < inspection["workers"]:
-        errors.append(f"inspection workers down: {inspection['workers_running']} of "
-                      f"{inspection['workers']} running")
-    if inspection["child_start_failure"]:
-        errors.append(f"inspection child cannot start: {inspection['child_start_failure']}")
     if inspection["pending_files"] > settings.inspection_backlog_warning:
         warnings.append(f"inspection backlog: {inspection['pending_files']} files waiting")
     elif (inspection["oldest_pending_seconds"] or 0) > BACKLOG_AGE_WARNING_SECONDS:
@@ -116,7 +112,7 @@ async def status_report(app: web.Application) -> dict[str, Any]:
         "runs": await catalog.view(activity.recent_runs, RECENT_RUNS),
         "invalid_last_hour": await catalog.view(activity.count_invalid_since, invalid_since),
     }
-    report["level"], report["reasons"] = _banner(report, settings)
+    report["level"], report["reasons"] = _banner(report, settings, await health_problems(app))
     return report
 
 

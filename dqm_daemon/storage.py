@@ -88,6 +88,18 @@ class Storage:
             fsync_directory(self.incoming_dir)
         return leftovers
 
+    def can_write(self) -> bool:
+        """Really create (and remove) a file where uploads land: permissions, a read-only
+        mount, a full disk or a missing directory all show."""
+        probe = self.incoming_dir / f"health-{uuid.uuid4().hex}{INCOMING_SUFFIX}"
+        try:
+            descriptor = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except OSError:
+            return False
+        os.close(descriptor)
+        probe.unlink(missing_ok=True)
+        return True
+
     def free_bytes(self) -> int:
         stats = os.statvfs(self.data_dir)
         return stats.f_bavail * stats.f_frsize

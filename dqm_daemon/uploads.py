@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import itertools
@@ -32,6 +33,9 @@ class UploadsInProgress:
         self._retry_after_seconds = retry_after_seconds
         self._active: dict[int, UploadProgress] = {}
         self._ids = itertools.count(1)
+        self._closed = False
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def __len__(self) -> int:
         return len(self._active)
@@ -39,9 +43,26 @@ class UploadsInProgress:
     def snapshot(self) -> list[UploadProgress]:
         return list(self._active.values())
 
+    def close(self) -> None:
+        """Shutting down: uploads in flight go on, new ones are refused."""
+        self._closed = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no upload is in flight; False if `timeout` ran out first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
     @contextlib.contextmanager
     def slot(self, uploader: str, agent: str, run: int) -> Iterator[UploadProgress]:
         """Hold one of the upload slots while streaming; none free → 503 with Retry-After."""
+        if self._closed:
+            raise web.HTTPServiceUnavailable(
+                text="The receiver is shutting down; retry later",
+                headers={"Retry-After": str(self._retry_after_seconds)},
+            )
         if len(self._active) >= self._max_concurrent:
             raise web.HTTPServiceUnavailable(
                 text=f"Too many uploads in progress ({self._max_concurrent}); retry later",
@@ -49,7 +70,10 @@ class UploadsInProgress:
             )
         progress = UploadProgress(next(self._ids), uploader, agent, run, time.monotonic())
         self._active[progress.upload_id] = progress
+        self._idle.clear()
         try:
             yield progress
         finally:
             del self._active[progress.upload_id]
+            if not self._active:
+                self._idle.set()

@@ -90,12 +90,13 @@ class DaemonProcess:
         self.data_dir = data_dir
         self.log_path = log_path
         self.extra_args = extra_args or []
+        self.extra_env: dict[str, str] = {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30.0) -> DaemonProcess:
-        environment = dict(os.environ, DQM_DAEMON_TOKEN=TOKEN)
+        environment = dict(os.environ, DQM_DAEMON_TOKEN=TOKEN, **self.extra_env)
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "dqm_daemon", "serve", "--port", str(self.port),

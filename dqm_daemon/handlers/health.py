@@ -1,23 +1,44 @@
-"""GET /healthz: answers once the daemon accepts uploads (no token)."""
+"""GET /healthz (no token): 200 when healthy, 503 with the reasons when not;
+GET /metrics: Prometheus text format."""
 
 from __future__ import annotations
 
 import time
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .. import __version__
-from ..appkeys import INSPECTION_QUEUE, STARTED_MONOTONIC, UPLOADS
+from .. import __version__, activity
+from ..appkeys import CATALOG, INSPECTION_QUEUE, METRICS, STARTED_MONOTONIC, STORAGE, UPLOADS
+from ..health_checks import health_problems
 
 
 async def healthz(request: web.Request) -> web.Response:
     app = request.app
+    problems = await health_problems(app)
     return web.json_response(
         {
-            "status": "ok",
+            "status": "unhealthy" if problems else "ok",
+            "problems": problems,
             "version": __version__,
             "uptime_seconds": round(time.monotonic() - app[STARTED_MONOTONIC], 1),
             "uploads_in_progress": len(app[UPLOADS]),
             "inspection_queue_depth": app[INSPECTION_QUEUE].depth,
-        }
+        },
+        status=503 if problems else 200,
     )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    app = request.app
+    registry = app[METRICS]
+    registry.queue_depth.set(app[INSPECTION_QUEUE].depth)
+    registry.uploads_in_flight.set(len(app[UPLOADS]))
+    registry.free_disk.set(app[STORAGE].free_bytes())
+    for state, count in (await app[CATALOG].view(activity.count_by_state)).items():
+        registry.files.labels(state).set(count)
+    for agent in await app[CATALOG].view(activity.agents_board):
+        registry.last_upload.labels(agent["agent"]).set(
+            activity.unix_seconds(agent["last_received_at"]))
+    body = generate_latest(registry.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

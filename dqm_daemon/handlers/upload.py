@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import structlog
 from aiohttp import BodyPartReader, web
 
-from ..appkeys import INGEST, INSPECTION_QUEUE, SETTINGS, STORAGE, UPLOADS
+from ..appkeys import INGEST, INSPECTION_QUEUE, METRICS, SETTINGS, STORAGE, UPLOADS
 from ..catalog import OK, FileRecord
 from ..middlewares import UPLOADER, error_response, uploader_for_token
 from ..naming import parse_dqm_headers
@@ -159,8 +160,21 @@ def _answer(record: FileRecord, request: web.Request, *, status: int, message: s
 
 
 async def post_file(request: web.Request) -> web.Response:
+    """Count every upload by result and agent, and time it, whatever its outcome."""
+    metrics = request.app[METRICS]
+    started = time.perf_counter()
+    outcome = {"result": "rejected", "agent": "unknown"}
+    try:
+        return await _store_and_answer(request, outcome)
+    finally:
+        metrics.uploads.labels(outcome["result"], outcome["agent"]).inc()
+        metrics.upload_seconds.observe(time.perf_counter() - started)
+
+
+async def _store_and_answer(request: web.Request, outcome: dict[str, str]) -> web.Response:
     settings = request.app[SETTINGS]
     dqm = parse_dqm_headers(request.headers)
+    outcome["agent"] = dqm.agent
     structlog.contextvars.bind_contextvars(agent=dqm.agent, run=dqm.run_number)
     uploader = request[UPLOADER]
     with request.app[UPLOADS].slot(uploader, dqm.agent, dqm.run_number) as progress:
@@ -181,6 +195,7 @@ async def post_file(request: web.Request) -> web.Response:
             raise
         finally:
             structlog.contextvars.bind_contextvars(bytes=progress.received_bytes)
+            request.app[METRICS].received_bytes.inc(progress.received_bytes)
     record = commit.record
     inspection_queue = request.app[INSPECTION_QUEUE]
     deadline = asyncio.get_running_loop().time() + settings.inspection_budget_seconds
@@ -194,9 +209,11 @@ async def post_file(request: web.Request) -> web.Response:
     except TimeoutError:
         pass
     if inspected is None:
+        outcome["result"] = "pending"
         response = _answer(record, request, status=202, message="Received; inspection pending")
         response.headers["Location"] = f"/rest/api/files/{record.name}/info"
         return response
+    outcome["result"] = "duplicate" if commit.duplicate else inspected.state
     if inspected.state == OK:
         return _answer(inspected, request, status=200, message=SUCCESS_MESSAGE)
     return _answer(inspected, request, status=400, message=INVALID_MESSAGE)

@@ -1,0 +1,34 @@
+"""What makes the receiver unhealthy: the reasons /healthz answers 503 with, and the ERROR
+reasons of the status banner."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiohttp import web
+
+from .appkeys import INSPECTION_QUEUE, INSPECTORS, SETTINGS, STORAGE
+
+# The queue is stuck when it holds jobs and no inspection started or finished for this long
+# beyond the inspection time limit.
+STUCK_MARGIN_SECONDS = 30.0
+
+
+async def health_problems(app: web.Application) -> list[str]:
+    settings, storage, queue = app[SETTINGS], app[STORAGE], app[INSPECTION_QUEUE]
+    problems = []
+    if not await asyncio.to_thread(storage.can_write):
+        problems.append("data directory not writable")
+    if storage.free_bytes() < settings.disk_reserve_bytes:
+        problems.append("free disk below the reserve: uploads are refused")
+    workers = len(app[INSPECTORS])
+    if queue.running_workers < workers:
+        problems.append(f"inspection workers down: {queue.running_workers} of {workers} running")
+    if queue.child_start_failure:
+        problems.append(f"inspection child cannot start: {queue.child_start_failure}")
+    idle_for = time.monotonic() - queue.last_progress_monotonic
+    if queue.depth > 0 and idle_for > settings.inspection_time_limit_seconds + STUCK_MARGIN_SECONDS:
+        problems.append(f"inspection queue stuck: {queue.depth} jobs, no progress for "
+                        f"{idle_for:.0f} s")
+    return problems

@@ -1,0 +1,91 @@
+"""Running the daemon as a service: listen, tell systemd when ready, keep the watchdog fed from
+the event loop, and shut down gracefully on SIGTERM/SIGINT (at once on a second signal)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Mapping
+
+import structlog
+from aiohttp import web
+
+from . import __version__
+from .app import create_app
+from .appkeys import INSPECTION_QUEUE, UPLOADS
+from .settings import Settings
+from .systemd_notify import SystemdNotifier
+
+log = structlog.get_logger(__name__)
+
+# After the grace period, what still runs gets this long to wind down before it is cancelled.
+FINAL_SHUTDOWN_SECONDS = 2.0
+# How often STATUS= is refreshed when systemd asks for no watchdog.
+STATUS_INTERVAL_SECONDS = 10.0
+
+
+def status_line(app: web.Application) -> str:
+    return (f"uploads in flight: {len(app[UPLOADS])}; "
+            f"inspection queue: {app[INSPECTION_QUEUE].depth}")
+
+
+async def _heartbeat(app: web.Application, notifier: SystemdNotifier) -> None:
+    """WATCHDOG=1 from the event loop itself: if the loop blocks, the pings stop and systemd
+    restarts the daemon. Each ping also refreshes STATUS=."""
+    interval = notifier.watchdog_interval_seconds or STATUS_INTERVAL_SECONDS
+    while True:
+        if notifier.watchdog_interval_seconds:
+            notifier.watchdog()
+        notifier.status(status_line(app))
+        await asyncio.sleep(interval)
+
+
+async def serve(settings: Settings, environ: Mapping[str, str]) -> int:
+    notifier = SystemdNotifier(environ)
+    app = create_app(settings)
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if not stop_requested.is_set():
+            log.info("shutdown_requested", signal=signal.Signals(signum).name,
+                     uploads_in_flight=len(app[UPLOADS]))
+            stop_requested.set()
+            return
+        # Second signal: leave now. Partial uploads live only in .incoming/, never under a
+        # DQM name, and are removed at the next start; pending inspections are in the catalog.
+        log.warning("shutdown_forced", signal=signal.Signals(signum).name)
+        os._exit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=FINAL_SHUTDOWN_SECONDS)
+    await runner.setup()  # catalog open, temporaries removed, workers and recovery started
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    log.info("listening", host=settings.host, port=settings.port, version=__version__)
+    await app[INSPECTION_QUEUE].recovery_queued.wait()
+    notifier.ready(status_line(app))
+    heartbeat = asyncio.create_task(_heartbeat(app, notifier), name="systemd-heartbeat")
+
+    await stop_requested.wait()
+    notifier.stopping(f"stopping: {status_line(app)}")
+    # Stop listening and refuse new uploads, but keep reading the bodies of those in flight
+    # (aiohttp's own shutdown stops reading at once) for up to the grace period.
+    await site.stop()
+    app[UPLOADS].close()
+    if not await app[UPLOADS].wait_idle(settings.shutdown_grace_seconds):
+        log.warning("shutdown_grace_expired", uploads_dropped=len(app[UPLOADS]))
+    # Then close connections (cancelling uploads still running: their temporaries are
+    # removed), stop the workers (what they had not inspected stays pending in the catalog)
+    # and close the catalog.
+    await runner.cleanup()
+    heartbeat.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await heartbeat
+    notifier.close()
+    log.info("stopped")
+    return 0

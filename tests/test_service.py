@@ -1,0 +1,438 @@
+"""The daemon as a service: the systemd unit, the notify protocol on a real datagram socket,
+graceful and forced shutdown, logs of a whole session, health, metrics and check-config."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pty
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from dqm_daemon.app import create_app
+
+from .conftest import TOKEN, DaemonProcess, dqm_headers, make_settings, multipart_file
+from .rootfiles import th1f, write_one_histogram_file
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+UNIT = REPOSITORY / "systemd" / "dqm-daemon.service"
+CONSOLE_SCRIPT = Path(sys.executable).with_name("dqm-daemon")
+
+
+# --- the unit ------------------------------------------------------------------------------
+
+def test_unit_has_the_service_settings():
+    """The unit asks for notify, watchdog, restarts, a dynamic user, credentials, hardening."""
+    text = UNIT.read_text()
+    for directive in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "TimeoutStopSec=60",
+                      "DynamicUser=yes", "StateDirectory=dqm-daemon",
+                      "LoadCredential=tokens:/etc/dqm-daemon/tokens.toml",
+                      "--config /etc/dqm-daemon/config.toml", "NoNewPrivileges=yes",
+                      "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
+                      "PrivateDevices=yes", "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+                      "SystemCallFilter=@system-service", "LimitNOFILE="):
+        assert directive in text, directive
+    # systemd must wait longer than the daemon's own grace period.
+    from dqm_daemon.settings import Settings
+    assert 60 > Settings().shutdown_grace_seconds
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
+def test_unit_passes_systemd_analyze_verify(tmp_path):
+    """systemd itself finds nothing wrong with the unit (ExecStart pointed at this install)."""
+    unit = tmp_path / "dqm-daemon.service"
+    unit.write_text(UNIT.read_text().replace("/opt/dqm-daemon/bin/dqm-daemon",
+                                             str(CONSOLE_SCRIPT)))
+    finished = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                              text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    assert "dqm-daemon.service" not in finished.stderr, finished.stderr
+
+
+# --- notify protocol -----------------------------------------------------------------------
+
+class NotifySocket:
+    """A real datagram socket standing in for systemd's $NOTIFY_SOCKET."""
+
+    def __init__(self, address: str, bind_to: str | bytes) -> None:
+        self.address = address
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.socket.bind(bind_to)
+        self.socket.settimeout(0.2)
+        self.messages: list[tuple[float, dict[str, str]]] = []
+
+    def wait_for(self, key: str, timeout: float) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        for _, message in self.messages:
+            if key in message:
+                return message
+        while time.monotonic() < deadline:
+            try:
+                data = self.socket.recv(4096)
+            except TimeoutError:
+                continue
+            message = dict(line.split("=", 1) for line in data.decode().splitlines())
+            self.messages.append((time.monotonic(), message))
+            if key in message:
+                return message
+        raise AssertionError(f"no {key} within {timeout} s; got {self.messages}")
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    path = tmp_path / "notify.sock"
+    listener = NotifySocket(str(path), str(path))
+    yield listener
+    listener.close()
+
+
+def _healthz(port: int) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as probe:
+        probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return int(probe.recv(64).split()[1])
+
+
+def _start_notified(daemon: DaemonProcess, notify: NotifySocket, watchdog_usec: int | None):
+    """Start the daemon the way systemd does: no health polling, just wait for READY=1."""
+    environment = dict(os.environ, DQM_DAEMON_TOKEN=TOKEN, NOTIFY_SOCKET=notify.address,
+                       **daemon.extra_env)
+    if watchdog_usec:
+        environment["WATCHDOG_USEC"] = str(watchdog_usec)
+    log_file = open(daemon.log_path, "ab")  # noqa: SIM115 - closed with the process
+    daemon.process = subprocess.Popen(
+        [sys.executable, "-m", "dqm_daemon", "serve", "--port", str(daemon.port),
+         "--data-dir", str(daemon.data_dir), *daemon.extra_args],
+        stdout=log_file, stderr=subprocess.STDOUT, env=environment)
+    log_file.close()
+    return notify.wait_for("READY", 30)
+
+
+def test_ready_watchdog_status_and_stopping(daemon, notify_socket):
+    """READY=1 comes once the daemon answers; WATCHDOG=1 at half the period; STOPPING=1 and
+    exit 0 on SIGTERM."""
+    ready = _start_notified(daemon, notify_socket, watchdog_usec=400_000)
+    assert ready["READY"] == "1"
+    assert ready["MAINPID"] == str(daemon.process.pid)
+    assert "uploads in flight: 0" in ready["STATUS"]
+    assert _healthz(daemon.port) == 200  # listening by the time READY=1 arrives
+    pings = []
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        notify_socket.wait_for("READY", 0)  # drain
+        try:
+            data = notify_socket.socket.recv(4096)
+        except TimeoutError:
+            continue
+        if b"WATCHDOG=1" in data:
+            pings.append(time.monotonic())
+    assert len(pings) >= 6, pings  # every 0.2 s for 2 s (some slack for a busy machine)
+    gaps = [later - earlier for earlier, later in zip(pings, pings[1:], strict=False)]
+    assert max(gaps) < 0.4  # never as late as the full watchdog period
+    daemon.process.send_signal(signal.SIGTERM)
+    stopping = notify_socket.wait_for("STOPPING", 10)
+    assert stopping["STOPPING"] == "1"
+    assert daemon.process.wait(timeout=30) == 0
+
+
+def test_abstract_notify_socket(daemon):
+    """An abstract $NOTIFY_SOCKET ('@name') works too."""
+    name = f"dqm-daemon-test-{uuid.uuid4().hex}"
+    listener = NotifySocket(f"@{name}", b"\0" + name.encode())
+    try:
+        assert _start_notified(daemon, listener, watchdog_usec=None)["READY"] == "1"
+        daemon.process.send_signal(signal.SIGTERM)
+        assert listener.wait_for("STOPPING", 10)["STOPPING"] == "1"
+        assert daemon.process.wait(timeout=30) == 0
+    finally:
+        listener.close()
+
+
+# --- shutdown ------------------------------------------------------------------------------
+
+async def _slow_body(first: bytes, rest: bytes, go_on: asyncio.Event):
+    yield first
+    await go_on.wait()
+    yield rest
+
+
+async def _wait_for_upload(session, url):
+    for _ in range(200):
+        async with session.get(f"{url}/status.json") as response:
+            if (await response.json())["uploads"]:
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the upload never started")
+
+
+async def test_sigterm_lets_upload_in_flight_finish(tmp_path, daemon):
+    """On SIGTERM new connections are refused, the upload in flight completes and is kept,
+    and the daemon exits 0."""
+    daemon.start()
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    go_on = asyncio.Event()
+    async with aiohttp.ClientSession() as session:
+        upload = asyncio.create_task(session.post(
+            f"{daemon.url}/rest/api/files", data=_slow_body(content[:1000], content[1000:], go_on),
+            headers=dqm_headers(run=5)))
+        await _wait_for_upload(session, daemon.url)
+        daemon.process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", daemon.port), timeout=2).close()
+        go_on.set()
+        response = await upload
+        body = await response.json()
+        assert response.status == 200, body
+    assert await asyncio.to_thread(daemon.process.wait, 30) == 0
+    assert (daemon.data_dir / body["filename"]).read_bytes() == content
+    daemon.start()
+    async with aiohttp.ClientSession(headers={"token": TOKEN}) as session:
+        async with session.get(f"{daemon.url}/rest/api/files") as response:
+            assert (await response.json())["files"] == [body["filename"]]
+
+
+async def test_sigterm_grace_runs_out_and_nothing_partial_is_left(tmp_path, daemon):
+    """An upload that outlasts the grace period is dropped whole: no partial file anywhere."""
+    config = tmp_path / "config.toml"
+    config.write_text("shutdown_grace_seconds = 1\n")
+    daemon.extra_args = ["--config", str(config)]
+    daemon.start()
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    go_on = asyncio.Event()
+    async with aiohttp.ClientSession() as session:
+        upload = asyncio.create_task(session.post(
+            f"{daemon.url}/rest/api/files", data=_slow_body(content[:1000], content[1000:], go_on),
+            headers=dqm_headers(run=6)))
+        await _wait_for_upload(session, daemon.url)
+        started = time.monotonic()
+        daemon.process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(daemon.process.wait, 30) == 0
+        assert time.monotonic() - started < 10
+        with pytest.raises(aiohttp.ClientError):
+            await upload
+    assert list((daemon.data_dir / ".incoming").iterdir()) == []
+    assert list(daemon.data_dir.glob("*.root")) == []
+
+
+async def test_second_signal_exits_at_once_without_partial_files(tmp_path, daemon):
+    """A second SIGTERM ends the daemon at once; the half upload never shows under a name and
+    its temporary is gone after the next start."""
+    daemon.start()
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    go_on = asyncio.Event()
+    async with aiohttp.ClientSession() as session:
+        upload = asyncio.create_task(session.post(
+            f"{daemon.url}/rest/api/files", data=_slow_body(content[:1000], content[1000:], go_on),
+            headers=dqm_headers(run=7)))
+        await _wait_for_upload(session, daemon.url)
+        daemon.process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        daemon.process.send_signal(signal.SIGTERM)
+        returncode = await asyncio.to_thread(daemon.process.wait, 10)
+        assert time.monotonic() - started < 3
+        assert returncode == 128 + signal.SIGTERM
+        with pytest.raises(aiohttp.ClientError):
+            await upload
+    assert list(daemon.data_dir.glob("*.root")) == []
+    daemon.start()
+    assert list((daemon.data_dir / ".incoming").iterdir()) == []
+
+
+# --- logs ----------------------------------------------------------------------------------
+
+async def test_logs_of_a_whole_session(tmp_path, daemon):
+    """Every request and inspection gets one JSON line with its facts; no token, no content."""
+    marker = "CONTENT-MARKER-7f3a"
+    import uproot
+    good = tmp_path / "good.root"
+    with uproot.recreate(good) as root_file:
+        root_file["h"] = th1f("h", marker, [1, 2, 3])
+    daemon.start()
+    async with aiohttp.ClientSession() as session:
+        url = f"{daemon.url}/rest/api/files"
+        async with session.post(url, data=multipart_file(good.read_bytes()),
+                                headers=dqm_headers(run=11)) as response:
+            assert response.status == 200
+        async with session.post(url, data=b"not root " + marker.encode(),
+                                headers=dqm_headers(run=12, agent="TPC")) as response:
+            assert response.status == 400
+        async with session.post(url, data=b"x", headers=dqm_headers(token="wrong-token")) as r:
+            assert r.status == 401
+        async with session.get(url, headers={"token": TOKEN}) as response:
+            assert response.status == 200
+    daemon.process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(daemon.process.wait, 30) == 0
+    text = daemon.log_path.read_text()
+    assert TOKEN not in text and "wrong-token" not in text and marker not in text
+    lines = [json.loads(line) for line in text.splitlines()]  # every line is JSON
+    requests = [line for line in lines if line["event"] == "request"]
+    upload = next(line for line in requests if line.get("run") == 11)
+    for field in ("request_id", "uploader", "agent", "run", "bytes", "duration_ms", "status",
+                  "timestamp", "level"):
+        assert field in upload, field
+    assert (upload["uploader"], upload["agent"], upload["status"]) == ("env-token", "EMC", 200)
+    assert upload["bytes"] == good.stat().st_size
+    assert any(line["status"] == 401 for line in requests)
+    inspections = [line for line in lines if line["event"] == "file_inspected"]
+    assert {line["state"] for line in inspections} == {"ok", "invalid"}
+    assert all(line["duration_ms"] >= 0 for line in inspections)
+    assert {"listening", "stopped"} <= {line["event"] for line in lines}
+
+
+def test_console_logs_on_a_terminal(tmp_path):
+    """On a terminal the logs are readable console lines, not JSON."""
+    port = DaemonProcess(tmp_path / "d", tmp_path / "log").port
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dqm_daemon", "serve", "--port", str(port), "--data-dir",
+         str(tmp_path / "d")], stdout=terminal, stderr=terminal, stdin=subprocess.DEVNULL,
+        env=dict(os.environ, DQM_DAEMON_TOKEN=TOKEN))
+    os.close(terminal)
+    output = b""
+    deadline = time.monotonic() + 30
+    try:
+        while b"listening" not in output and time.monotonic() < deadline:
+            try:
+                output += os.read(controller, 4096)
+            except OSError:
+                break
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        os.close(controller)
+    listening = next(line for line in output.decode(errors="replace").splitlines()
+                     if "listening" in line)
+    assert not listening.lstrip().startswith("{")
+    assert TOKEN not in output.decode(errors="replace")
+
+
+# --- health and metrics --------------------------------------------------------------------
+
+async def test_healthz_503_when_data_dir_not_writable(client, data_dir):
+    """/healthz answers 503 naming the problem when uploads could not be written."""
+    assert (await client.get("/healthz")).status == 200
+    incoming = data_dir / ".incoming"
+    incoming.rename(data_dir / "incoming-moved")
+    incoming.write_text("not a directory any more")
+    response = await client.get("/healthz")
+    body = await response.json()
+    assert response.status == 503
+    assert body["problems"] == ["data directory not writable"]
+
+
+async def test_healthz_503_when_disk_below_reserve(aiohttp_client, data_dir):
+    """/healthz answers 503 when free disk is under the reserve."""
+    client = await aiohttp_client(create_app(make_settings(data_dir, disk_reserve_bytes=1 << 60)))
+    response = await client.get("/healthz")
+    assert response.status == 503
+    assert "free disk below the reserve" in (await response.json())["problems"][0]
+
+
+async def test_healthz_503_when_inspection_cannot_run(aiohttp_client, data_dir,
+                                                     one_histogram_file):
+    """/healthz answers 503 when the inspection worker cannot start its child."""
+    settings = make_settings(data_dir, inspection_workers=1, inspection_budget_seconds=0.3)
+    client = await aiohttp_client(create_app(settings, inspection_command=("/bin/false",)))
+    await client.post("/rest/api/files", data=one_histogram_file, headers=dqm_headers())
+    for _ in range(100):
+        response = await client.get("/healthz")
+        if response.status == 503:
+            break
+        await asyncio.sleep(0.05)
+    assert response.status == 503
+    assert "inspection child cannot start" in (await response.json())["problems"][0]
+
+
+async def test_metrics(client, one_histogram_file):
+    """/metrics counts uploads by result and agent, bytes, durations, files by state."""
+    await client.post("/rest/api/files", data=multipart_file(one_histogram_file),
+                      headers=dqm_headers(agent="EMC"))
+    await client.post("/rest/api/files", data=multipart_file(one_histogram_file),
+                      headers=dqm_headers(agent="EMC"))  # the same file again
+    await client.post("/rest/api/files", data=b"garbage", headers=dqm_headers(agent="TPC"))
+    await client.post("/rest/api/files", data=b"x", headers=dqm_headers(runNumber="x"))
+    response = await client.get("/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(await response.text()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    assert samples[("dqm_uploads_total", (("agent", "EMC"), ("result", "ok")))] == 1
+    assert samples[("dqm_uploads_total", (("agent", "EMC"), ("result", "duplicate")))] == 1
+    assert samples[("dqm_uploads_total", (("agent", "TPC"), ("result", "invalid")))] == 1
+    assert samples[("dqm_uploads_total", (("agent", "unknown"), ("result", "rejected")))] == 1
+    assert samples[("dqm_received_bytes_total", ())] == 2 * len(one_histogram_file) + 7
+    assert samples[("dqm_upload_duration_seconds_count", ())] == 4
+    assert samples[("dqm_inspection_duration_seconds_count", (("result", "ok"),))] == 1
+    assert samples[("dqm_files", (("state", "ok"),))] == 1
+    assert samples[("dqm_files", (("state", "invalid"),))] == 1
+    assert samples[("dqm_inspection_queue_depth", ())] == 0
+    assert samples[("dqm_uploads_in_flight", ())] == 0
+    assert samples[("dqm_free_disk_bytes", ())] > 0
+    assert samples[("dqm_last_upload_timestamp_seconds", (("agent", "EMC"),))] > time.time() - 60
+
+
+# --- configuration -------------------------------------------------------------------------
+
+def _check_config(tmp_path: Path, text: str) -> subprocess.CompletedProcess:
+    config = tmp_path / "config.toml"
+    config.write_text(text)
+    environment = {key: value for key, value in os.environ.items() if key != "DQM_DAEMON_TOKEN"}
+    return subprocess.run([sys.executable, "-m", "dqm_daemon", "check-config", "--config",
+                           str(config)], capture_output=True, text=True, env=environment,
+                          timeout=60)
+
+
+def test_check_config_prints_effective_settings_without_tokens(tmp_path):
+    """check-config prints every effective setting, naming uploaders but never their tokens."""
+    finished = _check_config(tmp_path, 'port = 9999\n[tokens]\nemc = "very-secret-token"\n')
+    assert finished.returncode == 0, finished.stderr
+    effective = json.loads(finished.stdout)
+    assert effective["port"] == 9999 and effective["host"] == "127.0.0.1"
+    assert effective["tokens"] == ["emc"]
+    assert "very-secret-token" not in finished.stdout
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("colour = 1\n[tokens]\na = 'b'\n", "colour: unknown setting"),
+    ("port = 'x'\n[tokens]\na = 'b'\n", "port: expected an integer"),
+    ("read_timeout_seconds = -1\n[tokens]\na = 'b'\n", "read_timeout_seconds: -1"),
+])
+def test_check_config_refuses_bad_configs(tmp_path, text, message):
+    """A bad value or an unknown key is an error naming the key."""
+    finished = _check_config(tmp_path, text)
+    assert finished.returncode == 2
+    assert message in finished.stderr
+
+
+async def test_tokens_from_systemd_credentials(tmp_path, daemon):
+    """Tokens given by LoadCredential= ($CREDENTIALS_DIRECTORY/tokens) are accepted."""
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "tokens").write_text('tpc-agent = "credential-token-1"\n')
+    daemon.extra_env = {"CREDENTIALS_DIRECTORY": str(credentials)}
+    daemon.start()
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{daemon.url}/rest/api/files", data=content,
+                                headers=dqm_headers(token="credential-token-1")) as response:
+            assert response.status == 200
+    daemon.kill()
+    log_text = daemon.log_path.read_text()
+    assert '"uploader": "tpc-agent"' in log_text and "credential-token-1" not in log_text

@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
 def _settings(arguments: argparse.Namespace) -> Settings:
     overrides = {key: getattr(arguments, key, None) for key in ("host", "port", "data_dir")}
     settings = load_settings(arguments.config, **overrides)
-    settings.require_tokens()
+    if arguments.command == "serve":
+        settings.require_tokens()
     return settings
 
 
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dqm-daemon: {exc}", file=sys.stderr)
         return 2
     if arguments.command == "check-config":
+        if not settings.tokens:  # under systemd they come from LoadCredential= at start
+            print("dqm-daemon: note: no token here (config, $CREDENTIALS_DIRECTORY or "
+                  "DQM_DAEMON_TOKEN); `serve` refuses to start without one", file=sys.stderr)
         print(json.dumps(settings.redacted(), indent=2, default=str))
         return 0
     configure_logging()

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import resource
+import signal
 import sys
 from typing import Any
 
@@ -33,6 +34,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--memory-cap", type=int, required=True, help="RLIMIT_AS in bytes")
     arguments = parser.parse_args()
+    # The daemon decides when a child ends (EOF on stdin, or SIGKILL): a Ctrl-C or a SIGTERM
+    # meant for the whole group must not look like a file that crashed its inspector.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Results go to a private copy of stdout; anything a library prints goes to stderr.
     results = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())

@@ -69,6 +69,7 @@ class InspectorProcess:
             *self._command, "--memory-cap", str(self._memory_cap_bytes),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             env=environment, limit=RESULT_LINE_LIMIT,
+            start_new_session=True,  # out of the terminal's process group: Ctrl-C is the daemon's
         )
         try:
             ready = await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT_SECONDS)

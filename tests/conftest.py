@@ -102,6 +102,7 @@ class DaemonProcess:
                 [sys.executable, "-m", "dqm_daemon", "serve", "--port", str(self.port),
                  "--data-dir", str(self.data_dir), *self.extra_args],
                 stdout=log_file, stderr=subprocess.STDOUT, env=environment,
+                start_new_session=True,  # its own process group, as under a terminal or systemd
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

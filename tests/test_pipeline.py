@@ -4,6 +4,8 @@ children that crash, hang or run out of memory while the daemon keeps answering.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sqlite3
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 import uproot
 
 from dqm_daemon.app import create_app
-from dqm_daemon.appkeys import INSPECTORS
+from dqm_daemon.appkeys import INSPECTION_QUEUE, INSPECTORS
 
 from .conftest import TOKEN, dqm_headers, make_settings, multipart_file
 from .rootfiles import histogram, th1f, write_dqm_file, write_one_histogram_file
@@ -237,3 +239,28 @@ async def test_restart_after_quarantine_move_keeps_the_real_reason(aiohttp_clien
         await asyncio.sleep(0.05)
     assert (details["state"], details["location"]) == ("invalid", "quarantine")
     assert details["reason"] == "not a ROOT file: it does not start with 'root'"
+
+
+async def test_group_signals_do_not_fail_an_inspection(aiohttp_client, data_dir,
+                                                      one_histogram_file):
+    """SIGINT/SIGTERM meant for the daemon's group (Ctrl-C, systemd stop) do not kill an
+    inspection in progress: the file is not mistaken for one that crashes its inspector."""
+    settings = make_settings(data_dir, inspection_workers=1, inspection_budget_seconds=10)
+    client = await aiohttp_client(create_app(settings, inspection_command=FAULTY_CHILD))
+    uploading = asyncio.create_task(upload(client, one_histogram_file, agent="SLOW"))
+    queue = client.server.app[INSPECTION_QUEUE]
+    for _ in range(500):
+        if queue.busy_workers:
+            break
+        await asyncio.sleep(0.01)
+    inspector = client.server.app[INSPECTORS][0]
+    for _ in range(500):
+        if inspector.pid is not None and inspector.alive:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(1.0)  # started, and inside its two-second inspection
+    os.kill(inspector.pid, signal.SIGINT)
+    os.kill(inspector.pid, signal.SIGTERM)
+    response, body = await uploading
+    assert response.status == 200, body
+    assert body["received"] == {"test": "Obj name: test, Obj IsA() Name: TH1F"}

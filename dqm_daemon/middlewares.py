@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 log = structlog.get_logger(__name__)
 
@@ -76,6 +77,11 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     except CLIENT_GONE:
         log.info("client_disconnected")
         return error_response(web.HTTPBadRequest(text="Connection lost during the request"))
+    except HttpProcessingError as exc:  # a body aiohttp could not parse (bad chunking, ...)
+        log.info("malformed_request", error=type(exc).__name__)
+        return error_response(
+            web.HTTPBadRequest(text=f"Malformed request body: {type(exc).__name__}")
+        )
     except Exception:
         log.exception("unhandled_error")
         return error_response(web.HTTPInternalServerError(text="Internal server error"))

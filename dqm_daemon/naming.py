@@ -52,6 +52,20 @@ MAX_TIMESTAMP = 253402300799  # 9999-12-31 23:59:59 UTC
 MAX_DATA_STATUS = 2**31 - 1
 
 
+def bounded_integer(raw: str, what: str, maximum: int, minimum: int = 0) -> int:
+    """An integer from a header or query parameter; 400 naming it (`what`) and the value."""
+    try:
+        value = int(raw.strip(), 10)
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"{what} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        qualifier = "negative" if minimum == 0 else f"below {minimum}"
+        raise web.HTTPBadRequest(text=f"{what} must not be {qualifier}, got {raw!r}")
+    if value > maximum:
+        raise web.HTTPBadRequest(text=f"{what} must be at most {maximum}, got {raw!r}")
+    return value
+
+
 def _integer_header(headers: Mapping[str, str], name: str, default: int | None,
                     maximum: int) -> int:
     raw = headers.get(name)
@@ -59,15 +73,7 @@ def _integer_header(headers: Mapping[str, str], name: str, default: int | None,
         if default is None:
             raise web.HTTPBadRequest(text=f"Missing required header {name}")
         return default
-    try:
-        value = int(raw.strip(), 10)
-    except ValueError:
-        raise web.HTTPBadRequest(text=f"Header {name} must be an integer, got {raw!r}") from None
-    if value < 0:
-        raise web.HTTPBadRequest(text=f"Header {name} must not be negative, got {raw!r}")
-    if value > maximum:
-        raise web.HTTPBadRequest(text=f"Header {name} must be at most {maximum}, got {raw!r}")
-    return value
+    return bounded_integer(raw, f"Header {name}", maximum)
 
 
 def parse_dqm_headers(headers: Mapping[str, str]) -> DQMHeaders:

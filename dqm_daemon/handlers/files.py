@@ -11,16 +11,14 @@ from pendulum.parsing.exceptions import ParserError
 
 from ..appkeys import CATALOG, STORAGE
 from ..catalog import IN_DATA_DIR, INVALID
+from ..naming import MAX_RUN_NUMBER, MAX_TIMESTAMP, bounded_integer
 
 
-def _integer_query(request: web.Request, name: str) -> int | None:
-    raw = request.query.get(name)
+def _run_query(request: web.Request) -> int | None:
+    raw = request.query.get("run")
     if raw is None:
         return None
-    try:
-        return int(raw, 10)
-    except ValueError:
-        raise web.HTTPBadRequest(text=f"Query parameter {name} must be an integer, got {raw!r}") from None
+    return bounded_integer(raw, "Query parameter run", MAX_RUN_NUMBER)
 
 
 def _since_query(request: web.Request) -> int | None:
@@ -29,7 +27,7 @@ def _since_query(request: web.Request) -> int | None:
     if raw is None:
         return None
     if raw.lstrip("-").isdigit():
-        return int(raw)
+        return bounded_integer(raw, "Query parameter since", MAX_TIMESTAMP, -MAX_TIMESTAMP)
     try:
         return int(pendulum.parse(raw).timestamp())
     except (ValueError, TypeError, ParserError):
@@ -41,7 +39,7 @@ def _since_query(request: web.Request) -> int | None:
 async def list_files(request: web.Request) -> web.Response:
     """`{"files": [names]}`; with `details=1`, the catalog rows (without their objects)."""
     records = await request.app[CATALOG].dqm_files(
-        run=_integer_query(request, "run"),
+        run=_run_query(request),
         agent=request.query.get("agent"),
         since=_since_query(request),
     )

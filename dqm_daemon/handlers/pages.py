@@ -12,6 +12,7 @@ from aiohttp import web
 from .. import activity
 from ..appkeys import CATALOG, PREVIEWER, SETTINGS
 from ..catalog import IN_DATA_DIR, OK, PENDING
+from ..naming import MAX_RUN_NUMBER, bounded_integer
 from ..status import file_summary, status_report
 
 DataBuilder = Callable[[web.Request], Awaitable[dict[str, Any]]]
@@ -51,7 +52,7 @@ async def file_data(request: web.Request) -> dict[str, Any]:
 
 
 async def run_data(request: web.Request) -> dict[str, Any]:
-    run = int(request.match_info["run"])
+    run = bounded_integer(request.match_info["run"], "Run number", MAX_RUN_NUMBER)
     catalog = request.app[CATALOG]
     files = await catalog.run_files(run, MAX_RUN_FILES)
     agents = await catalog.view(activity.run_agents, run)

@@ -107,35 +107,63 @@ _SUMMARY_COLUMNS = (
 )
 
 
-class Catalog:
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalog")
-        self._connection: sqlite3.Connection | None = None
+class _Lane:
+    """One SQLite connection and the one thread that uses it."""
 
-    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        assert self._connection is not None, "catalog is not open"
-        connection = self._connection
+    def __init__(self, name: str) -> None:
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.connection: sqlite3.Connection | None = None
+
+    async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        assert self.connection is not None, "catalog is not open"
+        connection = self.connection
         return await asyncio.get_running_loop().run_in_executor(self._thread, work, connection)
 
-    async def open(self) -> None:
+    async def connect(self, path: Path, *, writer: bool) -> None:
         def connect() -> sqlite3.Connection:
-            connection = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+            connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             connection.row_factory = sqlite3.Row
-            connection.execute("PRAGMA journal_mode=WAL")
-            # FULL: a row is on disk when the upload is acknowledged, like the file itself.
-            connection.execute("PRAGMA synchronous=FULL")
-            connection.executescript(_SCHEMA)
-            connection.executescript(activity.SCHEMA)
+            if writer:
+                connection.execute("PRAGMA journal_mode=WAL")
+                # FULL: a row is on disk when the upload is acknowledged, like the file itself.
+                connection.execute("PRAGMA synchronous=FULL")
+                connection.executescript(_SCHEMA)
+                connection.executescript(activity.SCHEMA)
+            else:
+                connection.execute("PRAGMA query_only=ON")
             return connection
 
-        self._connection = await asyncio.get_running_loop().run_in_executor(self._thread, connect)
+        self.connection = await asyncio.get_running_loop().run_in_executor(self._thread, connect)
 
     async def close(self) -> None:
-        if self._connection is not None:
-            await self._run(lambda connection: connection.close())
-            self._connection = None
+        if self.connection is not None:
+            await self.run(lambda connection: connection.close())
+            self.connection = None
         self._thread.shutdown(wait=True)
+
+
+class Catalog:
+    """Writes go through one connection; reads through another, so a page or a listing never
+    waits behind a commit's fsync (WAL lets readers see every committed write)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._writer = _Lane("catalog-writer")
+        self._reader = _Lane("catalog-reader")
+
+    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._writer.run(work)
+
+    async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._reader.run(work)
+
+    async def open(self) -> None:
+        await self._writer.connect(self._path, writer=True)  # creates the schema first
+        await self._reader.connect(self._path, writer=False)
+
+    async def close(self) -> None:
+        await self._reader.close()
+        await self._writer.close()
 
     async def add(self, record: FileRecord, *, uploaded: bool = True) -> None:
         """Insert a new file; an uploaded one (not adopted from disk) also counts as activity
@@ -158,10 +186,10 @@ class Catalog:
 
     async def view(self, query: Callable[..., T], *args: Any) -> T:
         """Run a read-only query function (see `activity`) on the catalog's thread."""
-        return await self._run(lambda connection: query(connection, *args))
+        return await self._read(lambda connection: query(connection, *args))
 
     async def latest_files(self, limit: int) -> list[FileRecord]:
-        rows = await self._run(
+        rows = await self._read(
             lambda connection: connection.execute(
                 f"SELECT {_SUMMARY_COLUMNS} FROM files ORDER BY received_at DESC LIMIT ?",
                 (limit,),
@@ -171,7 +199,7 @@ class Catalog:
 
     async def run_files(self, run: int, limit: int) -> list[FileRecord]:
         """One run's files by agent and time."""
-        rows = await self._run(
+        rows = await self._read(
             lambda connection: connection.execute(
                 f"SELECT {_SUMMARY_COLUMNS} FROM files WHERE run = ?"
                 " ORDER BY agent, timestamp, received_at LIMIT ?",
@@ -189,7 +217,7 @@ class Catalog:
             ).fetchone()
             return FileRecord.from_row(row) if row else None
 
-        return await self._run(fetch)
+        return await self._read(fetch)
 
     async def record_inspection(
         self,
@@ -233,7 +261,7 @@ class Catalog:
                 return None
             return row["name"], json.loads(row["objects_json"])
 
-        return await self._run(fetch)
+        return await self._read(fetch)
 
     async def dqm_files(
         self, *, run: int | None = None, agent: str | None = None, since: int | None = None
@@ -246,18 +274,18 @@ class Catalog:
                 clauses.append(clause)
                 params.append(value)
         query = f"SELECT {_SUMMARY_COLUMNS} FROM files WHERE {' AND '.join(clauses)} ORDER BY name"
-        rows = await self._run(lambda connection: connection.execute(query, params).fetchall())
+        rows = await self._read(lambda connection: connection.execute(query, params).fetchall())
         return [FileRecord.from_row(row) for row in rows]
 
     async def all_names(self) -> set[str]:
-        rows = await self._run(
+        rows = await self._read(
             lambda connection: connection.execute("SELECT name FROM files").fetchall()
         )
         return {row["name"] for row in rows}
 
     async def pending(self, limit: int) -> list[FileRecord]:
         """Files stored but not yet inspected (oldest first): work a restart must finish."""
-        rows = await self._run(
+        rows = await self._read(
             lambda connection: connection.execute(
                 f"SELECT {_SUMMARY_COLUMNS} FROM files WHERE state = ?"
                 " ORDER BY received_at LIMIT ?",

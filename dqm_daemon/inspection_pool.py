@@ -92,6 +92,15 @@ class InspectorProcess:
             {"path": str(path), "previews": object_paths, "max_bins": max_bins}
         )
 
+    async def warm_up(self) -> None:
+        """Start the child now rather than at the first file (it takes a moment to import)."""
+        async with self._turn:
+            if not self.alive:
+                try:
+                    self._process = await self._start()
+                except ChildStartFailed as exc:
+                    log.error("inspection_child_failed_to_start", error=str(exc))
+
     async def run_job(self, job: dict[str, Any]) -> dict[str, Any]:
         async with self._turn:
             return await self._exchange(job)

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from . import __version__
 from .app import create_app
-from .appkeys import INSPECTION_QUEUE, UPLOADS
+from .appkeys import INSPECTION_QUEUE, INSPECTORS, UPLOADS
 from .settings import Settings
 from .systemd_notify import SystemdNotifier
 
@@ -62,13 +62,17 @@ async def serve(settings: Settings, environ: Mapping[str, str]) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
 
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=FINAL_SHUTDOWN_SECONDS)
+    # A socket buffer of a whole chunk: uploads arrive in fewer, larger reads.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=FINAL_SHUTDOWN_SECONDS,
+                           read_bufsize=settings.chunk_bytes)
     await runner.setup()  # catalog open, temporaries removed, workers and recovery started
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()
     log.info("listening", host=settings.host, port=settings.port, version=__version__)
     await app[INSPECTION_QUEUE].recovery_queued.wait()
     notifier.ready(status_line(app))
+    # The first upload should not wait for an inspection child to import uproot.
+    warm_ups = [asyncio.create_task(inspector.warm_up()) for inspector in app[INSPECTORS]]
     heartbeat = asyncio.create_task(_heartbeat(app, notifier), name="systemd-heartbeat")
 
     await stop_requested.wait()
@@ -82,6 +86,8 @@ async def serve(settings: Settings, environ: Mapping[str, str]) -> int:
     # Then close connections (cancelling uploads still running: their temporaries are
     # removed), stop the workers (what they had not inspected stays pending in the catalog)
     # and close the catalog.
+    for warm_up in warm_ups:
+        warm_up.cancel()
     await runner.cleanup()
     heartbeat.cancel()
     with contextlib.suppress(asyncio.CancelledError):

@@ -7,6 +7,7 @@ never overwritten (linking fails if the name is taken). Every disk call here run
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import uuid
@@ -40,6 +41,8 @@ class IncomingFile:
         self.size = 0
         self._sha256 = hashlib.sha256()
         self._file = open(path, "xb", buffering=0)  # noqa: SIM115 - closed by finish/discard
+        # The chunk being hashed and written while the next one is read from the socket.
+        self._pending_write: asyncio.Future[None] | None = None
 
     @property
     def sha256(self) -> str:
@@ -51,8 +54,19 @@ class IncomingFile:
         self._file.write(chunk)
 
     async def write(self, chunk: bytes | bytearray) -> None:
-        await asyncio.to_thread(self._write_sync, chunk)
+        """Hand a chunk to a thread and return at once, so the next chunk is read from the
+        socket meanwhile; at most one chunk is in the thread's hands (bounded memory)."""
+        await self._wait_for_pending_write()
+        self._pending_write = asyncio.get_running_loop().run_in_executor(
+            None, self._write_sync, chunk
+        )
         self.size += len(chunk)
+
+    async def _wait_for_pending_write(self) -> None:
+        if self._pending_write is not None:
+            # Shielded: a cancelled upload must not abandon a write still in the thread.
+            await asyncio.shield(self._pending_write)
+            self._pending_write = None
 
     def _finish_sync(self) -> None:
         os.fsync(self._file.fileno())
@@ -60,6 +74,7 @@ class IncomingFile:
 
     async def finish(self) -> None:
         """Flush the bytes to stable storage; afterwards the file may be committed."""
+        await self._wait_for_pending_write()
         await asyncio.to_thread(self._finish_sync)
 
     def _discard_sync(self) -> None:
@@ -67,6 +82,10 @@ class IncomingFile:
         self.path.unlink(missing_ok=True)
 
     async def discard(self) -> None:
+        if self._pending_write is not None:
+            with contextlib.suppress(Exception):
+                await self._pending_write
+            self._pending_write = None
         await asyncio.to_thread(self._discard_sync)
 
 

@@ -188,14 +188,26 @@ class Catalog:
         """Run a read-only query function (see `activity`) on the catalog's thread."""
         return await self._read(lambda connection: query(connection, *args))
 
-    async def latest_files(self, limit: int) -> list[FileRecord]:
-        rows = await self._read(
-            lambda connection: connection.execute(
+    async def status_snapshot(self, latest: int, runs: int, invalid_since: str) -> dict[str, Any]:
+        """Everything the status page reads, in one trip to the reader thread: under load,
+        each trip waits its turn on a busy event loop."""
+
+        def snapshot(connection: sqlite3.Connection) -> dict[str, Any]:
+            rows = connection.execute(
                 f"SELECT {_SUMMARY_COLUMNS} FROM files ORDER BY received_at DESC LIMIT ?",
-                (limit,),
+                (latest,),
             ).fetchall()
-        )
-        return [FileRecord.from_row(row) for row in rows]
+            pending_files, oldest_pending = activity.count_pending(connection)
+            return {
+                "latest_files": [FileRecord.from_row(row) for row in rows],
+                "pending_files": pending_files,
+                "oldest_pending_at": oldest_pending,
+                "agents": activity.agents_board(connection),
+                "runs": activity.recent_runs(connection, runs),
+                "invalid_since": activity.count_invalid_since(connection, invalid_since),
+            }
+
+        return await self._read(snapshot)
 
     async def run_files(self, run: int, limit: int) -> list[FileRecord]:
         """One run's files by agent and time."""

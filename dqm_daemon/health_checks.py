@@ -3,7 +3,6 @@ reasons of the status banner."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from aiohttp import web
@@ -18,7 +17,7 @@ STUCK_MARGIN_SECONDS = 30.0
 async def health_problems(app: web.Application) -> list[str]:
     settings, storage, queue = app[SETTINGS], app[STORAGE], app[INSPECTION_QUEUE]
     problems = []
-    if not await asyncio.to_thread(storage.can_write):
+    if not await storage.writable():
         problems.append("data directory not writable")
     if storage.free_bytes() < settings.disk_reserve_bytes:
         problems.append("free disk below the reserve: uploads are refused")

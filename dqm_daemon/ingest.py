@@ -33,6 +33,22 @@ def utc_now() -> str:
     return pendulum.now("UTC").to_iso8601_string()
 
 
+def new_record(name: str, size: int, sha256: str, dqm: DQMHeaders, uploader: str) -> FileRecord:
+    """The catalog row of a file just placed in the data directory, pending inspection."""
+    return FileRecord(
+        name=name,
+        location=IN_DATA_DIR,
+        size=size,
+        sha256=sha256,
+        agent=dqm.agent,
+        run=dqm.run_number,
+        timestamp=dqm.timestamp,
+        data_status=dqm.data_status,
+        received_at=utc_now(),
+        uploader=uploader,
+    )
+
+
 class Ingest:
     def __init__(self, catalog: Catalog, storage: Storage):
         self._catalog = catalog
@@ -54,18 +70,7 @@ class Ingest:
                 if await self._storage.link_into_place(incoming, name):
                     break
                 # A file of that name is on disk but not cataloged: never overwrite it.
-            record = FileRecord(
-                name=name,
-                location=IN_DATA_DIR,
-                size=incoming.size,
-                sha256=incoming.sha256,
-                agent=dqm.agent,
-                run=dqm.run_number,
-                timestamp=dqm.timestamp,
-                data_status=dqm.data_status,
-                received_at=utc_now(),
-                uploader=uploader,
-            )
+            record = new_record(name, incoming.size, incoming.sha256, dqm, uploader)
             try:
                 await self._catalog.add(record)
             except BaseException:
@@ -97,18 +102,6 @@ class Ingest:
         sha256 = await asyncio.to_thread(sha256_of_file, path, chunk_bytes)
         size = (await asyncio.to_thread(path.stat)).st_size
         await self._catalog.add(
-            FileRecord(
-                name=path.name,
-                location=IN_DATA_DIR,
-                size=size,
-                sha256=sha256,
-                agent=dqm.agent,
-                run=dqm.run_number,
-                timestamp=dqm.timestamp,
-                data_status=dqm.data_status,
-                received_at=utc_now(),
-                uploader=ADOPTED_UPLOADER,
-            ),
-            uploaded=False,
+            new_record(path.name, size, sha256, dqm, ADOPTED_UPLOADER), uploaded=False
         )
         log.info("file_adopted", file=path.name)

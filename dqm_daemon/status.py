@@ -12,7 +12,7 @@ from typing import Any
 import pendulum
 from aiohttp import web
 
-from . import __version__, activity
+from . import __version__
 from .appkeys import (
     CATALOG,
     INSPECTION_QUEUE,
@@ -78,8 +78,8 @@ def _banner(report: dict[str, Any], settings: Settings,
 async def status_report(app: web.Application) -> dict[str, Any]:
     settings, catalog = app[SETTINGS], app[CATALOG]
     now = pendulum.now("UTC")
-    pending_files, oldest_pending = await catalog.view(activity.count_pending)
     invalid_since = now.subtract(seconds=INVALID_WINDOW_SECONDS).to_iso8601_string()
+    snapshot = await catalog.status_snapshot(LATEST_FILES, RECENT_RUNS, invalid_since)
     queue = app[INSPECTION_QUEUE]
     report: dict[str, Any] = {
         "generated_at": now.to_iso8601_string(),
@@ -96,21 +96,18 @@ async def status_report(app: web.Application) -> dict[str, Any]:
         ],
         "inspection": {
             "queue_depth": queue.depth,
-            "pending_files": pending_files,
-            "oldest_pending_at": oldest_pending,
-            "oldest_pending_seconds": _seconds_since(oldest_pending, now),
+            "pending_files": snapshot["pending_files"],
+            "oldest_pending_at": snapshot["oldest_pending_at"],
+            "oldest_pending_seconds": _seconds_since(snapshot["oldest_pending_at"], now),
             "workers": len(app[INSPECTORS]),
             "workers_running": queue.running_workers,
             "workers_busy": queue.busy_workers,
             "child_start_failure": queue.child_start_failure,
         },
-        "latest_files": [
-            file_summary(record) for record in await catalog.latest_files(LATEST_FILES)
-        ],
-        "agents": [agent_silence(agent, settings, now)
-                   for agent in await catalog.view(activity.agents_board)],
-        "runs": await catalog.view(activity.recent_runs, RECENT_RUNS),
-        "invalid_last_hour": await catalog.view(activity.count_invalid_since, invalid_since),
+        "latest_files": [file_summary(record) for record in snapshot["latest_files"]],
+        "agents": [agent_silence(agent, settings, now) for agent in snapshot["agents"]],
+        "runs": snapshot["runs"],
+        "invalid_last_hour": snapshot["invalid_since"],
     }
     report["level"], report["reasons"] = _banner(report, settings, await health_problems(app))
     return report

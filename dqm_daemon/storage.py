@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from .settings import Settings
 log = structlog.get_logger(__name__)
 
 INCOMING_SUFFIX = ".part"
+WRITE_PROBE_SECONDS = 5.0
 
 
 def fsync_directory(directory: Path) -> None:
@@ -94,6 +96,7 @@ class Storage:
         self.data_dir = settings.data_dir
         self.incoming_dir = settings.incoming_dir
         self.quarantine_dir = settings.quarantine_dir
+        self._write_probe: tuple[float, bool] | None = None  # (when, result)
 
     def prepare(self) -> int:
         """Create the directories and remove temporaries left by a previous run; return how many."""
@@ -106,6 +109,14 @@ class Storage:
         if leftovers:
             fsync_directory(self.incoming_dir)
         return leftovers
+
+    async def writable(self) -> bool:
+        """`can_write`, probed at most every WRITE_PROBE_SECONDS: health checks come often, and
+        under heavy writes even creating an empty file can take a while."""
+        now = time.monotonic()
+        if self._write_probe is None or now - self._write_probe[0] > WRITE_PROBE_SECONDS:
+            self._write_probe = (now, await asyncio.to_thread(self.can_write))
+        return self._write_probe[1]
 
     def can_write(self) -> bool:
         """Really create (and remove) a file where uploads land: permissions, a read-only

@@ -117,14 +117,21 @@ async def _stream_to_disk(
                     actual_size=progress.received_bytes,
                     text=f"Upload exceeds the maximum of {settings.max_upload_bytes} bytes",
                 )
-            buffered += chunk
-        if len(buffered) >= settings.chunk_bytes or (not chunk and buffered):
-            if storage.free_bytes() - len(buffered) < settings.disk_reserve_bytes:
+            if not buffered and len(chunk) >= settings.chunk_bytes // 2:
+                to_write: bytes | bytearray = chunk  # big enough already: no copy
+            else:
+                buffered += chunk  # gather small reads into one write
+                to_write = buffered if len(buffered) >= settings.chunk_bytes else b""
+        else:
+            to_write = buffered
+        if to_write:
+            if storage.free_bytes() - len(to_write) < settings.disk_reserve_bytes:
                 raise web.HTTPInsufficientStorage(
                     text="Free disk space fell below the reserve during the upload; nothing was kept"
                 )
-            await incoming.write(buffered)
-            buffered = bytearray()
+            await incoming.write(to_write)
+            if to_write is buffered:
+                buffered = bytearray()
         if not chunk:
             return
 

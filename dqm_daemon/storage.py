@@ -38,10 +38,12 @@ def fsync_directory(directory: Path) -> None:
 class IncomingFile:
     """One upload being written: a temporary file, its size so far and its running SHA-256."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, with_md5: bool = False) -> None:
         self.path = path
         self.size = 0
         self._sha256 = hashlib.sha256()
+        # Only when the agent sent Content-MD5: a second hash is not free.
+        self._md5 = hashlib.md5(usedforsecurity=False) if with_md5 else None
         self._file = open(path, "xb", buffering=0)  # noqa: SIM115 - closed by finish/discard
         # The chunk being hashed and written while the next one is read from the socket.
         self._pending_write: asyncio.Future[None] | None = None
@@ -50,9 +52,15 @@ class IncomingFile:
     def sha256(self) -> str:
         return self._sha256.hexdigest()
 
+    @property
+    def md5(self) -> bytes | None:
+        return self._md5.digest() if self._md5 is not None else None
+
     def _write_sync(self, chunk: bytes | bytearray) -> None:
         # Both calls release the GIL for large buffers, so hashing overlaps with the network.
         self._sha256.update(chunk)
+        if self._md5 is not None:
+            self._md5.update(chunk)
         self._file.write(chunk)
 
     async def write(self, chunk: bytes | bytearray) -> None:
@@ -138,9 +146,9 @@ class Storage:
         """The path of a cataloged file. `name` comes from the catalog, never from a request."""
         return (self.quarantine_dir if location == IN_QUARANTINE else self.data_dir) / name
 
-    async def open_incoming(self) -> IncomingFile:
+    async def open_incoming(self, with_md5: bool = False) -> IncomingFile:
         path = self.incoming_dir / f"{uuid.uuid4().hex}{INCOMING_SUFFIX}"
-        return await asyncio.to_thread(IncomingFile, path)
+        return await asyncio.to_thread(IncomingFile, path, with_md5)
 
     def _link_sync(self, incoming: IncomingFile, name: str) -> bool:
         target = self.data_dir / name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 from pathlib import Path
 
@@ -184,3 +185,55 @@ async def test_overwatch_file_from_shared_data(client, shared_root_files):
     body = await response.json()
     assert body["filename"] == overwatch.name.removeprefix("overwatch-")
     assert body["received"] == {"test": "Obj name: test, Obj IsA() Name: TH1F"}
+
+
+def _repr_digest(content: bytes) -> str:
+    return f"sha-256=:{base64.b64encode(hashlib.sha256(content).digest()).decode()}:"
+
+
+@pytest.mark.parametrize("as_multipart", [True, False], ids=["multipart", "raw"])
+async def test_matching_digests_are_accepted(client, one_histogram_file, as_multipart):
+    """An upload carrying the right Repr-Digest and Content-MD5 of its file is stored."""
+    headers = dqm_headers(**{
+        "Repr-Digest": _repr_digest(one_histogram_file),
+        "Content-MD5": base64.b64encode(hashlib.md5(one_histogram_file).digest()).decode(),
+    })
+    data = multipart_file(one_histogram_file) if as_multipart else one_histogram_file
+    response = await client.post("/rest/api/files", data=data, headers=headers)
+    body = await response.json()
+    assert response.status == 200, body
+    assert body["sha256"] == hashlib.sha256(one_histogram_file).hexdigest()
+
+
+@pytest.mark.parametrize("header", ["Repr-Digest", "Content-MD5"])
+async def test_digest_mismatch_keeps_nothing(client, one_histogram_file, data_dir, header):
+    """A file whose bytes differ from the digest the agent sent is refused, naming both
+    digests, and nothing is kept anywhere."""
+    other = b"root" + bytes(100)
+    value = (_repr_digest(other) if header == "Repr-Digest"
+             else base64.b64encode(hashlib.md5(other).digest()).decode())
+    response = await client.post("/rest/api/files", data=multipart_file(one_histogram_file),
+                                 headers=dqm_headers(**{header: value}))
+    body = await response.json()
+    assert response.status == 400
+    assert f"{header} mismatch" in body["message"]
+    sent = value.removeprefix("sha-256=:").removesuffix(":")
+    received = (base64.b64encode(hashlib.sha256(one_histogram_file).digest()).decode()
+                if header == "Repr-Digest"
+                else base64.b64encode(hashlib.md5(one_histogram_file).digest()).decode())
+    assert sent in body["message"] and received in body["message"]
+    assert stored_files(data_dir) == []
+    assert await client.server.app[CATALOG].all_names() == set()
+
+
+@pytest.mark.parametrize("headers", [{"Repr-Digest": "sha-256=abc"},
+                                     {"Repr-Digest": "sha-256=:!!!:"},
+                                     {"Repr-Digest": "sha-256=:AAAA:"},
+                                     {"Content-MD5": "not base64 !"}])
+async def test_malformed_digest_headers(client, one_histogram_file, data_dir, headers):
+    """A malformed digest header is refused before anything is written."""
+    response = await client.post("/rest/api/files", data=one_histogram_file,
+                                 headers=dqm_headers(**headers))
+    assert response.status == 400
+    assert next(iter(headers)) in (await response.json())["message"]
+    assert stored_files(data_dir) == []

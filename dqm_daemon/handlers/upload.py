@@ -13,6 +13,7 @@ from aiohttp import BodyPartReader, web
 
 from ..appkeys import INGEST, INSPECTION_QUEUE, METRICS, SETTINGS, STORAGE, UPLOADS
 from ..catalog import OK, FileRecord
+from ..digests import check_digests, expected_digests
 from ..middlewares import UPLOADER, error_response, uploader_for_token
 from ..naming import parse_dqm_headers
 from ..settings import Settings
@@ -57,6 +58,7 @@ async def expect_continue(request: web.Request) -> web.Response | None:
     try:
         uploader_for_token(request.headers, settings.tokens)
         parse_dqm_headers(request.headers)
+        expected_digests(request.headers)
         _check_room(settings, request.app[STORAGE], request.content_length)
     except web.HTTPException as exc:
         response = error_response(exc)
@@ -188,14 +190,16 @@ async def post_file(request: web.Request) -> web.Response:
 async def _store_and_answer(request: web.Request, outcome: dict[str, str]) -> web.Response:
     settings = request.app[SETTINGS]
     dqm = parse_dqm_headers(request.headers)
+    digests = expected_digests(request.headers)
     outcome["agent"] = dqm.agent
     structlog.contextvars.bind_contextvars(agent=dqm.agent, run=dqm.run_number)
     uploader = request[UPLOADER]
     with request.app[UPLOADS].slot(uploader, dqm.agent, dqm.run_number) as progress:
         _check_room(settings, request.app[STORAGE], request.content_length)
-        incoming = await request.app[STORAGE].open_incoming()
+        incoming = await request.app[STORAGE].open_incoming(with_md5=digests.wants_md5)
         try:
             await _receive(request, incoming, progress)
+            check_digests(digests, incoming.sha256, incoming.md5)
             commit = await request.app[INGEST].commit(incoming, dqm, uploader)
         except OSError as exc:
             await asyncio.shield(incoming.discard())

@@ -2,6 +2,7 @@
 
     dqm-daemon serve [--config PATH] [--host HOST] [--port PORT] [--data-dir DIR]
     dqm-daemon check-config [--config PATH]
+    dqm-daemon upload FILE... --url URL --run N [--agent NAME] [--timestamp T] [--data-status S]
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import structlog
 from . import __version__
 from .logs import configure_logging
 from .service import serve
-from .settings import Settings, SettingsError, load_settings
+from .client import EXIT_USAGE, UploadOptions, upload_all
+from .settings import TOKEN_ENV_VAR, Settings, SettingsError, load_settings
 
 log = structlog.get_logger(__name__)
 
@@ -32,6 +34,20 @@ def _parser() -> argparse.ArgumentParser:
                                 help="validate a config and print the effective settings")
     for command in (run, check):
         command.add_argument("--config", type=Path, help="TOML config file (see README)")
+    upload = commands.add_parser(
+        "upload", help="upload DQM files to a receiver (token from $DQM_DAEMON_TOKEN or "
+        "--token-file, never from the command line)")
+    upload.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    upload.add_argument("--url", required=True, help="the receiver, e.g. http://host:8080")
+    upload.add_argument("--run", type=int, required=True, help="runNumber")
+    upload.add_argument("--agent", default="DQM", help="amoreAgent (default DQM)")
+    upload.add_argument("--timestamp", type=int,
+                        help="timeStamp, unix seconds (default: each file's modification time)")
+    upload.add_argument("--data-status", type=int, default=0,
+                        help="dataStatus: 1 start of data, 2 end, 0 middle (default)")
+    upload.add_argument("--token-file", type=Path, help="a file whose first line is the token")
+    upload.add_argument("--retries", type=int, default=5, help="attempts after the first")
+    upload.add_argument("--json", action="store_true", help="one JSON line per file")
     run.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     run.add_argument("--port", type=int, help="TCP port (default 8080)")
     run.add_argument("--data-dir", type=Path, help="files and catalog (default ./dqm-data)")
@@ -46,8 +62,33 @@ def _settings(arguments: argparse.Namespace) -> Settings:
     return settings
 
 
+def _upload(arguments: argparse.Namespace) -> int:
+    token = os.environ.get(TOKEN_ENV_VAR, "").strip()
+    if arguments.token_file is not None:
+        try:
+            token = arguments.token_file.read_text().splitlines()[0].strip()
+        except (OSError, IndexError) as exc:
+            print(f"dqm-daemon: cannot read a token from {arguments.token_file}: {exc}",
+                  file=sys.stderr)
+            return EXIT_USAGE
+    if not token:
+        print(f"dqm-daemon: no token: set {TOKEN_ENV_VAR} or pass --token-file",
+              file=sys.stderr)
+        return EXIT_USAGE
+    missing = [str(path) for path in arguments.files if not path.is_file()]
+    if missing:
+        print(f"dqm-daemon: not a file: {', '.join(missing)}", file=sys.stderr)
+        return EXIT_USAGE
+    options = UploadOptions(url=arguments.url, token=token, run=arguments.run,
+                            agent=arguments.agent, timestamp=arguments.timestamp,
+                            data_status=arguments.data_status, retries=arguments.retries)
+    return asyncio.run(upload_all(arguments.files, options, arguments.json))
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
+    if arguments.command == "upload":
+        return _upload(arguments)
     try:
         settings = _settings(arguments)
     except SettingsError as exc:

@@ -1,0 +1,177 @@
+"""The reference uploader: `dqm-daemon upload FILE... --url URL --run N --agent NAME`.
+
+Streams each file from disk with its SHA-256 as `Repr-Digest`, shows progress, retries network
+errors and 5xx/503 with backoff (honouring Retry-After) and stops at the first 4xx with the
+server's message. A retry sends the same name and digest, so it never stores a second copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiohttp
+
+CHUNK_BYTES = 1024 * 1024
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_GAVE_UP = 0, 1, 2, 3
+
+
+class UploadRefused(Exception):
+    """The daemon answered 4xx: retrying the same upload cannot help."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status, self.message = status, message
+
+
+class GaveUp(Exception):
+    """Every attempt failed on the network or with a server error."""
+
+
+@dataclass(frozen=True)
+class UploadOptions:
+    url: str
+    token: str
+    run: int
+    agent: str
+    timestamp: int | None  # None: the file's modification time (the same on every retry)
+    data_status: int
+    retries: int = 5
+    backoff_seconds: float = 1.0
+    max_backoff_seconds: float = 60.0
+
+
+class Progress:
+    """Bytes, rate and ETA: redrawn in place on a terminal, a plain line every 10% otherwise."""
+
+    def __init__(self, label: str, total: int, stream: TextIO) -> None:
+        self.label, self.total, self.stream = label, total, stream
+        self.sent = 0
+        self.started = time.monotonic()
+        self._drawn_at = 0.0
+        self._next_tenth = 1
+        self._terminal = stream.isatty()
+
+    def advance(self, count: int) -> None:
+        self.sent += count
+        now = time.monotonic()
+        if self._terminal and now - self._drawn_at >= 0.1:
+            self._drawn_at = now
+            self.stream.write(f"\r{self._line(now)}   ")
+            self.stream.flush()
+        elif not self._terminal and self.total and self.sent * 10 >= self._next_tenth * self.total:
+            self._next_tenth = self.sent * 10 // self.total + 1
+            self.stream.write(self._line(now) + "\n")
+
+    def restart(self) -> None:
+        self.sent, self.started, self._next_tenth = 0, time.monotonic(), 1
+
+    def done(self) -> None:
+        if self._terminal:
+            self.stream.write(f"\r{self._line(time.monotonic())}\n")
+
+    def _line(self, now: float) -> str:
+        elapsed = max(now - self.started, 1e-6)
+        rate = self.sent / elapsed
+        eta = (self.total - self.sent) / rate if rate else 0
+        percent = 100 * self.sent / self.total if self.total else 100
+        return (f"{self.label}: {percent:5.1f}% {self.sent / 2**20:,.1f}/"
+                f"{self.total / 2**20:,.1f} MiB {rate / 1e6:,.1f} MB/s ETA {eta:,.0f} s")
+
+
+def sha256_of(path: Path) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        while chunk := source.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.digest()
+
+
+async def _file_body(path: Path, progress: Progress) -> AsyncIterator[bytes]:
+    with open(path, "rb") as source:
+        while chunk := await asyncio.to_thread(source.read, CHUNK_BYTES):
+            progress.advance(len(chunk))
+            yield chunk
+
+
+def _retry_delay(attempt: int, options: UploadOptions, retry_after: str | None) -> float:
+    if retry_after and retry_after.strip().isdigit():
+        return float(retry_after)
+    return min(options.backoff_seconds * 2**attempt, options.max_backoff_seconds)
+
+
+async def upload_file(session: aiohttp.ClientSession, path: Path, options: UploadOptions,
+                      progress_stream: TextIO) -> dict[str, Any]:
+    """Upload one file; the daemon's answer (200 or 202) or UploadRefused / GaveUp."""
+    size = path.stat().st_size
+    timestamp = options.timestamp if options.timestamp is not None else int(path.stat().st_mtime)
+    digest = await asyncio.to_thread(sha256_of, path)
+    headers = {
+        "token": options.token,
+        "runNumber": str(options.run),
+        "timeStamp": str(timestamp),
+        "amoreAgent": options.agent,
+        "dataStatus": str(options.data_status),
+        "Repr-Digest": f"sha-256=:{base64.b64encode(digest).decode()}:",
+        "Content-Type": "application/octet-stream",
+        "Content-Length": str(size),
+    }
+    progress = Progress(path.name, size, progress_stream)
+    last_problem = ""
+    for attempt in range(options.retries + 1):
+        progress.restart()
+        try:
+            async with session.post(f"{options.url.rstrip('/')}/rest/api/files",
+                                    data=_file_body(path, progress), headers=headers) as answer:
+                body = await answer.json(content_type=None)
+                if answer.status in (200, 202):
+                    progress.done()
+                    return body
+                message = body.get("message", "") if isinstance(body, dict) else str(body)
+                if 400 <= answer.status < 500:
+                    raise UploadRefused(answer.status, message)
+                last_problem = f"{answer.status}: {message}"
+                delay = _retry_delay(attempt, options, answer.headers.get("Retry-After"))
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+            last_problem = f"{type(exc).__name__}: {exc}"
+            delay = _retry_delay(attempt, options, None)
+        if attempt < options.retries:
+            progress_stream.write(f"{path.name}: {last_problem}; retrying in {delay:g} s\n")
+            await asyncio.sleep(delay)
+    raise GaveUp(f"{path.name}: gave up after {options.retries + 1} attempts ({last_problem})")
+
+
+async def upload_all(paths: list[Path], options: UploadOptions, as_json: bool,
+                     out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=600)
+    exit_code = EXIT_OK
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        for path in paths:
+            try:
+                answer = await upload_file(session, path, options, err)
+            except UploadRefused as exc:
+                err.write(f"{path}: refused ({exc.status}): {exc.message}\n")
+                result = {"file": str(path), "status": exc.status, "message": exc.message}
+                exit_code = max(exit_code, EXIT_REFUSED)
+            except GaveUp as exc:
+                err.write(f"{exc}\n")
+                result = {"file": str(path), "status": None, "message": str(exc)}
+                exit_code = max(exit_code, EXIT_GAVE_UP)
+            else:
+                result = {"file": str(path), "status": answer["status"],
+                          "filename": answer["filename"], "sha256": answer["sha256"],
+                          "state": answer.get("state")}
+                if not as_json:
+                    out.write(f"{path} -> {answer['filename']} sha256 {answer['sha256']} "
+                              f"({answer.get('state')})\n")
+            if as_json:
+                out.write(json.dumps(result) + "\n")
+    return exit_code

@@ -1,0 +1,196 @@
+"""The reference uploader `dqm-daemon upload`, against the real daemon: output, refusals, token
+handling, retries through 503s and dropped connections, and never a second copy."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from .conftest import TOKEN, dqm_headers
+from .rootfiles import write_dqm_file, write_one_histogram_file
+
+
+async def run_client(*arguments: str, token: str | None = TOKEN) -> tuple[int, str, str]:
+    environment = {key: value for key, value in os.environ.items() if key != "DQM_DAEMON_TOKEN"}
+    if token is not None:
+        environment["DQM_DAEMON_TOKEN"] = token
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dqm_daemon", "upload", *arguments, env=environment,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 180)
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+def stored_dqm_files(data_dir: Path) -> list[Path]:
+    return sorted(data_dir.glob("*.root"))
+
+
+async def test_uploads_files_and_prints_names_and_digests(tmp_path, daemon):
+    """Each file is stored; the client prints its stored name and sha256 (or JSON lines)."""
+    daemon.start()
+    first = write_one_histogram_file(tmp_path / "first.root")
+    second = write_dqm_file(tmp_path / "second.root")
+    code, out, err = await run_client(str(first), "--url", daemon.url, "--run", "42",
+                                      "--agent", "EMC", "--timestamp", "1700000000")
+    assert code == 0, err
+    assert "first.root -> EMChistos_42_DQM_2023_11_14_23_13_20.root sha256 " \
+           f"{hashlib.sha256(first.read_bytes()).hexdigest()} (ok)" in out
+    code, out, err = await run_client(str(second), "--url", daemon.url, "--run", "43",
+                                      "--agent", "EMC", "--data-status", "2", "--json")
+    assert code == 0, err
+    (line,) = [json.loads(text) for text in out.splitlines()]
+    assert line["status"] == 200 and line["state"] == "ok"
+    assert line["sha256"] == hashlib.sha256(second.read_bytes()).hexdigest()
+    assert (daemon.data_dir / line["filename"]).read_bytes() == second.read_bytes()
+    assert "100.0%" in err  # plain progress lines when not on a terminal
+    assert TOKEN not in out + err
+
+
+async def test_refusal_exits_non_zero_with_the_servers_message(tmp_path, daemon):
+    """A 4xx stops that file with the server's message and a non-zero exit."""
+    daemon.start()
+    path = write_one_histogram_file(tmp_path / "h.root")
+    code, _, err = await run_client(str(path), "--url", daemon.url, "--run", "1",
+                                    "--agent", "bad/agent")
+    assert code == 1
+    assert "refused (400): Header amoreAgent 'bad/agent' is not a valid agent name" in err
+    code, _, err = await run_client(str(path), "--url", daemon.url, "--run", "1",
+                                    token="wrong-token")
+    assert code == 1 and "Received token, but it is invalid!" in err
+    assert stored_dqm_files(daemon.data_dir) == []
+
+
+async def test_token_from_a_file_never_from_the_command_line(tmp_path, daemon):
+    """The token comes from $DQM_DAEMON_TOKEN or --token-file; without one the client stops."""
+    daemon.start()
+    path = write_one_histogram_file(tmp_path / "h.root")
+    code, _, err = await run_client(str(path), "--url", daemon.url, "--run", "1", token=None)
+    assert code == 2 and "no token" in err
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    code, out, err = await run_client(str(path), "--url", daemon.url, "--run", "1",
+                                      "--token-file", str(token_file), token=None)
+    assert code == 0, err
+    assert TOKEN not in out + err
+
+
+async def test_retries_through_503_honouring_retry_after(tmp_path, daemon):
+    """While the daemon is full the client waits as told and then succeeds, once."""
+    config = tmp_path / "config.toml"
+    config.write_text("max_concurrent_uploads = 1\nretry_after_seconds = 1\n")
+    daemon.extra_args = ["--config", str(config)]
+    daemon.start()
+    blocker = write_one_histogram_file(tmp_path / "blocker.root").read_bytes()
+    release = asyncio.Event()
+
+    async def held():
+        yield blocker[:100]
+        await release.wait()
+        yield blocker[100:]
+
+    async with aiohttp.ClientSession() as session:
+        holding = asyncio.create_task(session.post(f"{daemon.url}/rest/api/files", data=held(),
+                                                   headers=dqm_headers(run=900)))
+        await asyncio.sleep(0.5)
+        path = write_dqm_file(tmp_path / "mine.root")
+        client = asyncio.create_task(run_client(str(path), "--url", daemon.url, "--run", "7"))
+        await asyncio.sleep(2.5)
+        release.set()
+        await (await holding).read()
+        code, out, err = await client
+    assert code == 0, err
+    assert "503: Too many uploads in progress (1); retry later; retrying in 1 s" in err
+    mine = [p for p in stored_dqm_files(daemon.data_dir) if "_7_" in p.name]
+    assert len(mine) == 1 and mine[0].read_bytes() == path.read_bytes()
+
+
+class DroppingProxy:
+    """A loopback TCP proxy that cuts its first connection after `cut_after` bytes upstream."""
+
+    def __init__(self, target_port: int, cut_after: int) -> None:
+        self.target_port, self.cut_after = target_port, cut_after
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _handle(self, client_reader, client_writer) -> None:
+        self.connections += 1
+        limit = self.cut_after if self.connections == 1 else None
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1",
+                                                                         self.target_port)
+
+        async def pump(reader, writer, budget):
+            sent = 0
+            try:
+                while data := await reader.read(65536):
+                    if budget is not None and sent + len(data) > budget:
+                        writer.write(data[:budget - sent])
+                        raise ConnectionAbortedError("cut by the test")
+                    sent += len(data)
+                    writer.write(data)
+                    await writer.drain()
+            finally:
+                for end in (client_writer, upstream_writer):
+                    end.close()
+
+        await asyncio.gather(pump(client_reader, upstream_writer, limit),
+                             pump(upstream_reader, client_writer, None),
+                             return_exceptions=True)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+@pytest.mark.parametrize("cut_after", [1_000, 700_000, 2_500_000])
+async def test_dropped_connection_is_retried_without_a_second_copy(tmp_path, daemon, cut_after):
+    """An upload cut at several offsets is sent again; the stored file is whole, its sha256
+    the source's, and there is exactly one of it."""
+    daemon.start()
+    rng = random.Random(cut_after)
+    path = tmp_path / "big.root"
+    path.write_bytes(write_one_histogram_file(tmp_path / "h.root").read_bytes()
+                     + rng.randbytes(3 * 1024 * 1024))
+    proxy = DroppingProxy(daemon.port, cut_after)
+    port = await proxy.start()
+    try:
+        code, out, err = await run_client(str(path), "--url", f"http://127.0.0.1:{port}",
+                                          "--run", "11", "--json")
+    finally:
+        await proxy.stop()
+    assert code == 0, err
+    assert "retrying in" in err and proxy.connections >= 2
+    (answer,) = [json.loads(line) for line in out.splitlines()]
+    assert answer["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert [p.name for p in stored_dqm_files(daemon.data_dir)] == [answer["filename"]]
+    for _ in range(50):  # the cut upload's temporary is removed when the daemon notices
+        if not list((daemon.data_dir / ".incoming").iterdir()):
+            break
+        await asyncio.sleep(0.1)
+    assert list((daemon.data_dir / ".incoming").iterdir()) == []
+
+
+async def test_running_the_client_again_stores_nothing_new(tmp_path, daemon):
+    """An agent that re-sends a file (it never saw the answer) gets the same name, one copy."""
+    daemon.start()
+    path = write_dqm_file(tmp_path / "again.root")
+    answers = []
+    for _ in range(2):
+        code, out, err = await run_client(str(path), "--url", daemon.url, "--run", "12",
+                                          "--json")
+        assert code == 0, err
+        answers.append(json.loads(out))
+    assert answers[0]["filename"] == answers[1]["filename"]
+    assert len(stored_dqm_files(daemon.data_dir)) == 1

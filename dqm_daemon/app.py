@@ -23,6 +23,7 @@ from .appkeys import (
     INSPECTORS,
     METRICS,
     PREVIEWER,
+    RESUMABLE,
     SETTINGS,
     STARTED_MONOTONIC,
     STORAGE,
@@ -36,6 +37,7 @@ from .metrics import Metrics
 from .middlewares import basic_auth_for_pages, errors_as_json, request_context, token_auth
 from .page_format import FILTERS
 from .previewer import Previewer
+from .resumable import ResumableUploads
 from .routes import setup_routes
 from .settings import Settings
 from .storage import Storage
@@ -51,6 +53,20 @@ async def storage_and_catalog(app: web.Application) -> AsyncIterator[None]:
     await app[CATALOG].open()
     yield
     await app[CATALOG].close()
+
+
+async def resumable_uploads(app: web.Application) -> AsyncIterator[None]:
+    """Take back unfinished resumable uploads, and sweep the expired ones."""
+    uploads = app[RESUMABLE]
+    restored = await asyncio.to_thread(uploads.load)
+    if restored:
+        log.info("resumable_uploads_restored", count=restored)
+    sweeper = asyncio.create_task(uploads.run_sweeper(app[SETTINGS].resumable_sweep_seconds),
+                                  name="resumable-sweeper")
+    yield
+    sweeper.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await sweeper
 
 
 async def inspection_workers(app: web.Application) -> AsyncIterator[None]:
@@ -110,9 +126,11 @@ def create_app(
         storage,
     )
     app[INGEST] = Ingest(catalog, storage)
+    app[RESUMABLE] = ResumableUploads(settings.resumable_dir, settings.resumable_expiry_seconds)
     app[UPLOADS] = UploadsInProgress(settings.max_concurrent_uploads, settings.retry_after_seconds)
     app[STARTED_MONOTONIC] = time.monotonic()
     app.cleanup_ctx.append(storage_and_catalog)
+    app.cleanup_ctx.append(resumable_uploads)
     app.cleanup_ctx.append(inspection_workers)
     web_files = importlib.resources.files("dqm_daemon.web")
     aiohttp_jinja2.setup(

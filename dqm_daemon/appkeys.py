@@ -10,6 +10,7 @@ from .inspection_pool import InspectorProcess
 from .inspection_queue import InspectionQueue
 from .metrics import Metrics
 from .previewer import Previewer
+from .resumable import ResumableUploads
 from .settings import Settings
 from .storage import Storage
 from .uploads import UploadsInProgress
@@ -21,6 +22,7 @@ INSPECTION_QUEUE = web.AppKey("inspection_queue", InspectionQueue)
 INSPECTORS = web.AppKey("inspectors", list[InspectorProcess])
 PREVIEWER = web.AppKey("previewer", Previewer)
 METRICS = web.AppKey("metrics", Metrics)
+RESUMABLE = web.AppKey("resumable_uploads", ResumableUploads)
 INGEST = web.AppKey("ingest", Ingest)
 UPLOADS = web.AppKey("uploads", UploadsInProgress)
 STARTED_MONOTONIC = web.AppKey("started_monotonic", float)

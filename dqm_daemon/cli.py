@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="dataStatus: 1 start of data, 2 end, 0 middle (default)")
     upload.add_argument("--token-file", type=Path, help="a file whose first line is the token")
     upload.add_argument("--retries", type=int, default=5, help="attempts after the first")
+    upload.add_argument("--resume-above", type=int, default=64 * 1024 * 1024, metavar="BYTES",
+                        help="files this large are sent resumably (default 64 MiB)")
     upload.add_argument("--json", action="store_true", help="one JSON line per file")
     run.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     run.add_argument("--port", type=int, help="TCP port (default 8080)")
@@ -81,7 +83,8 @@ def _upload(arguments: argparse.Namespace) -> int:
         return EXIT_USAGE
     options = UploadOptions(url=arguments.url, token=token, run=arguments.run,
                             agent=arguments.agent, timestamp=arguments.timestamp,
-                            data_status=arguments.data_status, retries=arguments.retries)
+                            data_status=arguments.data_status, retries=arguments.retries,
+                            resumable_threshold=arguments.resume_above)
     return asyncio.run(upload_all(arguments.files, options, arguments.json))
 
 

@@ -47,6 +47,9 @@ class UploadOptions:
     retries: int = 5
     backoff_seconds: float = 1.0
     max_backoff_seconds: float = 60.0
+    # Files at least this large go through the resumable (tus) endpoints: a dropped link
+    # resumes where it stopped instead of starting again.
+    resumable_threshold: int = 64 * 1024 * 1024
 
 
 class Progress:
@@ -95,8 +98,9 @@ def sha256_of(path: Path) -> bytes:
     return digest.digest()
 
 
-async def _file_body(path: Path, progress: Progress) -> AsyncIterator[bytes]:
+async def _file_body(path: Path, progress: Progress, offset: int = 0) -> AsyncIterator[bytes]:
     with open(path, "rb") as source:
+        source.seek(offset)
         while chunk := await asyncio.to_thread(source.read, CHUNK_BYTES):
             progress.advance(len(chunk))
             yield chunk
@@ -108,22 +112,28 @@ def _retry_delay(attempt: int, options: UploadOptions, retry_after: str | None) 
     return min(options.backoff_seconds * 2**attempt, options.max_backoff_seconds)
 
 
-async def upload_file(session: aiohttp.ClientSession, path: Path, options: UploadOptions,
-                      progress_stream: TextIO) -> dict[str, Any]:
-    """Upload one file; the daemon's answer (200 or 202) or UploadRefused / GaveUp."""
-    size = path.stat().st_size
+def _upload_headers(path: Path, options: UploadOptions, digest: bytes) -> dict[str, str]:
+    """The DQM headers; the same on every attempt, so a retry is recognised as the same file."""
     timestamp = options.timestamp if options.timestamp is not None else int(path.stat().st_mtime)
-    digest = await asyncio.to_thread(sha256_of, path)
-    headers = {
+    return {
         "token": options.token,
         "runNumber": str(options.run),
         "timeStamp": str(timestamp),
         "amoreAgent": options.agent,
         "dataStatus": str(options.data_status),
         "Repr-Digest": f"sha-256=:{base64.b64encode(digest).decode()}:",
-        "Content-Type": "application/octet-stream",
-        "Content-Length": str(size),
     }
+
+
+async def upload_file(session: aiohttp.ClientSession, path: Path, options: UploadOptions,
+                      progress_stream: TextIO) -> dict[str, Any]:
+    """Upload one file; the daemon's answer (200 or 202) or UploadRefused / GaveUp."""
+    size = path.stat().st_size
+    digest = await asyncio.to_thread(sha256_of, path)
+    headers = _upload_headers(path, options, digest)
+    if size >= options.resumable_threshold:
+        return await _resumable_upload(session, path, options, headers, size, progress_stream)
+    headers.update({"Content-Type": "application/octet-stream", "Content-Length": str(size)})
     progress = Progress(path.name, size, progress_stream)
     last_problem = ""
     for attempt in range(options.retries + 1):
@@ -147,6 +157,86 @@ async def upload_file(session: aiohttp.ClientSession, path: Path, options: Uploa
             progress_stream.write(f"{path.name}: {last_problem}; retrying in {delay:g} s\n")
             await asyncio.sleep(delay)
     raise GaveUp(f"{path.name}: gave up after {options.retries + 1} attempts ({last_problem})")
+
+
+TUS = {"Tus-Resumable": "1.0.0"}
+
+
+async def _resumable_upload(session: aiohttp.ClientSession, path: Path, options: UploadOptions,
+                            headers: dict[str, str], size: int,
+                            progress_stream: TextIO) -> dict[str, Any]:
+    """Create a tus upload, then PATCH from wherever the daemon says it stands, until done."""
+    base = options.url.rstrip("/")
+    progress = Progress(path.name, size, progress_stream)
+    location = None
+    last_problem = ""
+    for attempt in range(options.retries + 1):
+        try:
+            if location is None:
+                async with session.post(f"{base}/rest/api/uploads/", headers={
+                        **headers, **TUS, "Upload-Length": str(size)}) as answer:
+                    if answer.status != 201:
+                        await _refuse_or_retry(answer)
+                    location = base + answer.headers["Location"]
+            async with session.head(location, headers={"token": options.token, **TUS}) as answer:
+                if answer.status == 404:
+                    location = None  # expired: start a new upload (the daemon dedups)
+                    raise aiohttp.ClientError("the unfinished upload expired")
+                if answer.status != 200:
+                    await _refuse_or_retry(answer)
+                if "DQM-Filename" in answer.headers:
+                    return _finished(answer.headers)
+                offset = int(answer.headers["Upload-Offset"])
+            progress.restart()
+            progress.sent = offset
+            async with session.patch(location, data=_file_body(path, progress, offset), headers={
+                    "token": options.token, **TUS, "Upload-Offset": str(offset),
+                    "Content-Type": "application/offset+octet-stream",
+                    "Content-Length": str(size - offset)}) as answer:
+                if answer.status != 204:
+                    await _refuse_or_retry(answer)
+                if "DQM-Filename" in answer.headers:
+                    progress.done()
+                    return _finished(answer.headers)
+            continue  # the PATCH ended early: ask where we stand
+        except UploadRefused:
+            raise
+        except _RetryLater as exc:
+            last_problem, delay = str(exc), _retry_delay(attempt, options, exc.retry_after)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError) as exc:
+            last_problem = f"{type(exc).__name__}: {exc}"
+            delay = _retry_delay(attempt, options, None)
+        if attempt < options.retries:
+            progress_stream.write(f"{path.name}: {last_problem}; resuming in {delay:g} s\n")
+            await asyncio.sleep(delay)
+    raise GaveUp(f"{path.name}: gave up after {options.retries + 1} attempts ({last_problem})")
+
+
+class _RetryLater(Exception):
+    def __init__(self, message: str, retry_after: str | None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+async def _refuse_or_retry(answer: aiohttp.ClientResponse) -> None:
+    """A 4xx refuses the file (409/423: someone else moved the offset, ask again); the rest is
+    worth another try."""
+    try:
+        message = (await answer.json(content_type=None)).get("message", "")
+    except (ValueError, AttributeError):
+        message = answer.reason or ""
+    if 400 <= answer.status < 500 and answer.status not in (409, 423, 460):
+        raise UploadRefused(answer.status, message)
+    raise _RetryLater(f"{answer.status}: {message}", answer.headers.get("Retry-After"))
+
+
+def _finished(headers: Any) -> dict[str, Any]:
+    state = headers.get("DQM-State")
+    if state == "invalid":
+        raise UploadRefused(400, "Successfully received the file, but the file is not valid! "
+                            f"({headers.get('DQM-Reason', '')})")
+    return {"status": 200 if state == "ok" else 202, "filename": headers["DQM-Filename"],
+            "sha256": headers["DQM-Sha256"], "state": state}
 
 
 async def upload_all(paths: list[Path], options: UploadOptions, as_json: bool,

@@ -9,6 +9,7 @@ from aiohttp import web
 from .handlers.files import download_file, file_info, list_files
 from .handlers.health import healthz, metrics
 from .handlers.pages import file_data, page, root, run_data, status_data, twin
+from .handlers import resumable_uploads as tus
 from .handlers.upload import expect_continue, post_file
 
 
@@ -29,3 +30,10 @@ def setup_routes(app: web.Application, static_dir: Path) -> None:
     app.router.add_post("/rest/api/files", post_file, expect_handler=expect_continue)
     app.router.add_get("/rest/api/files/{filename}", download_file)
     app.router.add_get("/rest/api/files/{filename}/info", file_info)
+    # Resumable uploads (tus 1.0.0).
+    for collection in ("/rest/api/uploads", "/rest/api/uploads/"):
+        app.router.add_route("OPTIONS", collection, tus.options)
+        app.router.add_post(collection, tus.create)
+    app.router.add_route("HEAD", "/rest/api/uploads/{upload_id}", tus.head)
+    app.router.add_patch("/rest/api/uploads/{upload_id}", tus.patch)
+    app.router.add_delete("/rest/api/uploads/{upload_id}", tus.terminate)

@@ -66,6 +66,10 @@ class Settings:
     silent_minimum_seconds: float = 120.0
     # The usual interval assumed for an agent that has sent only one file so far.
     default_agent_interval_seconds: float = 300.0
+    # An unfinished resumable upload untouched this long is removed.
+    resumable_expiry_seconds: float = 86400.0
+    # How often expired resumable uploads are looked for.
+    resumable_sweep_seconds: float = 60.0
     # On SIGTERM, uploads in flight get this long to finish (systemd's TimeoutStopSec is longer).
     shutdown_grace_seconds: float = 30.0
     # Pages reload themselves this often.
@@ -80,7 +84,8 @@ class Settings:
                         "inspection_time_limit_seconds", "inspection_memory_cap_bytes",
                         "inspection_backlog_warning", "silent_after_intervals",
                         "inspection_sweep_seconds", "silent_minimum_seconds",
-                        "shutdown_grace_seconds",
+                        "shutdown_grace_seconds", "resumable_expiry_seconds",
+                        "resumable_sweep_seconds",
                         "default_agent_interval_seconds", "page_refresh_seconds")
         if self.pages_basic_auth and ":" not in self.pages_basic_auth:
             raise SettingsError("pages_basic_auth: expected \"user:password\"")
@@ -107,6 +112,11 @@ class Settings:
     def incoming_dir(self) -> Path:
         """Uploads in progress: same filesystem as the data directory, so commit is a rename."""
         return self.data_dir / ".incoming"
+
+    @property
+    def resumable_dir(self) -> Path:
+        """Unfinished resumable uploads: never under a DQM name, never listed."""
+        return self.data_dir / ".resumable"
 
     @property
     def quarantine_dir(self) -> Path:

@@ -113,11 +113,14 @@ async def test_retries_through_503_honouring_retry_after(tmp_path, daemon):
 
 
 class DroppingProxy:
-    """A loopback TCP proxy that cuts its first connection after `cut_after` bytes upstream."""
+    """A loopback TCP proxy that cuts, once, the connection carrying the byte at `cut_after`
+    of everything sent upstream, and counts what it forwarded."""
 
     def __init__(self, target_port: int, cut_after: int) -> None:
         self.target_port, self.cut_after = target_port, cut_after
         self.connections = 0
+        self.forwarded = 0  # bytes that reached the daemon
+        self.cut_done = False
         self.server: asyncio.Server | None = None
 
     async def start(self) -> int:
@@ -126,26 +129,28 @@ class DroppingProxy:
 
     async def _handle(self, client_reader, client_writer) -> None:
         self.connections += 1
-        limit = self.cut_after if self.connections == 1 else None
         upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1",
                                                                          self.target_port)
 
-        async def pump(reader, writer, budget):
-            sent = 0
+        async def pump(reader, writer, upstream: bool):
             try:
                 while data := await reader.read(65536):
-                    if budget is not None and sent + len(data) > budget:
-                        writer.write(data[:budget - sent])
+                    if upstream and not self.cut_done and \
+                            self.forwarded + len(data) > self.cut_after:
+                        self.cut_done = True
+                        writer.write(data[:self.cut_after - self.forwarded])
+                        self.forwarded = self.cut_after
                         raise ConnectionAbortedError("cut by the test")
-                    sent += len(data)
+                    if upstream:
+                        self.forwarded += len(data)
                     writer.write(data)
                     await writer.drain()
             finally:
                 for end in (client_writer, upstream_writer):
                     end.close()
 
-        await asyncio.gather(pump(client_reader, upstream_writer, limit),
-                             pump(upstream_reader, client_writer, None),
+        await asyncio.gather(pump(client_reader, upstream_writer, True),
+                             pump(upstream_reader, client_writer, False),
                              return_exceptions=True)
 
     async def stop(self) -> None:

@@ -11,9 +11,10 @@ from typing import TypeVar
 import structlog
 from aiohttp import BodyPartReader, web
 
-from ..appkeys import INGEST, INSPECTION_QUEUE, METRICS, SETTINGS, STORAGE, UPLOADS
+from ..appkeys import INGEST, INSPECTION_QUEUE, METRICS, RESUMABLE, SETTINGS, STORAGE, UPLOADS
 from ..catalog import OK, FileRecord
 from ..digests import check_digests, expected_digests
+from ..ingest import Commit
 from ..middlewares import UPLOADER, error_response, uploader_for_token
 from ..naming import parse_dqm_headers
 from ..settings import Settings
@@ -34,8 +35,10 @@ T = TypeVar("T")
 SKIPPED_FIELD_CHUNK = 64 * 1024
 
 
-def _check_room(settings: Settings, storage: Storage, declared_length: int | None) -> None:
-    """Refuse before reading a byte when the upload cannot fit."""
+def check_room(app: web.Application, declared_length: int | None) -> None:
+    """Refuse before reading a byte when the upload cannot fit. Bytes promised to unfinished
+    resumable uploads count as used."""
+    settings, storage = app[SETTINGS], app[STORAGE]
     if declared_length is not None and declared_length > settings.max_upload_bytes:
         raise web.HTTPRequestEntityTooLarge(
             max_size=settings.max_upload_bytes,
@@ -43,7 +46,8 @@ def _check_room(settings: Settings, storage: Storage, declared_length: int | Non
             text=f"Upload of {declared_length} bytes exceeds the maximum of "
             f"{settings.max_upload_bytes} bytes",
         )
-    if storage.free_bytes() < settings.disk_reserve_bytes:
+    available = storage.free_bytes() - app[RESUMABLE].reserved_bytes() - (declared_length or 0)
+    if available < settings.disk_reserve_bytes:
         raise web.HTTPInsufficientStorage(
             text="Not enough free disk space on the receiver; nothing was kept"
         )
@@ -59,7 +63,7 @@ async def expect_continue(request: web.Request) -> web.Response | None:
         uploader_for_token(request.headers, settings.tokens)
         parse_dqm_headers(request.headers)
         expected_digests(request.headers)
-        _check_room(settings, request.app[STORAGE], request.content_length)
+        check_room(request.app, request.content_length)
     except web.HTTPException as exc:
         response = error_response(exc)
         response.force_close()
@@ -195,7 +199,7 @@ async def _store_and_answer(request: web.Request, outcome: dict[str, str]) -> we
     structlog.contextvars.bind_contextvars(agent=dqm.agent, run=dqm.run_number)
     uploader = request[UPLOADER]
     with request.app[UPLOADS].slot(uploader, dqm.agent, dqm.run_number) as progress:
-        _check_room(settings, request.app[STORAGE], request.content_length)
+        check_room(request.app, request.content_length)
         incoming = await request.app[STORAGE].open_incoming(with_md5=digests.wants_md5)
         try:
             await _receive(request, incoming, progress)
@@ -214,18 +218,8 @@ async def _store_and_answer(request: web.Request, outcome: dict[str, str]) -> we
         finally:
             structlog.contextvars.bind_contextvars(bytes=progress.received_bytes)
             request.app[METRICS].received_bytes.inc(progress.received_bytes)
+    inspected = await inspect_within_budget(request.app, commit)
     record = commit.record
-    inspection_queue = request.app[INSPECTION_QUEUE]
-    deadline = asyncio.get_running_loop().time() + settings.inspection_budget_seconds
-    inspected = None
-    try:
-        if not commit.duplicate:
-            # A full queue leaves the file pending: the sweeper queues it later.
-            await asyncio.wait_for(inspection_queue.put(record), settings.inspection_budget_seconds)
-        remaining = deadline - asyncio.get_running_loop().time()
-        inspected = await inspection_queue.wait_inspected(record.name, max(remaining, 0.0))
-    except TimeoutError:
-        pass
     if inspected is None:
         outcome["result"] = "pending"
         response = _answer(record, request, status=202, message="Received; inspection pending")
@@ -235,3 +229,18 @@ async def _store_and_answer(request: web.Request, outcome: dict[str, str]) -> we
     if inspected.state == OK:
         return _answer(inspected, request, status=200, message=SUCCESS_MESSAGE)
     return _answer(inspected, request, status=400, message=INVALID_MESSAGE)
+
+
+async def inspect_within_budget(app: web.Application, commit: Commit) -> FileRecord | None:
+    """Queue a committed file and wait for its inspection up to the budget; None if it is
+    still pending then (a full queue leaves it pending too: the sweeper queues it later)."""
+    settings, inspection_queue = app[SETTINGS], app[INSPECTION_QUEUE]
+    deadline = asyncio.get_running_loop().time() + settings.inspection_budget_seconds
+    try:
+        if not commit.duplicate:
+            await asyncio.wait_for(inspection_queue.put(commit.record),
+                                   settings.inspection_budget_seconds)
+        remaining = deadline - asyncio.get_running_loop().time()
+        return await inspection_queue.wait_inspected(commit.record.name, max(remaining, 0.0))
+    except TimeoutError:
+        return None

@@ -1,0 +1,233 @@
+"""Resumable uploads under /rest/api/uploads/ (tus 1.0.0: core, creation, checksum and
+termination). A finished upload goes through the same commit, naming, dedup and inspection as
+a POST; the final PATCH answers with the stored file in `DQM-*` headers."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+from typing import Any
+
+import structlog
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from ..appkeys import INGEST, RESUMABLE, SETTINGS, UPLOADS
+from ..catalog import FileRecord
+from ..digests import ExpectedDigests, check_digests, expected_digests
+from ..middlewares import UPLOADER
+from ..naming import parse_dqm_headers
+from ..resumable import ResumableUpload
+from .upload import check_room, inspect_within_budget
+
+log = structlog.get_logger(__name__)
+
+TUS_VERSION = "1.0.0"
+TUS = {"Tus-Resumable": TUS_VERSION}
+CHECKSUMS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "md5": hashlib.md5}
+DQM_METADATA = ("runNumber", "timeStamp", "amoreAgent", "dataStatus")
+OFFSET_CONTENT_TYPE = "application/offset+octet-stream"
+
+
+class HTTPLocked(web.HTTPClientError):
+    """Another request is writing to this upload (WebDAV's 423, as tus servers use it)."""
+
+    status_code = 423
+
+
+class HTTPChecksumMismatch(web.HTTPClientError):
+    """tus checksum extension: the chunk is not what its Upload-Checksum says."""
+
+    status_code = 460
+
+
+def _tus_version(request: web.Request) -> None:
+    if request.headers.get("Tus-Resumable") != TUS_VERSION:
+        raise web.HTTPPreconditionFailed(
+            text=f"Tus-Resumable must be {TUS_VERSION}",
+            headers={"Tus-Version": TUS_VERSION, **TUS})
+
+
+def _metadata(header: str | None) -> dict[str, str]:
+    """`Upload-Metadata: key base64value, key2 base64value`."""
+    values: dict[str, str] = {}
+    for pair in (header or "").split(","):
+        if not pair.strip():
+            continue
+        key, _, encoded = pair.strip().partition(" ")
+        try:
+            values[key] = base64.b64decode(encoded, validate=True).decode() if encoded else ""
+        except (binascii.Error, UnicodeDecodeError):
+            raise web.HTTPBadRequest(text=f"Upload-Metadata value of {key!r} is not base64",
+                                     headers=TUS) from None
+    return values
+
+
+def _length(request: web.Request) -> int:
+    raw = request.headers.get("Upload-Length")
+    if raw is None or not raw.strip().isdigit():
+        raise web.HTTPBadRequest(text=f"Upload-Length must be a non-negative integer, got {raw!r}"
+                                 " (Upload-Defer-Length is not supported)", headers=TUS)
+    return int(raw)
+
+
+def _upload(request: web.Request) -> ResumableUpload:
+    upload = request.app[RESUMABLE].get(request.match_info["upload_id"])
+    if upload is None:
+        raise web.HTTPNotFound(text="No such upload (finished, terminated or expired)",
+                               headers=TUS)
+    return upload
+
+
+def _file_headers(record: FileRecord) -> dict[str, str]:
+    headers = {"DQM-Filename": record.name, "DQM-Sha256": record.sha256, "DQM-State": record.state,
+               "DQM-Info": f"/rest/api/files/{record.name}/info"}
+    if record.reason:
+        headers["DQM-Reason"] = record.reason.encode("ascii", "replace").decode()
+    return headers
+
+
+async def options(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    return web.Response(status=204, headers={
+        **TUS, "Tus-Version": TUS_VERSION, "Tus-Extension": "creation,checksum,termination",
+        "Tus-Max-Size": str(settings.max_upload_bytes),
+        "Tus-Checksum-Algorithm": ",".join(CHECKSUMS)})
+
+
+async def create(request: web.Request) -> web.Response:
+    _tus_version(request)
+    length = _length(request)
+    # The DQM headers come as Upload-Metadata or as plain headers (headers win).
+    fields = _metadata(request.headers.get("Upload-Metadata"))
+    fields.update({name: request.headers[name] for name in DQM_METADATA if name in request.headers})
+    dqm = parse_dqm_headers(fields)
+    digests = expected_digests(request.headers)
+    check_room(request.app, length)
+    upload = await request.app[RESUMABLE].create(length, dqm, request[UPLOADER], digests.sha256)
+    log.info("resumable_upload_created", upload_id=upload.upload_id, length=length,
+             agent=dqm.agent, run=dqm.run_number)
+    return web.Response(status=201, headers={
+        **TUS, "Location": f"/rest/api/uploads/{upload.upload_id}"})
+
+
+async def head(request: web.Request) -> web.Response:
+    _tus_version(request)
+    finished = request.app[RESUMABLE].finished_result(request.match_info["upload_id"])
+    if finished is not None:
+        return web.Response(status=200, headers={**TUS, "Cache-Control": "no-store",
+                                                 **finished})
+    upload = _upload(request)
+    return web.Response(status=200, headers={
+        **TUS, "Cache-Control": "no-store", "Upload-Offset": str(upload.offset),
+        "Upload-Length": str(upload.length)})
+
+
+def _chunk_checksum(request: web.Request) -> tuple[Any, bytes] | None:
+    raw = request.headers.get("Upload-Checksum")
+    if raw is None:
+        return None
+    algorithm, _, encoded = raw.strip().partition(" ")
+    if algorithm not in CHECKSUMS:
+        raise web.HTTPBadRequest(text=f"Upload-Checksum algorithm {algorithm!r} is not "
+                                 f"supported ({', '.join(CHECKSUMS)})", headers=TUS)
+    try:
+        return CHECKSUMS[algorithm](), base64.b64decode(encoded, validate=True)
+    except binascii.Error:
+        raise web.HTTPBadRequest(text="Upload-Checksum value is not base64",
+                                 headers=TUS) from None
+
+
+def _append_sync(upload: ResumableUpload, chunk: bytes, chunk_hasher: Any) -> None:
+    with open(upload.path, "r+b") as part:
+        part.seek(upload.offset)
+        part.write(chunk)
+    if upload.hasher is not None:
+        upload.hasher.update(chunk)
+    if chunk_hasher is not None:
+        chunk_hasher.update(chunk)
+    upload.offset += len(chunk)
+
+
+def _truncate_sync(upload: ResumableUpload, offset: int) -> None:
+    with open(upload.path, "r+b") as part:
+        part.truncate(offset)
+    upload.offset = offset
+    upload.hasher = None  # it has seen bytes now thrown away: recomputed at completion
+
+
+async def patch(request: web.Request) -> web.Response:
+    _tus_version(request)
+    if request.content_type != OFFSET_CONTENT_TYPE:
+        raise web.HTTPUnsupportedMediaType(text=f"Content-Type must be {OFFSET_CONTENT_TYPE}",
+                                           headers=TUS)
+    upload = _upload(request)
+    if upload.lock.locked():
+        raise HTTPLocked(text="Another PATCH is writing to this upload", headers=TUS)
+    async with upload.lock:
+        if request.headers.get("Upload-Offset") != str(upload.offset):
+            raise web.HTTPConflict(text=f"Upload-Offset must be {upload.offset}, got "
+                                   f"{request.headers.get('Upload-Offset')!r}", headers=TUS)
+        checksum = _chunk_checksum(request)
+        start = upload.offset
+        settings = request.app[SETTINGS]
+        with request.app[UPLOADS].slot(upload.uploader, upload.dqm.agent, upload.dqm.run_number):
+            try:
+                while chunk := await asyncio.wait_for(
+                        request.content.read(settings.chunk_bytes),
+                        settings.read_timeout_seconds):
+                    if upload.offset + len(chunk) > upload.length:
+                        await asyncio.to_thread(_truncate_sync, upload, start)
+                        raise web.HTTPRequestEntityTooLarge(
+                            max_size=upload.length, actual_size=upload.offset + len(chunk),
+                            text="More bytes than Upload-Length", headers=TUS)
+                    await asyncio.to_thread(_append_sync, upload, chunk,
+                                            checksum[0] if checksum else None)
+            except (TimeoutError, ConnectionError, HttpProcessingError, asyncio.CancelledError):
+                # Keep what arrived (that is the point of resuming), unless a checksum must
+                # vouch for the whole chunk.
+                if checksum is not None:
+                    await asyncio.shield(asyncio.to_thread(_truncate_sync, upload, start))
+                await asyncio.shield(request.app[RESUMABLE].record_progress(upload))
+                raise
+            if checksum is not None and checksum[0].digest() != checksum[1]:
+                await asyncio.to_thread(_truncate_sync, upload, start)
+                await request.app[RESUMABLE].record_progress(upload)
+                raise HTTPChecksumMismatch(text="Upload-Checksum does not match the chunk",
+                                           headers=TUS)
+            await request.app[RESUMABLE].record_progress(upload)
+        headers = {**TUS, "Upload-Offset": str(upload.offset)}
+        if upload.offset == upload.length:
+            headers.update(await _complete(request, upload))
+    return web.Response(status=204, headers=headers)
+
+
+async def _complete(request: web.Request, upload: ResumableUpload) -> dict[str, str]:
+    """The last byte arrived: commit and inspect exactly as a POST would."""
+    app = request.app
+    finished = await app[RESUMABLE].finish(upload, app[SETTINGS].chunk_bytes)
+    try:
+        check_digests(ExpectedDigests(sha256=upload.expected_sha256), finished.sha256, None)
+        commit = await app[INGEST].commit(finished, upload.dqm, upload.uploader)
+    except BaseException:
+        await asyncio.shield(finished.discard())
+        raise
+    await finished.discard()  # the sidecar (the part file was linked into place or discarded)
+    inspected = await inspect_within_budget(app, commit)
+    file_headers = _file_headers(inspected or commit.record)
+    app[RESUMABLE].remember_finished(upload.upload_id, {
+        "Upload-Offset": str(upload.length), "Upload-Length": str(upload.length), **file_headers})
+    log.info("resumable_upload_finished", upload_id=upload.upload_id,
+             file=commit.record.name, duplicate=commit.duplicate)
+    return file_headers
+
+
+async def terminate(request: web.Request) -> web.Response:
+    _tus_version(request)
+    upload = _upload(request)
+    if upload.lock.locked():
+        raise HTTPLocked(text="A PATCH is writing to this upload", headers=TUS)
+    await request.app[RESUMABLE].terminate(upload)
+    return web.Response(status=204, headers=TUS)

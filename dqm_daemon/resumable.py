@@ -1,0 +1,181 @@
+"""Resumable uploads (tus 1.0): partial files in `.resumable/` of the data directory, each with a
+small JSON sidecar, so an upload survives a dropped link and a daemon restart. A partial file is
+never visible under a DQM name; when complete it is committed exactly like a POSTed file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from .naming import DQMHeaders
+from .storage import fsync_directory, sha256_of_file
+
+log = structlog.get_logger(__name__)
+
+PART_SUFFIX, STATE_SUFFIX = ".part", ".json"
+FINISHED_KEPT = 1000
+
+
+@dataclasses.dataclass
+class ResumableUpload:
+    upload_id: str
+    length: int
+    offset: int
+    dqm: DQMHeaders
+    uploader: str
+    expected_sha256: bytes | None  # from Repr-Digest at creation, checked at completion
+    last_activity: float  # unix seconds
+    path: Path
+    # The running hash of the bytes so far; lost on restart (recomputed at completion then).
+    hasher: Any = None
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+
+    @property
+    def remaining(self) -> int:
+        return self.length - self.offset
+
+    def state(self) -> dict[str, Any]:
+        return {"length": self.length, "offset": self.offset, "uploader": self.uploader,
+                "dqm": dataclasses.asdict(self.dqm), "last_activity": self.last_activity,
+                "expected_sha256": self.expected_sha256.hex() if self.expected_sha256 else None}
+
+
+class FinishedUpload:
+    """A complete resumable upload, shaped like an IncomingFile for `Ingest.commit`."""
+
+    def __init__(self, path: Path, size: int, sha256: str, state_path: Path) -> None:
+        self.path, self.size, self.sha256 = path, size, sha256
+        self._state_path = state_path
+
+    async def discard(self) -> None:
+        await asyncio.to_thread(self._discard_sync)
+
+    def _discard_sync(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self._state_path.unlink(missing_ok=True)
+
+
+class ResumableUploads:
+    def __init__(self, directory: Path, expiry_seconds: float) -> None:
+        self.directory = directory
+        self.expiry_seconds = expiry_seconds
+        self._uploads: dict[str, ResumableUpload] = {}
+        # The answers of recently finished uploads, for a client that lost the last one.
+        self._finished: OrderedDict[str, dict[str, str]] = OrderedDict()
+
+    def remember_finished(self, upload_id: str, result: dict[str, str]) -> None:
+        self._finished[upload_id] = result
+        while len(self._finished) > FINISHED_KEPT:
+            self._finished.popitem(last=False)
+
+    def finished_result(self, upload_id: str) -> dict[str, str] | None:
+        return self._finished.get(upload_id)
+
+    def reserved_bytes(self) -> int:
+        """Bytes promised to unfinished uploads: they count against the free-disk reserve."""
+        return sum(upload.remaining for upload in self._uploads.values())
+
+    def __len__(self) -> int:
+        return len(self._uploads)
+
+    def get(self, upload_id: str) -> ResumableUpload | None:
+        return self._uploads.get(upload_id)
+
+    def _state_path(self, upload_id: str) -> Path:
+        return self.directory / f"{upload_id}{STATE_SUFFIX}"
+
+    def load(self) -> int:
+        """At start-up: take back the unfinished uploads a previous run left."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for state_path in self.directory.glob(f"*{STATE_SUFFIX}"):
+            upload_id = state_path.stem
+            part = self.directory / f"{upload_id}{PART_SUFFIX}"
+            try:
+                state = json.loads(state_path.read_text())
+                offset = part.stat().st_size  # the bytes really on disk decide
+            except (OSError, ValueError):
+                state_path.unlink(missing_ok=True)
+                part.unlink(missing_ok=True)
+                continue
+            expected = state["expected_sha256"]
+            self._uploads[upload_id] = ResumableUpload(
+                upload_id=upload_id, length=state["length"], offset=min(offset, state["length"]),
+                dqm=DQMHeaders(**state["dqm"]), uploader=state["uploader"],
+                expected_sha256=bytes.fromhex(expected) if expected else None,
+                last_activity=state["last_activity"], path=part)
+        return len(self._uploads)
+
+    def _save(self, upload: ResumableUpload) -> None:
+        temporary = self._state_path(upload.upload_id).with_suffix(".tmp")
+        temporary.write_text(json.dumps(upload.state()))
+        os.replace(temporary, self._state_path(upload.upload_id))
+
+    async def create(self, length: int, dqm: DQMHeaders, uploader: str,
+                     expected_sha256: bytes | None) -> ResumableUpload:
+        upload_id = uuid.uuid4().hex
+        upload = ResumableUpload(upload_id=upload_id, length=length, offset=0, dqm=dqm,
+                                 uploader=uploader, expected_sha256=expected_sha256,
+                                 last_activity=time.time(),
+                                 path=self.directory / f"{upload_id}{PART_SUFFIX}",
+                                 hasher=hashlib.sha256())
+
+        def create_files() -> None:
+            upload.path.touch(exist_ok=False)
+            self._save(upload)
+            fsync_directory(self.directory)
+
+        await asyncio.to_thread(create_files)
+        self._uploads[upload_id] = upload
+        return upload
+
+    async def record_progress(self, upload: ResumableUpload) -> None:
+        upload.last_activity = time.time()
+        await asyncio.to_thread(self._save, upload)
+
+    async def finish(self, upload: ResumableUpload, chunk_bytes: int) -> FinishedUpload:
+        """The complete file, fsynced, with its SHA-256; no longer an unfinished upload."""
+
+        def finish_sync() -> str:
+            with open(upload.path, "rb+") as part:
+                os.fsync(part.fileno())
+            if upload.hasher is not None:
+                return upload.hasher.hexdigest()
+            return sha256_of_file(upload.path, chunk_bytes)  # after a restart
+
+        sha256 = await asyncio.to_thread(finish_sync)
+        self._uploads.pop(upload.upload_id, None)
+        return FinishedUpload(upload.path, upload.length, sha256,
+                              self._state_path(upload.upload_id))
+
+    async def terminate(self, upload: ResumableUpload) -> None:
+        self._uploads.pop(upload.upload_id, None)
+        await FinishedUpload(upload.path, 0, "", self._state_path(upload.upload_id)).discard()
+
+    async def sweep_expired(self) -> int:
+        now = time.time()
+        expired = [upload for upload in self._uploads.values()
+                   if now - upload.last_activity > self.expiry_seconds and not upload.lock.locked()]
+        for upload in expired:
+            await self.terminate(upload)
+            log.info("resumable_upload_expired", upload_id=upload.upload_id,
+                     offset=upload.offset, length=upload.length)
+        return len(expired)
+
+    async def run_sweeper(self, interval_seconds: float) -> None:
+        while True:
+            await asyncio.sleep(interval_seconds)
+            try:
+                await self.sweep_expired()
+            except Exception:
+                log.exception("resumable_sweep_failed")

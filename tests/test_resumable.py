@@ -1,0 +1,182 @@
+"""Resumable uploads (tus 1.0.0) on the real daemon: the reference tus client, the project's own
+client resuming through dropped connections, checksums, locking, termination and expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import hashlib
+import json
+import random
+
+import aiohttp
+import pytest
+
+from .conftest import TOKEN
+from .rootfiles import write_dqm_file, write_one_histogram_file
+from .test_client import DroppingProxy, run_client
+
+TUS = {"Tus-Resumable": "1.0.0", "token": TOKEN}
+
+
+def _metadata(**values: str) -> str:
+    return ",".join(f"{key} {base64.b64encode(value.encode()).decode()}"
+                    for key, value in values.items())
+
+
+async def _create(session, url: str, length: int, **extra_headers) -> str:
+    async with session.post(f"{url}/rest/api/uploads/", headers={
+            **TUS, "Upload-Length": str(length),
+            "Upload-Metadata": _metadata(runNumber="31", timeStamp="1700000000",
+                                         amoreAgent="TUS"), **extra_headers}) as answer:
+        assert answer.status == 201, await answer.text()
+        assert answer.headers["Tus-Resumable"] == "1.0.0"
+        return url + answer.headers["Location"]
+
+
+async def _patch(session, location: str, offset: int, body, **extra_headers):
+    return await session.patch(location, data=body, headers={
+        **TUS, "Upload-Offset": str(offset), "Content-Type": "application/offset+octet-stream",
+        **extra_headers})
+
+
+async def test_tuspy_reference_client(tmp_path, daemon):
+    """tuspy, the reference Python tus client, uploads in chunks; the file is committed,
+    named and inspected exactly as a POSTed one."""
+    from tusclient import client as tus_client
+
+    daemon.start()
+    path = write_dqm_file(tmp_path / "tus.root")
+
+    def upload() -> None:
+        # tuspy given an open stream (given a path it leaves the file open behind it).
+        with open(path, "rb") as stream:
+            uploader = tus_client.TusClient(f"{daemon.url}/rest/api/uploads/",
+                                            headers={"token": TOKEN}).uploader(
+                file_stream=stream, chunk_size=20_000,
+                metadata={"runNumber": "77", "timeStamp": "1700000000", "amoreAgent": "TUS"})
+            uploader.upload()
+
+    await asyncio.to_thread(upload)
+    name = "TUShistos_77_DQM_2023_11_14_23_13_20.root"
+    assert (daemon.data_dir / name).read_bytes() == path.read_bytes()
+    async with aiohttp.ClientSession(headers={"token": TOKEN}) as session:
+        async with session.get(f"{daemon.url}/rest/api/files/{name}/info") as answer:
+            details = await answer.json()
+    assert details["state"] == "ok" and details["uploader"] == "env-token"
+    assert list((daemon.data_dir / ".resumable").iterdir()) == []
+
+
+@pytest.mark.parametrize("cut_after", [3_000_000, 6_000_000])
+async def test_own_client_resumes_instead_of_restarting(tmp_path, daemon, cut_after):
+    """A resumable upload cut by a dropping proxy resumes where the daemon stands: less than
+    a restart would send reaches the daemon, and the stored file's sha256 is the source's."""
+    daemon.start()
+    path = tmp_path / "large.root"
+    path.write_bytes(write_one_histogram_file(tmp_path / "h.root").read_bytes()
+                     + random.Random(cut_after).randbytes(8 * 1024 * 1024))
+    proxy = DroppingProxy(daemon.port, cut_after)
+    port = await proxy.start()
+    try:
+        code, out, err = await run_client(str(path), "--url", f"http://127.0.0.1:{port}",
+                                          "--run", "13", "--resume-above", "1000000", "--json")
+    finally:
+        await proxy.stop()
+    assert code == 0, err
+    assert "resuming in" in err
+    (answer,) = [json.loads(line) for line in out.splitlines()]
+    assert answer["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert (daemon.data_dir / answer["filename"]).read_bytes() == path.read_bytes()
+    assert proxy.cut_done
+    # Resumed, not restarted: a restart sends the file plus everything before the cut again;
+    # a resume only what the daemon had not yet written (at most its socket buffer).
+    assert proxy.forwarded < path.stat().st_size + cut_after - 512 * 1024
+    assert list((daemon.data_dir / ".resumable").iterdir()) == []
+
+
+async def test_head_offset_checksum_lock_and_termination(tmp_path, daemon):
+    """HEAD tells the offset; a bad chunk checksum is refused (460) and nothing appended; a
+    second PATCH while one writes gets 423; DELETE removes everything."""
+    daemon.start()
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    async with aiohttp.ClientSession() as session:
+        location = await _create(session, daemon.url, len(content))
+        async with await _patch(session, location, 0, content[:1000]) as answer:
+            assert answer.status == 204 and answer.headers["Upload-Offset"] == "1000"
+        async with session.head(location, headers=TUS) as answer:
+            assert (answer.headers["Upload-Offset"], answer.headers["Upload-Length"]) == (
+                "1000", str(len(content)))
+        wrong = base64.b64encode(hashlib.sha1(b"something else").digest()).decode()
+        async with await _patch(session, location, 1000, content[1000:2000],
+                                **{"Upload-Checksum": f"sha1 {wrong}"}) as answer:
+            assert answer.status == 460
+        async with await _patch(session, location, 2000, content[2000:3000]) as answer:
+            assert answer.status == 409  # the offset is still 1000
+        release = asyncio.Event()
+
+        async def slow():
+            yield content[1000:1500]
+            await release.wait()
+            yield content[1500:2000]
+
+        first = asyncio.create_task(_patch(session, location, 1000, slow()))
+        await asyncio.sleep(0.5)
+        async with await _patch(session, location, 1000, content[1000:2000]) as answer:
+            assert answer.status == 423
+        release.set()
+        async with await first as answer:
+            assert answer.headers["Upload-Offset"] == "2000"
+        async with session.delete(location, headers=TUS) as answer:
+            assert answer.status == 204
+        async with session.head(location, headers=TUS) as answer:
+            assert answer.status == 404
+    assert list((daemon.data_dir / ".resumable").iterdir()) == []
+    assert list(daemon.data_dir.glob("*.root")) == []
+
+
+async def test_tus_version_and_digest_are_enforced(tmp_path, daemon):
+    """Without Tus-Resumable the answer is 412; a whole-file Repr-Digest given at creation is
+    checked at the end, and a mismatch keeps nothing."""
+    daemon.start()
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{daemon.url}/rest/api/uploads/", headers={
+                "token": TOKEN, "Upload-Length": "10"}) as answer:
+            assert answer.status == 412 and answer.headers["Tus-Version"] == "1.0.0"
+        wrong = base64.b64encode(hashlib.sha256(b"other").digest()).decode()
+        location = await _create(session, daemon.url, len(content),
+                                 **{"Repr-Digest": f"sha-256=:{wrong}:"})
+        async with await _patch(session, location, 0, content) as answer:
+            assert answer.status == 400
+            assert "Repr-Digest mismatch" in (await answer.json())["message"]
+    assert list(daemon.data_dir.glob("*.root")) == []
+    assert list((daemon.data_dir / ".resumable").iterdir()) == []
+
+
+async def test_unfinished_uploads_expire_and_count_against_the_reserve(tmp_path, daemon):
+    """An unfinished upload holds its remaining bytes against the disk reserve, and is swept
+    once it expires."""
+    config = tmp_path / "config.toml"
+    config.write_text("resumable_expiry_seconds = 1\nresumable_sweep_seconds = 0.3\n"
+                      "max_upload_bytes = 1152921504606846976\n")
+    daemon.extra_args = ["--config", str(config)]
+    daemon.start()
+    free = __import__("shutil").disk_usage(daemon.data_dir).free
+    reserve = 1024**3
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    async with aiohttp.ClientSession() as session:
+        location = await _create(session, daemon.url, free - reserve - 50 * 1024 * 1024)
+        async with session.post(f"{daemon.url}/rest/api/files",
+                                data=io.BytesIO(b"x" * 100 * 1024 * 1024),
+                                headers={"token": TOKEN, "runNumber": "1",
+                                         "timeStamp": "1"}) as answer:
+            assert answer.status == 507  # the promised bytes are not free any more
+        await asyncio.sleep(2.0)
+        async with session.head(location, headers=TUS) as answer:
+            assert answer.status == 404
+        async with session.post(f"{daemon.url}/rest/api/files", data=content,
+                                headers={"token": TOKEN, "runNumber": "1",
+                                         "timeStamp": "1"}) as answer:
+            assert answer.status == 200
+    assert list((daemon.data_dir / ".resumable").iterdir()) == []

@@ -32,6 +32,9 @@ async def test_schemathesis_finds_no_server_error_and_no_undocumented_answer(tmp
     finished = subprocess.run(
         [SCHEMATHESIS, "run", str(SPEC), "--url", daemon.url, "-H", f"token: {TOKEN}",
          "--checks", CHECKS, "--max-examples", "40", "--generation-deterministic",
+         # schemathesis cannot generate tus bodies (application/offset+octet-stream); PATCH is
+         # covered by tests/test_resumable.py and tuspy instead.
+         "--exclude-method", "PATCH",
          "--no-color"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )

@@ -163,14 +163,17 @@ class ResumableUploads:
         await FinishedUpload(upload.path, 0, "", self._state_path(upload.upload_id)).discard()
 
     async def sweep_expired(self) -> int:
-        now = time.time()
-        expired = [upload for upload in self._uploads.values()
-                   if now - upload.last_activity > self.expiry_seconds and not upload.lock.locked()]
-        for upload in expired:
+        expired = 0
+        for upload in list(self._uploads.values()):
+            # Checked right before each removal: a PATCH may have started meanwhile.
+            idle = time.time() - upload.last_activity
+            if idle <= self.expiry_seconds or upload.lock.locked():
+                continue
             await self.terminate(upload)
+            expired += 1
             log.info("resumable_upload_expired", upload_id=upload.upload_id,
                      offset=upload.offset, length=upload.length)
-        return len(expired)
+        return expired
 
     async def run_sweeper(self, interval_seconds: float) -> None:
         while True:

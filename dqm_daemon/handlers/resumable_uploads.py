@@ -100,6 +100,8 @@ async def options(request: web.Request) -> web.Response:
 async def create(request: web.Request) -> web.Response:
     _tus_version(request)
     length = _length(request)
+    if length == 0:
+        raise web.HTTPBadRequest(text="No file uploaded and the payload was empty", headers=TUS)
     # The DQM headers come as Upload-Metadata or as plain headers (headers win).
     fields = _metadata(request.headers.get("Upload-Metadata"))
     fields.update({name: request.headers[name] for name in DQM_METADATA if name in request.headers})
@@ -185,12 +187,17 @@ async def patch(request: web.Request) -> web.Response:
                             text="More bytes than Upload-Length", headers=TUS)
                     await asyncio.to_thread(_append_sync, upload, chunk,
                                             checksum[0] if checksum else None)
-            except (TimeoutError, ConnectionError, HttpProcessingError, asyncio.CancelledError):
+            except (TimeoutError, ConnectionError, HttpProcessingError,
+                    asyncio.CancelledError) as exc:
                 # Keep what arrived (that is the point of resuming), unless a checksum must
                 # vouch for the whole chunk.
                 if checksum is not None:
                     await asyncio.shield(asyncio.to_thread(_truncate_sync, upload, start))
                 await asyncio.shield(request.app[RESUMABLE].record_progress(upload))
+                if isinstance(exc, TimeoutError):
+                    raise web.HTTPRequestTimeout(
+                        text=f"No data received for {settings.read_timeout_seconds} s; the "
+                        f"upload stands at offset {upload.offset}", headers=TUS) from None
                 raise
             if checksum is not None and checksum[0].digest() != checksum[1]:
                 await asyncio.to_thread(_truncate_sync, upload, start)

@@ -37,6 +37,7 @@ from .metrics import Metrics
 from .middlewares import basic_auth_for_pages, errors_as_json, request_context, token_auth
 from .page_format import FILTERS
 from .previewer import Previewer
+from .handlers.resumable_uploads import tus_resumable_header
 from .resumable import ResumableUploads
 from .routes import setup_routes
 from .settings import Settings
@@ -140,4 +141,5 @@ def create_app(
         filters=FILTERS,
     )
     setup_routes(app, static_dir=Path(str(web_files / "static")))
+    app.on_response_prepare.append(tus_resumable_header)
     return app

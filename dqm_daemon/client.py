@@ -21,6 +21,7 @@ from typing import Any, TextIO
 import aiohttp
 
 CHUNK_BYTES = 1024 * 1024
+LOCKED_WAIT_SECONDS = 15
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_GAVE_UP = 0, 1, 2, 3
 
 
@@ -141,11 +142,11 @@ async def upload_file(session: aiohttp.ClientSession, path: Path, options: Uploa
         try:
             async with session.post(f"{options.url.rstrip('/')}/rest/api/files",
                                     data=_file_body(path, progress), headers=headers) as answer:
-                body = await answer.json(content_type=None)
-                if answer.status in (200, 202):
+                body = await _json_or_text(answer)
+                if answer.status in (200, 202) and isinstance(body, dict):
                     progress.done()
                     return body
-                message = body.get("message", "") if isinstance(body, dict) else str(body)
+                message = body.get("message", "") if isinstance(body, dict) else body
                 if 400 <= answer.status < 500:
                     raise UploadRefused(answer.status, message)
                 last_problem = f"{answer.status}: {message}"
@@ -170,7 +171,8 @@ async def _resumable_upload(session: aiohttp.ClientSession, path: Path, options:
     progress = Progress(path.name, size, progress_stream)
     location = None
     last_problem = ""
-    for attempt in range(options.retries + 1):
+    attempt, best_offset = 0, -1
+    while attempt <= options.retries:
         try:
             if location is None:
                 async with session.post(f"{base}/rest/api/uploads/", headers={
@@ -187,6 +189,8 @@ async def _resumable_upload(session: aiohttp.ClientSession, path: Path, options:
                 if "DQM-Filename" in answer.headers:
                     return _finished(answer.headers)
                 offset = int(answer.headers["Upload-Offset"])
+            if offset > best_offset:  # progress since the last try: the retries start afresh
+                attempt, best_offset = 0, offset
             progress.restart()
             progress.sent = offset
             async with session.patch(location, data=_file_body(path, progress, offset), headers={
@@ -198,7 +202,8 @@ async def _resumable_upload(session: aiohttp.ClientSession, path: Path, options:
                 if "DQM-Filename" in answer.headers:
                     progress.done()
                     return _finished(answer.headers)
-            continue  # the PATCH ended early: ask where we stand
+            attempt += 1  # the PATCH ended early: ask where we stand
+            continue
         except UploadRefused:
             raise
         except _RetryLater as exc:
@@ -209,7 +214,9 @@ async def _resumable_upload(session: aiohttp.ClientSession, path: Path, options:
         if attempt < options.retries:
             progress_stream.write(f"{path.name}: {last_problem}; resuming in {delay:g} s\n")
             await asyncio.sleep(delay)
-    raise GaveUp(f"{path.name}: gave up after {options.retries + 1} attempts ({last_problem})")
+        attempt += 1
+    raise GaveUp(f"{path.name}: gave up after {options.retries + 1} attempts without "
+                 f"progress ({last_problem})")
 
 
 class _RetryLater(Exception):
@@ -218,16 +225,26 @@ class _RetryLater(Exception):
         self.retry_after = retry_after
 
 
-async def _refuse_or_retry(answer: aiohttp.ClientResponse) -> None:
-    """A 4xx refuses the file (409/423: someone else moved the offset, ask again); the rest is
-    worth another try."""
+async def _json_or_text(answer: aiohttp.ClientResponse) -> dict[str, Any] | str:
+    """The daemon answers JSON; a proxy in between may not."""
+    text = await answer.text(errors="replace")
     try:
-        message = (await answer.json(content_type=None)).get("message", "")
-    except (ValueError, AttributeError):
-        message = answer.reason or ""
+        return json.loads(text)
+    except ValueError:
+        return text.strip()[:300] or (answer.reason or "")
+
+
+async def _refuse_or_retry(answer: aiohttp.ClientResponse) -> None:
+    """A 4xx refuses the file (409/423/460: the offset moved, another request holds the
+    upload, a chunk was damaged: ask again); the rest is worth another try."""
+    body = await _json_or_text(answer)
+    message = body.get("message", "") if isinstance(body, dict) else body
     if 400 <= answer.status < 500 and answer.status not in (409, 423, 460):
         raise UploadRefused(answer.status, message)
-    raise _RetryLater(f"{answer.status}: {message}", answer.headers.get("Retry-After"))
+    # A PATCH cut off on our side may hold the upload until the daemon's read timeout.
+    retry_after = str(LOCKED_WAIT_SECONDS) if answer.status == 423 else None
+    raise _RetryLater(f"{answer.status}: {message}",
+                      answer.headers.get("Retry-After") or retry_after)
 
 
 def _finished(headers: Any) -> dict[str, Any]:

@@ -104,21 +104,28 @@ class ResumableUploads:
             try:
                 state = json.loads(state_path.read_text())
                 offset = part.stat().st_size  # the bytes really on disk decide
-            except (OSError, ValueError):
+                expected = state["expected_sha256"]
+                self._uploads[upload_id] = ResumableUpload(
+                    upload_id=upload_id, length=state["length"],
+                    offset=min(offset, state["length"]), dqm=DQMHeaders(**state["dqm"]),
+                    uploader=state["uploader"],
+                    expected_sha256=bytes.fromhex(expected) if expected else None,
+                    last_activity=state["last_activity"], path=part)
+            except (OSError, ValueError, KeyError, TypeError):
+                log.warning("resumable_upload_unreadable", upload_id=upload_id)
                 state_path.unlink(missing_ok=True)
                 part.unlink(missing_ok=True)
-                continue
-            expected = state["expected_sha256"]
-            self._uploads[upload_id] = ResumableUpload(
-                upload_id=upload_id, length=state["length"], offset=min(offset, state["length"]),
-                dqm=DQMHeaders(**state["dqm"]), uploader=state["uploader"],
-                expected_sha256=bytes.fromhex(expected) if expected else None,
-                last_activity=state["last_activity"], path=part)
+        for leftover in self.directory.iterdir():  # parts without state, half-written states
+            if leftover.stem not in self._uploads:
+                leftover.unlink(missing_ok=True)
         return len(self._uploads)
 
     def _save(self, upload: ResumableUpload) -> None:
         temporary = self._state_path(upload.upload_id).with_suffix(".tmp")
-        temporary.write_text(json.dumps(upload.state()))
+        with open(temporary, "w", encoding="utf-8") as state_file:
+            state_file.write(json.dumps(upload.state()))
+            state_file.flush()
+            os.fsync(state_file.fileno())
         os.replace(temporary, self._state_path(upload.upload_id))
 
     async def create(self, length: int, dqm: DQMHeaders, uploader: str,
@@ -154,9 +161,13 @@ class ResumableUploads:
             return sha256_of_file(upload.path, chunk_bytes)  # after a restart
 
         sha256 = await asyncio.to_thread(finish_sync)
-        self._uploads.pop(upload.upload_id, None)
         return FinishedUpload(upload.path, upload.length, sha256,
                               self._state_path(upload.upload_id))
+
+    def forget(self, upload: ResumableUpload) -> None:
+        """Finished (its answer remembered) or failed: no longer an unfinished upload. Until
+        then a HEAD finds it at its full offset, still locked by the PATCH committing it."""
+        self._uploads.pop(upload.upload_id, None)
 
     async def terminate(self, upload: ResumableUpload) -> None:
         self._uploads.pop(upload.upload_id, None)

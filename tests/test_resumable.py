@@ -180,3 +180,27 @@ async def test_unfinished_uploads_expire_and_count_against_the_reserve(tmp_path,
                                          "timeStamp": "1"}) as answer:
             assert answer.status == 200
     assert list((daemon.data_dir / ".resumable").iterdir()) == []
+
+
+async def test_bad_requests_and_leftovers(tmp_path, daemon):
+    """Errors under the tus endpoint carry Tus-Resumable; a bad Upload-Length or an empty
+    upload is refused; unreadable leftovers of an earlier run do not stop the daemon."""
+    resumable = daemon.data_dir / ".resumable"
+    resumable.mkdir(parents=True)
+    (resumable / "0123abcd.json").write_text("{not json")
+    (resumable / "0123abcd.part").write_bytes(b"half")
+    (resumable / "orphan.part").write_bytes(b"no state")
+    daemon.start()
+    assert list(resumable.iterdir()) == []
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{daemon.url}/rest/api/uploads/",
+                                headers={"Tus-Resumable": "1.0.0"}) as answer:
+            assert answer.status == 401 and answer.headers["Tus-Resumable"] == "1.0.0"
+        for length, fragment in (("²", "Upload-Length must be an integer"),
+                                 ("-3", "Upload-Length must not be negative"),
+                                 ("0", "No file uploaded")):
+            async with session.post(f"{daemon.url}/rest/api/uploads/", headers={
+                    **TUS, "Upload-Length": length, "runNumber": "1",
+                    "timeStamp": "1"}) as answer:
+                assert answer.status == 400, length
+                assert fragment in (await answer.json())["message"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import errno
 import hashlib
 from typing import Any
 
@@ -14,11 +15,11 @@ import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from ..appkeys import INGEST, RESUMABLE, SETTINGS, UPLOADS
+from ..appkeys import INGEST, METRICS, RESUMABLE, SETTINGS, UPLOADS
 from ..catalog import FileRecord
 from ..digests import ExpectedDigests, check_digests, expected_digests
 from ..middlewares import UPLOADER
-from ..naming import parse_dqm_headers
+from ..naming import bounded_integer, parse_dqm_headers
 from ..resumable import ResumableUpload
 from .upload import check_room, inspect_within_budget
 
@@ -26,6 +27,7 @@ log = structlog.get_logger(__name__)
 
 TUS_VERSION = "1.0.0"
 TUS = {"Tus-Resumable": TUS_VERSION}
+UPLOADS_PREFIX = "/rest/api/uploads"
 CHECKSUMS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "md5": hashlib.md5}
 DQM_METADATA = ("runNumber", "timeStamp", "amoreAgent", "dataStatus")
 OFFSET_CONTENT_TYPE = "application/offset+octet-stream"
@@ -41,6 +43,12 @@ class HTTPChecksumMismatch(web.HTTPClientError):
     """tus checksum extension: the chunk is not what its Upload-Checksum says."""
 
     status_code = 460
+
+
+async def tus_resumable_header(request: web.Request, response: web.StreamResponse) -> None:
+    """tus wants Tus-Resumable on every answer under its endpoint, errors included."""
+    if request.path.startswith(UPLOADS_PREFIX):
+        response.headers.setdefault("Tus-Resumable", TUS_VERSION)
 
 
 def _tus_version(request: web.Request) -> None:
@@ -67,10 +75,10 @@ def _metadata(header: str | None) -> dict[str, str]:
 
 def _length(request: web.Request) -> int:
     raw = request.headers.get("Upload-Length")
-    if raw is None or not raw.strip().isdigit():
-        raise web.HTTPBadRequest(text=f"Upload-Length must be a non-negative integer, got {raw!r}"
-                                 " (Upload-Defer-Length is not supported)", headers=TUS)
-    return int(raw)
+    if raw is None:
+        raise web.HTTPBadRequest(text="Upload-Length is required (Upload-Defer-Length is not "
+                                 "supported)", headers=TUS)
+    return bounded_integer(raw, "Header Upload-Length", 2**63 - 1)
 
 
 def _upload(request: web.Request) -> ResumableUpload:
@@ -107,6 +115,9 @@ async def create(request: web.Request) -> web.Response:
     fields.update({name: request.headers[name] for name in DQM_METADATA if name in request.headers})
     dqm = parse_dqm_headers(fields)
     digests = expected_digests(request.headers)
+    if digests.wants_md5:
+        raise web.HTTPBadRequest(text="Content-MD5 is not supported for resumable uploads: "
+                                 "send Repr-Digest: sha-256=:…: at creation", headers=TUS)
     check_room(request.app, length)
     upload = await request.app[RESUMABLE].create(length, dqm, request[UPLOADER], digests.sha256)
     log.info("resumable_upload_created", upload_id=upload.upload_id, length=length,
@@ -185,8 +196,17 @@ async def patch(request: web.Request) -> web.Response:
                         raise web.HTTPRequestEntityTooLarge(
                             max_size=upload.length, actual_size=upload.offset + len(chunk),
                             text="More bytes than Upload-Length", headers=TUS)
-                    await asyncio.to_thread(_append_sync, upload, chunk,
-                                            checksum[0] if checksum else None)
+                    try:
+                        await asyncio.to_thread(_append_sync, upload, chunk,
+                                                checksum[0] if checksum else None)
+                    except OSError as exc:
+                        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                            raise
+                        await request.app[RESUMABLE].record_progress(upload)
+                        raise web.HTTPInsufficientStorage(
+                            text=f"The receiver's disk is full; the upload stands at offset "
+                            f"{upload.offset}", headers=TUS) from None
+                    request.app[METRICS].received_bytes.inc(len(chunk))
             except (TimeoutError, ConnectionError, HttpProcessingError,
                     asyncio.CancelledError) as exc:
                 # Keep what arrived (that is the point of resuming), unless a checksum must
@@ -205,9 +225,9 @@ async def patch(request: web.Request) -> web.Response:
                 raise HTTPChecksumMismatch(text="Upload-Checksum does not match the chunk",
                                            headers=TUS)
             await request.app[RESUMABLE].record_progress(upload)
-        headers = {**TUS, "Upload-Offset": str(upload.offset)}
-        if upload.offset == upload.length:
-            headers.update(await _complete(request, upload))
+            headers = {**TUS, "Upload-Offset": str(upload.offset)}
+            if upload.offset == upload.length:  # committed within the slot, like a POST
+                headers.update(await _complete(request, upload))
     return web.Response(status=204, headers=headers)
 
 
@@ -219,6 +239,7 @@ async def _complete(request: web.Request, upload: ResumableUpload) -> dict[str, 
         check_digests(ExpectedDigests(sha256=upload.expected_sha256), finished.sha256, None)
         commit = await app[INGEST].commit(finished, upload.dqm, upload.uploader)
     except BaseException:
+        app[RESUMABLE].forget(upload)
         await asyncio.shield(finished.discard())
         raise
     await finished.discard()  # the sidecar (the part file was linked into place or discarded)
@@ -226,6 +247,9 @@ async def _complete(request: web.Request, upload: ResumableUpload) -> dict[str, 
     file_headers = _file_headers(inspected or commit.record)
     app[RESUMABLE].remember_finished(upload.upload_id, {
         "Upload-Offset": str(upload.length), "Upload-Length": str(upload.length), **file_headers})
+    app[RESUMABLE].forget(upload)
+    result = "duplicate" if commit.duplicate else (inspected.state if inspected else "pending")
+    app[METRICS].uploads.labels(result, upload.dqm.agent).inc()
     log.info("resumable_upload_finished", upload_id=upload.upload_id,
              file=commit.record.name, duplicate=commit.duplicate)
     return file_headers

@@ -151,7 +151,7 @@ def describe(payload: Any, class_name: str) -> dict[str, Any]:
     if class_name in ("TTree", "TNtuple", "TNtupleD"):
         return {"entries": int(payload.num_entries), "branches": len(payload.keys(recursive=True))}
     if class_name in LIST_CLASSES:
-        members = [_member(item) for _, item in zip(range(MAX_LISTED_MEMBERS), payload)]
+        members = [_member(item) for _, item in zip(range(MAX_LISTED_MEMBERS), payload, strict=False)]
         return {"members": members, "member_count": len(payload)}
     return {}
 

@@ -199,3 +199,33 @@ async def test_running_the_client_again_stores_nothing_new(tmp_path, daemon):
         answers.append(json.loads(out))
     assert answers[0]["filename"] == answers[1]["filename"]
     assert len(stored_dqm_files(daemon.data_dir)) == 1
+
+
+async def test_progress_bar_on_a_terminal(tmp_path, daemon):
+    """On a terminal the progress line is redrawn in place, with bytes, rate and ETA."""
+    import pty
+
+    daemon.start()
+    path = tmp_path / "big.root"
+    path.write_bytes(write_one_histogram_file(tmp_path / "h.root").read_bytes()
+                     + random.Random(1).randbytes(8 * 1024 * 1024))
+    controller, terminal = pty.openpty()
+    environment = dict(os.environ, DQM_DAEMON_TOKEN=TOKEN)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dqm_daemon", "upload", str(path), "--url", daemon.url,
+        "--run", "3", env=environment, stdout=asyncio.subprocess.PIPE, stderr=terminal)
+    os.close(terminal)
+    stdout, _ = await asyncio.wait_for(process.communicate(), 120)
+    screen = b""
+    while True:
+        try:
+            data = os.read(controller, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        screen += data
+    os.close(controller)
+    assert process.returncode == 0
+    assert b"\r" in screen and b"MB/s ETA" in screen and b"100.0%" in screen
+    assert b"big.root ->" in stdout

@@ -10,12 +10,11 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from pathlib import Path
 
 import aiohttp
 import pytest
 
-from .conftest import TOKEN, DaemonProcess, dqm_headers
+from .conftest import TOKEN, dqm_headers
 from .rootfiles import write_dqm_file, write_many_histograms_file, write_one_histogram_file
 
 GiB = 1024**3

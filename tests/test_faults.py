@@ -70,13 +70,13 @@ async def test_kill_9_with_32_uploads_in_flight(tmp_path, daemon):
         contents = [_padded(base, rng.randint(1, 6) * MiB, rng) for _ in range(32)]
         sent_sha256s.update(hashlib.sha256(content).hexdigest() for content in contents)
 
-        async def upload(index: int, content: bytes) -> tuple[int, dict]:
+        async def upload(run: int, content: bytes) -> tuple[int, dict]:
             async with aiohttp.ClientSession() as session:
                 async with session.post(f"{daemon.url}/rest/api/files", data=_chunked(content),
-                                        headers=dqm_headers(run=round_number * 100 + index)) as r:
+                                        headers=dqm_headers(run=run)) as r:
                     return r.status, await r.json()
 
-        tasks = [asyncio.create_task(upload(index, content))
+        tasks = [asyncio.create_task(upload(round_number * 100 + index, content))
                  for index, content in enumerate(contents)]
         await asyncio.sleep(rng.uniform(0.3, 2.0))
         daemon.kill()

@@ -192,7 +192,6 @@ async def post_file(request: web.Request) -> web.Response:
 
 
 async def _store_and_answer(request: web.Request, outcome: dict[str, str]) -> web.Response:
-    settings = request.app[SETTINGS]
     dqm = parse_dqm_headers(request.headers)
     digests = expected_digests(request.headers)
     outcome["agent"] = dqm.agent

@@ -144,11 +144,11 @@ def throughput_in_turns(scratch: Path, prefix: Path, size: int, count: int, turn
         assert set(result["statuses"]) == {200}, result["statuses"]
         figures["baseline"].append(result["bytes"] / result["seconds"] / 1e6)
         daemon = Server("daemon", scratch, config)
-        client("http", daemon.port, count=1, size=prefix.stat().st_size * 4, prefix=prefix,
-               run_base=10_000)  # warm every code path before measuring idle
+        client("multipart", daemon.port, count=1, size=prefix.stat().st_size * 4,
+               prefix=prefix, run_base=10_000)  # warm every code path before measuring idle
         idle_kib = rss_kib(daemon.process.pid)
         with RssSampler(daemon.process.pid) as sampler:
-            result = client("http", daemon.port, count=count, concurrency=count, size=size,
+            result = client("multipart", daemon.port, count=count, concurrency=count, size=size,
                             prefix=prefix)
         daemon.stop()
         assert set(result["statuses"]) == {200}, result["statuses"]
@@ -215,7 +215,7 @@ def latency_under_load(scratch: Path, prefix: Path, files: list[Path], size: int
 
     prober = threading.Thread(target=probe, daemon=True)
     prober.start()
-    loads = [threading.Thread(target=client, args=("http", daemon.port),
+    loads = [threading.Thread(target=client, args=("multipart", daemon.port),
                               kwargs=dict(count=16, concurrency=8, size=size, prefix=prefix)),
              threading.Thread(target=client, args=("multipart", daemon.port),
                               kwargs=dict(count=40, concurrency=2, files=[str(p) for p in files],
@@ -239,8 +239,8 @@ def scaling(scratch: Path, prefix: Path, sizes: list[int], concurrencies: list[i
         daemon = Server("daemon", scratch, config)
         idle_kib = rss_kib(daemon.process.pid)
         with RssSampler(daemon.process.pid) as sampler:
-            result = client("http", daemon.port, count=concurrency, concurrency=concurrency,
-                            size=size, prefix=prefix)
+            result = client("multipart", daemon.port, count=concurrency,
+                            concurrency=concurrency, size=size, prefix=prefix)
         daemon.stop()
         assert set(result["statuses"]) == {200}, set(result["statuses"])
         rows.append({"size_mib": size // MiB, "concurrency": concurrency,

@@ -8,6 +8,7 @@ import contextlib
 import importlib.resources
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from pathlib import Path
 
@@ -16,7 +17,9 @@ import jinja2
 import structlog
 from aiohttp import web
 
+from .analysis import Analyst
 from .appkeys import (
+    ANALYST,
     CATALOG,
     INGEST,
     INSPECTION_QUEUE,
@@ -27,6 +30,7 @@ from .appkeys import (
     SETTINGS,
     STARTED_MONOTONIC,
     STORAGE,
+    UPLOAD_THREADS,
     UPLOADS,
 )
 from .catalog import Catalog
@@ -42,9 +46,13 @@ from .resumable import ResumableUploads
 from .routes import setup_routes
 from .settings import Settings
 from .storage import Storage
+from .upload_body import close_detached_connections
 from .uploads import UploadsInProgress
 
 log = structlog.get_logger(__name__)
+
+# The analysis child runs at the lowest CPU priority: uploads and their checks come first.
+ANALYSIS_NICENESS = 19
 
 
 async def storage_and_catalog(app: web.Application) -> AsyncIterator[None]:
@@ -53,6 +61,8 @@ async def storage_and_catalog(app: web.Application) -> AsyncIterator[None]:
         log.info("temporaries_removed", count=leftovers)
     await app[CATALOG].open()
     yield
+    # Uploads have ended (or were cancelled, and their threads stopped) before this runs.
+    app[UPLOAD_THREADS].shutdown(wait=True)
     await app[CATALOG].close()
 
 
@@ -71,13 +81,15 @@ async def resumable_uploads(app: web.Application) -> AsyncIterator[None]:
 
 
 async def inspection_workers(app: web.Application) -> AsyncIterator[None]:
-    """One worker per inspection child, then start-up recovery: adopt unknown files, and let
-    the sweeper queue everything pending (workers first, so the queue drains meanwhile)."""
+    """One worker per inspection child and the analyst, then start-up recovery: adopt unknown
+    files, and let the sweeper queue everything pending (workers first, so the queue drains
+    meanwhile)."""
     queue = app[INSPECTION_QUEUE]
     workers = [
         asyncio.create_task(queue.run_worker(inspector), name=f"inspection-worker-{number}")
         for number, inspector in enumerate(app[INSPECTORS])
     ]
+    workers.append(asyncio.create_task(app[ANALYST].run(), name="analyst"))
 
     async def recover_then_sweep() -> None:
         adopted = await app[INGEST].adopt_unknown_files(app[SETTINGS].chunk_bytes)
@@ -109,8 +121,11 @@ def create_app(
     storage = Storage(settings)
     catalog = Catalog(settings.catalog_path)
     metrics = Metrics()
+    analyst = Analyst(catalog, storage, metrics, InspectorProcess(
+        settings.inspection_memory_cap_bytes, settings.inspection_time_limit_seconds,
+        inspection_command, niceness=ANALYSIS_NICENESS))
     inspection_queue = InspectionQueue(catalog, storage, metrics,
-                                       settings.inspection_queue_length)
+                                       settings.inspection_queue_length, analyst.announce)
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[STORAGE] = storage
@@ -121,6 +136,7 @@ def create_app(
         for _ in range(settings.inspection_workers)
     ]
     app[INSPECTION_QUEUE] = inspection_queue
+    app[ANALYST] = analyst
     app[PREVIEWER] = Previewer(
         InspectorProcess(settings.inspection_memory_cap_bytes,
                          settings.inspection_time_limit_seconds, inspection_command),
@@ -129,6 +145,8 @@ def create_app(
     app[INGEST] = Ingest(catalog, storage)
     app[RESUMABLE] = ResumableUploads(settings.resumable_dir, settings.resumable_expiry_seconds)
     app[UPLOADS] = UploadsInProgress(settings.max_concurrent_uploads, settings.retry_after_seconds)
+    app[UPLOAD_THREADS] = ThreadPoolExecutor(max_workers=settings.max_concurrent_uploads,
+                                             thread_name_prefix="upload-body")
     app[STARTED_MONOTONIC] = time.monotonic()
     app.cleanup_ctx.append(storage_and_catalog)
     app.cleanup_ctx.append(resumable_uploads)
@@ -142,4 +160,5 @@ def create_app(
     )
     setup_routes(app, static_dir=Path(str(web_files / "static")))
     app.on_response_prepare.append(tus_resumable_header)
+    app.on_response_prepare.append(close_detached_connections)
     return app

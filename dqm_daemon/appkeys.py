@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 from aiohttp import web
 
+from .analysis import Analyst
 from .catalog import Catalog
 from .ingest import Ingest
 from .inspection_pool import InspectorProcess
@@ -20,9 +23,12 @@ CATALOG = web.AppKey("catalog", Catalog)
 STORAGE = web.AppKey("storage", Storage)
 INSPECTION_QUEUE = web.AppKey("inspection_queue", InspectionQueue)
 INSPECTORS = web.AppKey("inspectors", list[InspectorProcess])
+ANALYST = web.AppKey("analyst", Analyst)
 PREVIEWER = web.AppKey("previewer", Previewer)
 METRICS = web.AppKey("metrics", Metrics)
 RESUMABLE = web.AppKey("resumable_uploads", ResumableUploads)
 INGEST = web.AppKey("ingest", Ingest)
 UPLOADS = web.AppKey("uploads", UploadsInProgress)
+# Each upload's body is read, hashed and written by one of these threads.
+UPLOAD_THREADS = web.AppKey("upload_threads", ThreadPoolExecutor)
 STARTED_MONOTONIC = web.AppKey("started_monotonic", float)

@@ -32,6 +32,8 @@ def _transaction(connection: sqlite3.Connection) -> Iterator[None]:
     connection.execute("COMMIT")
 
 PENDING, OK, INVALID = "pending", "ok", "invalid"
+# The analysis of a sound file: PENDING, then DONE or FAILED.
+DONE, FAILED = "done", "failed"
 IN_DATA_DIR, IN_QUARANTINE = "data", "quarantine"
 
 _SCHEMA = """
@@ -53,7 +55,11 @@ CREATE TABLE IF NOT EXISTS files (
     object_count  INTEGER,
     findings_json TEXT,                    -- changes since the previous file of agent and run
     inspected_at  TEXT,                    -- UTC, ISO 8601
-    inspection_ms REAL
+    inspection_ms REAL,
+    analysis      TEXT,                    -- per-object figures: 'pending', 'done' or 'failed'
+    analysis_reason TEXT,                  -- why the analysis failed
+    analysed_at   TEXT,                    -- UTC, ISO 8601
+    analysis_ms   REAL
 );
 CREATE INDEX IF NOT EXISTS files_by_run ON files (run, agent, timestamp);
 CREATE INDEX IF NOT EXISTS files_by_agent ON files (agent, timestamp);
@@ -61,6 +67,20 @@ CREATE INDEX IF NOT EXISTS files_by_time ON files (timestamp);
 CREATE INDEX IF NOT EXISTS files_by_state ON files (state, received_at);
 CREATE INDEX IF NOT EXISTS files_by_received ON files (received_at);
 """
+# Columns added since the first catalogs were written: added to an older catalog on opening.
+_LATER_COLUMNS = {"analysis": "TEXT", "analysis_reason": "TEXT", "analysed_at": "TEXT",
+                  "analysis_ms": "REAL"}
+_LATER_INDEXES = """
+CREATE INDEX IF NOT EXISTS files_by_analysis ON files (analysis, timestamp, received_at);
+"""
+
+
+def _add_later_columns(connection: sqlite3.Connection) -> None:
+    present = {row["name"] for row in connection.execute("PRAGMA table_info(files)")}
+    for column, kind in _LATER_COLUMNS.items():
+        if column not in present:
+            connection.execute(f"ALTER TABLE files ADD COLUMN {column} {kind}")
+    connection.executescript(_LATER_INDEXES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +102,10 @@ class FileRecord:
     findings: list[dict[str, Any]] | None = None
     inspected_at: str | None = None
     inspection_ms: float | None = None
+    analysis: str | None = None
+    analysis_reason: str | None = None
+    analysed_at: str | None = None
+    analysis_ms: float | None = None
     # Only filled when asked for (it can be large): see Catalog.get(with_objects=True).
     objects: list[dict[str, Any]] | None = None
 
@@ -103,8 +127,13 @@ _JSON_COLUMNS = ("received_json", "findings_json", "objects_json")
 # Every column but the objects, which only the file's own info page needs.
 _SUMMARY_COLUMNS = (
     "name, location, size, sha256, agent, run, timestamp, data_status, received_at, uploader,"
-    " state, reason, received_json, object_count, findings_json, inspected_at, inspection_ms"
+    " state, reason, received_json, object_count, findings_json, inspected_at, inspection_ms,"
+    " analysis, analysis_reason, analysed_at, analysis_ms"
 )
+
+
+def _as_json(value: Any) -> str | None:
+    return json.dumps(value) if value is not None else None
 
 
 class _Lane:
@@ -128,6 +157,7 @@ class _Lane:
                 # FULL: a row is on disk when the upload is acknowledged, like the file itself.
                 connection.execute("PRAGMA synchronous=FULL")
                 connection.executescript(_SCHEMA)
+                _add_later_columns(connection)
                 connection.executescript(activity.SCHEMA)
             else:
                 connection.execute("PRAGMA query_only=ON")
@@ -202,6 +232,8 @@ class Catalog:
                 "latest_files": [FileRecord.from_row(row) for row in rows],
                 "pending_files": pending_files,
                 "oldest_pending_at": oldest_pending,
+                "awaiting_analysis": connection.execute(
+                    "SELECT count(*) FROM files WHERE analysis = ?", (PENDING,)).fetchone()[0],
                 "agents": activity.agents_board(connection),
                 "runs": activity.recent_runs(connection, runs),
                 "invalid_since": activity.count_invalid_since(connection, invalid_since),
@@ -240,34 +272,67 @@ class Catalog:
         reason: str | None,
         received: dict[str, str] | None,
         objects: list[dict[str, Any]] | None,
-        findings: list[dict[str, Any]] | None,
         inspection_ms: float,
         inspected_at: str,
     ) -> None:
-        def as_json(value: Any) -> str | None:
-            return json.dumps(value) if value is not None else None
-
+        """The check's verdict and listing; a sound file then awaits its analysis."""
+        analysis = PENDING if state == OK else None
         await self._run(
             lambda connection: connection.execute(
                 "UPDATE files SET state = ?, location = ?, reason = ?, received_json = ?,"
-                " objects_json = ?, object_count = ?, findings_json = ?, inspection_ms = ?,"
-                " inspected_at = ? WHERE name = ?",
-                (state, location, reason, as_json(received), as_json(objects),
-                 len(objects) if objects is not None else None, as_json(findings),
-                 inspection_ms, inspected_at, name),
+                " objects_json = ?, object_count = ?, inspection_ms = ?, inspected_at = ?,"
+                " analysis = ? WHERE name = ?",
+                (state, location, reason, _as_json(received), _as_json(objects),
+                 len(objects) if objects is not None else None, inspection_ms, inspected_at,
+                 analysis, name),
             )
         )
 
+    async def record_analysis(
+        self,
+        name: str,
+        *,
+        analysis: str,
+        reason: str | None,
+        objects: list[dict[str, Any]] | None,
+        findings: list[dict[str, Any]] | None,
+        analysis_ms: float,
+        analysed_at: str,
+    ) -> None:
+        """The analysis' figures replace the check's listing; a failed analysis keeps it."""
+        await self._run(
+            lambda connection: connection.execute(
+                "UPDATE files SET analysis = ?, analysis_reason = ?,"
+                " objects_json = coalesce(?, objects_json), findings_json = ?, analysis_ms = ?,"
+                " analysed_at = ? WHERE name = ?",
+                (analysis, reason, _as_json(objects), _as_json(findings), analysis_ms,
+                 analysed_at, name),
+            )
+        )
+
+    async def awaiting_analysis(self, limit: int) -> list[FileRecord]:
+        """Sound files not analysed yet, in the order their agents sent them."""
+        rows = await self._read(
+            lambda connection: connection.execute(
+                f"SELECT {_SUMMARY_COLUMNS} FROM files WHERE analysis = ?"
+                " ORDER BY timestamp, received_at LIMIT ?",
+                (PENDING, limit),
+            ).fetchall()
+        )
+        return [FileRecord.from_row(row) for row in rows]
+
     async def previous_objects(self, record: FileRecord) -> tuple[str, list[dict[str, Any]]] | None:
-        """The objects of the latest sound file of the same agent and run sent before `record`."""
+        """The objects of the latest analysed file of the same agent and run sent before
+        `record`."""
 
         def fetch(connection: sqlite3.Connection) -> tuple[str, list[dict[str, Any]]] | None:
             row = connection.execute(
                 "SELECT name, objects_json FROM files WHERE agent = ? AND run = ? AND state = ?"
-                " AND name != ? AND (timestamp < ? OR (timestamp = ? AND received_at < ?))"
+                " AND analysis = ? AND name != ?"
+                " AND (timestamp < ? OR (timestamp = ? AND received_at < ?))"
                 " ORDER BY timestamp DESC, received_at DESC LIMIT 1",
-                (record.agent, record.run, OK, record.name, record.timestamp, record.timestamp,
-                 record.received_at),
+                (record.agent, record.run, OK, DONE, record.name, record.timestamp,
+                 record.timestamp, record.received_at),
             ).fetchone()
             if row is None or row["objects_json"] is None:
                 return None

@@ -1,9 +1,13 @@
-"""What a ROOT file holds, read with uproot. Runs in an inspection child process, never in the
-daemon: a hostile file can at worst exhaust the child's memory cap or time limit.
+"""What a ROOT file holds. Runs in an inspection child process, never in the daemon: a hostile
+file can at worst exhaust the child's memory cap or time limit.
 
-Valid means: the file opens, its directories read, and every key's payload decompresses. A class
-uproot cannot interpret is listed by its stored class name, `interpreted: false`; that alone does
-not make the file invalid.
+Two passes:
+- the check (`inspect_file`), which an upload waits for: the file's structure read directly
+  (`root_structure`): valid means the file opens, its directories read, and every key's payload
+  decompresses to its declared length. It lists every object by path, class and title.
+- the analysis (`analyse_file`), done later at low priority: every object read with uproot and
+  summarised (entries, axes, means, integrals, tree sizes, list members). A class uproot cannot
+  interpret is listed by its stored class name, `interpreted: false`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from typing import Any
 import numpy as np
 import uproot
 
-OK, INVALID = "ok", "invalid"
+from .root_structure import Entry, StructureError, read_structure
+
+OK, INVALID, FAILED = "ok", "invalid", "failed"
 ROOT_MAGIC = b"root"
 # A file declaring more objects than this is listed only up to it (flagged `objects_truncated`).
 MAX_LISTED_OBJECTS = 100_000
@@ -38,10 +44,12 @@ def received_entry(name: str, class_name: str) -> str:
 
 
 def inspect_file(path: Path) -> dict[str, Any]:
-    """Inspect one file; returns a JSON-able result with `state` "ok" or "invalid"."""
+    """Check one file; returns a JSON-able result with `state` "ok" or "invalid"."""
     try:
-        objects, truncated = _read_objects(path)
-    except InvalidFile as exc:
+        structure = read_structure(path, MAX_LISTED_OBJECTS)
+        objects = [_listed(entry) for entry in structure.entries]
+        truncated = structure.truncated
+    except (InvalidFile, StructureError) as exc:
         result: dict[str, Any] = {"state": INVALID, "reason": str(exc)}
     except MemoryError:
         result = {"state": INVALID, "reason": "inspection exceeded the memory cap"}
@@ -59,6 +67,28 @@ def inspect_file(path: Path) -> dict[str, Any]:
                 if "/" not in entry["path"]
             },
         }
+    result["peak_rss_kib"] = peak_rss_kib()
+    return result
+
+
+def _listed(entry: Entry) -> dict[str, Any]:
+    listed: dict[str, Any] = {"path": entry.path, "class": entry.class_name, "title": entry.title}
+    if entry.unchecked:
+        listed["note"] = entry.unchecked
+    return listed
+
+
+def analyse_file(path: Path) -> dict[str, Any]:
+    """Read and summarise every object of a checked file; `state` "ok" with the objects, or
+    "failed" with the reason."""
+    try:
+        objects, truncated = _read_objects(path)
+    except MemoryError:
+        result: dict[str, Any] = {"state": FAILED, "reason": "analysis exceeded the memory cap"}
+    except Exception as exc:  # the check passed, but uproot may still refuse the file
+        result = {"state": FAILED, "reason": short_reason(exc).replace(str(path), "the file")}
+    else:
+        result = {"state": OK, "objects": objects, "objects_truncated": truncated}
     result["peak_rss_kib"] = peak_rss_kib()
     return result
 

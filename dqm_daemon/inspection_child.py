@@ -1,7 +1,7 @@
 """The inspection child process: `python -m dqm_daemon.inspection_child --memory-cap BYTES`.
 
-Reads one JSON job per line on stdin (`{"path": ...}` to inspect a file, with `"previews": [...]`
-to read histograms for drawing), answers one JSON result per line on the original stdout. It caps its own address space first, so a hostile file that makes uproot
+Reads one JSON job per line on stdin (`{"path": ...}` to check a file, with `"analyse": true` to
+analyse it, with `"previews": [...]` to read histograms for drawing), answers one JSON result per line on the original stdout. It caps its own address space first, so a hostile file that makes uproot
 allocate without bound fails here, not in the daemon.
 """
 
@@ -33,7 +33,10 @@ def finite(value: Any) -> Any:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--memory-cap", type=int, required=True, help="RLIMIT_AS in bytes")
+    parser.add_argument("--nice", type=int, default=0, help="added to the CPU niceness")
     arguments = parser.parse_args()
+    if arguments.nice:
+        os.nice(arguments.nice)  # background work yields the CPU to uploads and checks
     # The daemon decides when a child ends (EOF on stdin, or SIGKILL): a Ctrl-C or a SIGTERM
     # meant for the whole group must not look like a file that crashed its inspector.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -41,7 +44,7 @@ def main() -> None:
     # Results go to a private copy of stdout; anything a library prints goes to stderr.
     results = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    from .inspection import inspect_file  # heavy imports (uproot, numpy) before the cap
+    from .inspection import analyse_file, inspect_file  # heavy imports before the cap
     from .previews import read_previews
 
     resource.setrlimit(resource.RLIMIT_AS, (arguments.memory_cap, arguments.memory_cap))
@@ -51,6 +54,8 @@ def main() -> None:
         job = json.loads(line)
         if "previews" in job:
             result = read_previews(job["path"], job["previews"], job["max_bins"])
+        elif job.get("analyse"):
+            result = analyse_file(job["path"])
         else:
             result = inspect_file(job["path"])
         results.write(json.dumps(finite(result), allow_nan=False) + "\n")

@@ -43,10 +43,11 @@ def describe_exit(returncode: int | None) -> str:
 
 class InspectorProcess:
     def __init__(self, memory_cap_bytes: int, time_limit_seconds: float,
-                 command: tuple[str, ...] = CHILD_COMMAND) -> None:
+                 command: tuple[str, ...] = CHILD_COMMAND, niceness: int = 0) -> None:
         self._memory_cap_bytes = memory_cap_bytes
         self._time_limit_seconds = time_limit_seconds
         self._command = command
+        self._niceness = niceness
         self._process: asyncio.subprocess.Process | None = None
         # One job at a time per child: a second caller waits its turn.
         self._turn = asyncio.Lock()
@@ -67,6 +68,7 @@ class InspectorProcess:
         environment.pop(TOKEN_ENV_VAR, None)
         process = await asyncio.create_subprocess_exec(
             *self._command, "--memory-cap", str(self._memory_cap_bytes),
+            "--nice", str(self._niceness),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             env=environment, limit=RESULT_LINE_LIMIT,
             start_new_session=True,  # out of the terminal's process group: Ctrl-C is the daemon's
@@ -85,6 +87,10 @@ class InspectorProcess:
         """The child's result for `path`; an overrun or a crash is an invalid result, and the
         child is replaced on the next call."""
         return await self.run_job({"path": str(path)})
+
+    async def analyse(self, path: Path) -> dict[str, Any]:
+        """Every object of `path` read and summarised (an overrun or a crash: state invalid)."""
+        return await self.run_job({"path": str(path), "analyse": True})
 
     async def previews(self, path: Path, object_paths: list[str], max_bins: int) -> dict[str, Any]:
         """Bin contents of the named histograms, for drawing (same isolation as inspection)."""

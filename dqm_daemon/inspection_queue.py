@@ -1,6 +1,6 @@
 """The inspection queue: committed files wait here for a worker. Each worker owns one inspection
-child process, records what it found (and what changed since the previous file of the same
-agent and run) in the catalog, and quarantines files that are not sound ROOT."""
+child process, records the check's verdict and listing in the catalog, quarantines files that
+are not sound ROOT, and announces sound ones to the analyst."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import pendulum
 import structlog
 
 from .catalog import IN_DATA_DIR, IN_QUARANTINE, INVALID, PENDING, Catalog, FileRecord
-from .findings import compare_with_previous
 from .inspection_pool import ChildStartFailed, InspectorProcess
 from .metrics import Metrics
 from .storage import Storage
@@ -25,14 +25,13 @@ log = structlog.get_logger(__name__)
 START_FAILURE_BACKOFF_SECONDS = 5.0
 # Pending files the sweeper queues per pass (the rest on the next pass).
 SWEEP_BATCH = 10_000
-# Object lists longer than this are compared off the event loop.
-LARGE_OBJECT_LIST = 2_000
 
 
 class InspectionQueue:
     def __init__(self, catalog: Catalog, storage: Storage, metrics: Metrics, max_jobs: int,
-                 ) -> None:
+                 on_sound_file: Callable[[], None] = lambda: None) -> None:
         self._catalog = catalog
+        self._on_sound_file = on_sound_file
         self._storage = storage
         self._metrics = metrics
         self._jobs: asyncio.Queue[FileRecord] = asyncio.Queue(maxsize=max_jobs)
@@ -157,13 +156,6 @@ class InspectionQueue:
             await self._storage.quarantine(record.name)
             location = IN_QUARANTINE
         objects = result.get("objects")
-        findings = None
-        if objects is not None:
-            previous = await self._catalog.previous_objects(record)
-            if previous and len(objects) > LARGE_OBJECT_LIST:
-                findings = await asyncio.to_thread(compare_with_previous, *previous, objects)
-            else:
-                findings = compare_with_previous(*previous, objects) if previous else []
         duration_seconds = time.perf_counter() - started
         duration_ms = round(duration_seconds * 1000, 1)
         self._metrics.inspection_seconds.labels(result["state"]).observe(duration_seconds)
@@ -174,7 +166,6 @@ class InspectionQueue:
             reason=result.get("reason"),
             received=result.get("received"),
             objects=objects,
-            findings=findings,
             inspection_ms=duration_ms,
             inspected_at=pendulum.now("UTC").to_iso8601_string(),
         )
@@ -184,10 +175,11 @@ class InspectionQueue:
             state=result["state"],
             reason=result.get("reason"),
             objects=len(objects) if objects is not None else None,
-            findings=len(findings) if findings else 0,
             duration_ms=duration_ms,
             child_peak_rss_kib=result.get("peak_rss_kib"),
         )
+        if result["state"] != INVALID:
+            self._on_sound_file()
         inspected = await self._catalog.get(record.name)
         assert inspected is not None
         return inspected

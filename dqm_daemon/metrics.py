@@ -28,6 +28,9 @@ class Metrics:
         self.inspection_seconds = Histogram(
             "dqm_inspection_duration_seconds", "Time to inspect one file, by result",
             ["result"], buckets=INSPECTION_BUCKETS, registry=registry)
+        self.analysis_seconds = Histogram(
+            "dqm_analysis_duration_seconds", "Time to analyse one checked file, by result "
+            "(done, failed)", ["result"], buckets=INSPECTION_BUCKETS, registry=registry)
         self.queue_depth = Gauge(
             "dqm_inspection_queue_depth", "Jobs waiting in the inspection queue",
             registry=registry)

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from . import __version__
 from .appkeys import (
+    ANALYST,
     CATALOG,
     INSPECTION_QUEUE,
     INSPECTORS,
@@ -103,6 +104,8 @@ async def status_report(app: web.Application) -> dict[str, Any]:
             "workers_running": queue.running_workers,
             "workers_busy": queue.busy_workers,
             "child_start_failure": queue.child_start_failure,
+            "awaiting_analysis": snapshot["awaiting_analysis"],
+            "analyst_busy": app[ANALYST].busy,
         },
         "latest_files": [file_summary(record) for record in snapshot["latest_files"]],
         "agents": [agent_silence(agent, settings, now) for agent in snapshot["agents"]],

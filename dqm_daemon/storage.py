@@ -56,21 +56,24 @@ class IncomingFile:
     def md5(self) -> bytes | None:
         return self._md5.digest() if self._md5 is not None else None
 
-    def _write_sync(self, chunk: bytes | bytearray) -> None:
-        # Both calls release the GIL for large buffers, so hashing overlaps with the network.
+    def write_now(self, chunk: bytes | bytearray | memoryview) -> None:
+        """Hash and write a chunk in the calling thread (an upload's own, never the loop's)."""
+        # Each call releases the GIL for large buffers: other uploads go on meanwhile.
         self._sha256.update(chunk)
         if self._md5 is not None:
             self._md5.update(chunk)
-        self._file.write(chunk)
+        view = memoryview(chunk)
+        self.size += view.nbytes
+        while view:  # an unbuffered file may write less than asked
+            view = view[self._file.write(view):]
 
     async def write(self, chunk: bytes | bytearray) -> None:
         """Hand a chunk to a thread and return at once, so the next chunk is read from the
         socket meanwhile; at most one chunk is in the thread's hands (bounded memory)."""
         await self._wait_for_pending_write()
         self._pending_write = asyncio.get_running_loop().run_in_executor(
-            None, self._write_sync, chunk
+            None, self.write_now, chunk
         )
-        self.size += len(chunk)
 
     async def _wait_for_pending_write(self) -> None:
         if self._pending_write is not None:

@@ -1,4 +1,4 @@
-"""What inspection finds in a file, checked against what the file was written to hold."""
+"""What the check and the analysis find in a file, against what the file was written to hold."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import uproot
 
 from dqm_daemon.findings import compare_with_previous
-from dqm_daemon.inspection import inspect_file
+from dqm_daemon.inspection import analyse_file, inspect_file
 
 from .rootfiles import histogram, profile, th1f, write_one_histogram_file
 
@@ -51,7 +51,7 @@ def every_class_file(tmp_path_factory) -> Path:
 
 def test_every_histogram_class_is_summarised(every_class_file):
     """Each histogram class reports entries, bins, mean, std and flow as written."""
-    result = inspect_file(every_class_file)
+    result = analyse_file(every_class_file)
     assert result["state"] == "ok", result
     objects = by_path(result)
     assert {path: entry["class"] for path, entry in objects.items()} == {
@@ -89,7 +89,7 @@ def test_every_histogram_class_is_summarised(every_class_file):
 
 def test_empty_histogram_and_tree(every_class_file):
     """An empty histogram is flagged empty; a tree reports entries and branches."""
-    objects = by_path(inspect_file(every_class_file))
+    objects = by_path(analyse_file(every_class_file))
     assert objects["empty"]["empty"] is True
     assert objects["empty"]["axes"][0]["mean"] is None
     assert objects["events"] == {"path": "events", "class": "TTree", "title": "the events",
@@ -112,28 +112,33 @@ def test_only_the_highest_cycle_is_listed(tmp_path):
     with uproot.recreate(path) as root_file:
         root_file["h"] = th1f("h", "first", [1, 2])
         root_file["h"] = th1f("h", "second", [1, 2, 3, 4])
-    result = inspect_file(path)
-    (entry,) = result["objects"]
-    assert (entry["title"], entry["entries"]) == ("second", 10)
+    (listed,) = inspect_file(path)["objects"]
+    (analysed,) = analyse_file(path)["objects"]
+    assert listed == {"path": "h", "class": "TH1F", "title": "second"}
+    assert (analysed["title"], analysed["entries"]) == ("second", 10)
 
 
 def test_shared_real_files(shared_root_files):
-    """Every real file written by ROOT inspects as sound, listing every key uproot sees."""
+    """Every real file written by ROOT checks as sound, listing exactly the keys uproot sees
+    (paths, classes and order), and its analysis reads every one."""
     for path in shared_root_files:
         result = inspect_file(path)
         assert result["state"] == "ok", (path.name, result)
         with uproot.open(path) as root_file:
             expected = root_file.classnames(recursive=True, cycle=False)
-        listed = {entry["path"]: entry["class"] for entry in result["objects"]}
-        for key_path, class_name in expected.items():
-            assert listed.get(key_path) == class_name, (path.name, key_path)
+        listed = [(entry["path"], entry["class"]) for entry in result["objects"]]
+        assert listed == list(expected.items()), path.name
+        assert not [entry for entry in result["objects"] if "note" in entry], path.name
         assert set(result["received"]) == {key for key in expected if "/" not in key}
+        analysed = analyse_file(path)
+        assert analysed["state"] == "ok", (path.name, analysed)
+        assert [entry["path"] for entry in analysed["objects"]] == list(expected), path.name
 
 
 def test_uninterpretable_class_is_listed_not_invalid(shared_root_files):
     """A class uproot cannot read (TEfficiency here) is listed by name, not interpreted."""
     (path,) = [path for path in shared_root_files if path.name == "uproot-issue209.root"]
-    result = inspect_file(path)
+    result = analyse_file(path)
     assert result["state"] == "ok"
     (entry,) = result["objects"]
     assert (entry["class"], entry["interpreted"]) == ("TEfficiency", False)
@@ -141,15 +146,15 @@ def test_uninterpretable_class_is_listed_not_invalid(shared_root_files):
 
 def test_lists_report_their_members(every_class_file):
     """A TList names its members and their classes."""
-    assert by_path(inspect_file(every_class_file))["summary"]["members"] == [
+    assert by_path(analyse_file(every_class_file))["summary"]["members"] == [
         {"name": "rate", "class": "TH1F"}, {"name": "width", "class": "TH2D"}]
 
 
 def test_ntuple_from_root_reports_branches(shared_root_files):
     """A TNtuple written by ROOT reports its entries and branches."""
     (path,) = [p for p in shared_root_files if p.name == "uproot-hepdata-example.root"]
-    assert by_path(inspect_file(path))["ntuple"]["entries"] == 75000
-    assert by_path(inspect_file(path))["ntuple"]["branches"] == 5
+    assert by_path(analyse_file(path))["ntuple"]["entries"] == 75000
+    assert by_path(analyse_file(path))["ntuple"]["branches"] == 5
 
 
 @pytest.mark.parametrize("kind", ["truncated", "garbled", "empty", "text", "header_only",
@@ -213,12 +218,52 @@ def test_zlib_marker_helper_is_real(tmp_path):
 @pytest.mark.parametrize("compression", [uproot.ZLIB(4), uproot.LZMA(4), uproot.LZ4(4),
                                          uproot.ZSTD(4), None], ids=str)
 def test_every_compression_algorithm(tmp_path, compression):
-    """Files compressed with zlib, lzma, lz4 or zstd (or not at all) inspect as sound."""
+    """Files compressed with zlib, lzma, lz4 or zstd (or not at all) check as sound, each
+    payload decompressed (no "not checked" note), and analyse."""
     path = tmp_path / "compressed.root"
     with uproot.recreate(path, compression=compression) as root_file:
         root_file["h"] = th1f("h", "h", list(range(500)))
         root_file["d/h2"] = histogram("h2", "h2", [X, Y])
-    result = inspect_file(path)
+    checked = inspect_file(path)
+    assert checked["state"] == "ok", checked
+    assert [entry for entry in checked["objects"] if "note" in entry] == []
+    result = analyse_file(path)
     assert result["state"] == "ok", result
     assert by_path(result)["h"]["entries"] == sum(range(500))
     assert by_path(result)["d/h2"]["entries"] == len(X)
+
+
+def _put_int32(content: bytearray, offset: int, value: int) -> None:
+    content[offset:offset + 4] = value.to_bytes(4, "big", signed=True)
+
+
+def test_a_key_list_that_lies_about_its_count_is_invalid(tmp_path):
+    """A directory claiming a million keys in a file of a few KiB fails its check."""
+    path = write_one_histogram_file(tmp_path / "sound.root")
+    with uproot.open(path) as root_file:
+        seek_keys = root_file.fSeekKeys
+    content = bytearray(path.read_bytes())
+    key_len = int.from_bytes(content[seek_keys + 14:seek_keys + 16], "big")
+    _put_int32(content, seek_keys + key_len, 1_000_000)
+    path.write_bytes(bytes(content))
+    result = inspect_file(path)
+    assert result["state"] == "invalid"
+    assert "declares 1000000 keys" in result["reason"]
+
+
+def test_a_directory_that_contains_itself_is_invalid(tmp_path):
+    """A subdirectory whose key list is its parent's would make a walk loop forever."""
+    path = tmp_path / "loop.root"
+    with uproot.recreate(path) as root_file:
+        root_file["d/h"] = th1f("h", "h", [1, 2])
+    with uproot.open(path) as root_file:
+        top_seek_keys = root_file.fSeekKeys
+        key = root_file.key("d")
+        record = key.data_cursor.index  # the directory record, after the key header
+    content = bytearray(path.read_bytes())
+    assert int.from_bytes(content[record:record + 2], "big") <= 1000  # 32-bit seeks
+    _put_int32(content, record + 18 + 8, top_seek_keys)  # fSeekDir, fSeekParent, fSeekKeys
+    path.write_bytes(bytes(content))
+    result = inspect_file(path)
+    assert result["state"] == "invalid"
+    assert "contains itself" in result["reason"]

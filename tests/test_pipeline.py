@@ -36,6 +36,15 @@ async def info(client, name: str) -> dict:
     return await response.json()
 
 
+async def analysed(client, name: str, timeout: float = 60.0) -> dict:
+    """The file's info once its analysis (which follows the check) has finished."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (details := await info(client, name))["analysis"] == "pending":
+        assert asyncio.get_running_loop().time() < deadline, details
+        await asyncio.sleep(0.05)
+    return details
+
+
 @pytest.fixture
 async def faulty_client(aiohttp_client, data_dir):
     settings = make_settings(data_dir, inspection_workers=1, inspection_time_limit_seconds=1.5,
@@ -44,11 +53,17 @@ async def faulty_client(aiohttp_client, data_dir):
 
 
 async def test_info_of_a_sound_file(client, tmp_path):
-    """The info resource holds the catalog row and every object inspection found."""
+    """The info resource holds the catalog row and every object the check listed; the
+    analysis then adds each object's figures."""
     content = write_dqm_file(tmp_path / "dqm.root").read_bytes()
     _, body = await upload(client, content, dataStatus="1")
-    details = await info(client, body["filename"])
-    assert details["state"] == "ok"
+    details = await analysed(client, body["filename"])
+    assert (details["state"], details["analysis"], details["analysis_reason"]) == (
+        "ok", "done", None)
+    assert details["analysed_at"] and details["analysis_ms"] > 0
+    first = details["objects"][0]
+    assert (first["path"], first["class"], first["interpreted"]) == ("hist0", "TH1F", True)
+    assert first["entries"] > 0 and first["dimensions"] == 1 and first["empty"] is False
     assert (details["agent"], details["run"], details["data_status"]) == ("EMC", 123456, 1)
     assert details["uploader"] == "emc-agent"
     assert details["sha256"] == body["sha256"] and details["size"] == len(content)
@@ -67,6 +82,7 @@ async def test_info_of_a_quarantined_file(client):
     assert (details["state"], details["location"]) == ("invalid", "quarantine")
     assert details["reason"]
     assert details["objects"] is None
+    assert details["analysis"] is None  # nothing to analyse in a file that failed its check
 
 
 async def test_info_unknown_is_404(client):
@@ -105,7 +121,7 @@ async def test_findings_against_previous_file_of_agent_and_run(client, tmp_path)
                  timestamp=1100, agent="TPC")
     _, second_body = await upload(client, second.read_bytes(), timestamp=1200)
     findings = {finding["kind"]: finding
-                for finding in (await info(client, second_body["filename"]))["findings"]}
+                for finding in (await analysed(client, second_body["filename"]))["findings"]}
     assert findings["objects_disappeared"]["objects"] == ["clusters"]
     assert findings["objects_appeared"]["objects"] == ["tracks"]
     assert findings["histograms_became_empty"]["objects"] == ["occupancy"]
@@ -163,7 +179,9 @@ async def test_budget_exceeded_answers_202_then_result(aiohttp_client, data_dir,
 
 @pytest.mark.slow
 async def test_memory_cap_stops_a_decompression_bomb(aiohttp_client, data_dir, tmp_path):
-    """A small file that expands to hundreds of MiB is stopped by the child's memory cap."""
+    """A small file that expands to hundreds of MiB is a sound ROOT file: it passes its check
+    (which decompresses block by block), and its analysis is stopped by the child's memory cap
+    while the daemon goes on."""
     bomb = tmp_path / "bomb.root"
     bins = 40_000_000  # 320 MB of zeros, a few hundred KiB compressed
     with uproot.recreate(bomb) as root_file:
@@ -175,8 +193,11 @@ async def test_memory_cap_stops_a_decompression_bomb(aiohttp_client, data_dir, t
                              inspection_memory_cap_bytes=384 * 1024 * 1024)
     client = await aiohttp_client(create_app(settings))
     response, body = await upload(client, bomb.read_bytes())
-    assert response.status == 400, body
-    assert "memory" in body["reason"].lower() or "crashed" in body["reason"]
+    assert response.status == 200, body
+    details = await analysed(client, body["filename"])
+    assert (details["state"], details["analysis"]) == ("ok", "failed")
+    reason = details["analysis_reason"]
+    assert "memory" in reason.lower() or "crashed" in reason, reason
     health = await client.get("/healthz")
     assert health.status == 200
 
@@ -188,7 +209,7 @@ async def test_infinite_bin_contents_do_not_break_inspection(client, tmp_path):
         root_file["h"] = th1f("h", "h", [1.0, float("inf"), float("nan")])
     response, body = await upload(client, path.read_bytes())
     assert response.status == 200, body
-    (entry,) = (await info(client, body["filename"]))["objects"]
+    (entry,) = (await analysed(client, body["filename"]))["objects"]
     assert entry["integral"] is None
 
 

@@ -432,32 +432,28 @@ async def test_tokens_from_systemd_credentials(tmp_path, daemon):
 
 
 async def test_ctrl_c_to_the_process_group_does_not_fail_inspections(tmp_path, daemon):
-    """SIGINT to the whole process group (Ctrl-C in a terminal) while a file is inspected:
-    the daemon shuts down cleanly and, after a restart, the file is inspected as sound."""
+    """SIGINT to the whole process group (Ctrl-C in a terminal) while a file is analysed:
+    the daemon shuts down cleanly and, after a restart, the analysis is done, not failed."""
     from .rootfiles import write_many_histograms_file
 
-    config = tmp_path / "config.toml"
-    config.write_text("inspection_workers = 1\ninspection_budget_seconds = 0.05\n")
-    daemon.extra_args = ["--config", str(config)]
     daemon.start()
-    content = write_many_histograms_file(tmp_path / "many.root", 600).read_bytes()
-    async with aiohttp.ClientSession() as session:
+    content = write_many_histograms_file(tmp_path / "many.root", 1500).read_bytes()
+    async with aiohttp.ClientSession(headers={"token": TOKEN}) as session:
         async with session.post(f"{daemon.url}/rest/api/files", data=content,
                                 headers=dqm_headers(run=21)) as response:
-            assert response.status == 202
+            assert response.status == 200
             name = (await response.json())["filename"]
-        await asyncio.sleep(0.3)  # the child is now inspecting
-        async with session.get(f"{daemon.url}/rest/api/files/{name}/info",
-                               headers={"token": TOKEN}) as response:
-            assert (await response.json())["state"] == "pending"
+        await asyncio.sleep(0.3)  # the analysis child is now at work
+        async with session.get(f"{daemon.url}/rest/api/files/{name}/info") as response:
+            assert (await response.json())["analysis"] == "pending"
     os.killpg(daemon.process.pid, signal.SIGINT)
     assert await asyncio.to_thread(daemon.process.wait, 30) == 0
     daemon.start()
     async with aiohttp.ClientSession(headers={"token": TOKEN}) as session:
-        for _ in range(200):
+        for _ in range(300):
             async with session.get(f"{daemon.url}/rest/api/files/{name}/info") as response:
                 details = await response.json()
-            if details["state"] != "pending":
+            if details["analysis"] != "pending":
                 break
             await asyncio.sleep(0.1)
-    assert details["state"] == "ok", details
+    assert (details["state"], details["analysis"]) == ("ok", "done"), details

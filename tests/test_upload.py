@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import hashlib
+import json
+import random
 from pathlib import Path
 
 import aiohttp
@@ -237,3 +240,68 @@ async def test_malformed_digest_headers(client, one_histogram_file, data_dir, he
     assert response.status == 400
     assert next(iter(headers)) in (await response.json())["message"]
     assert stored_files(data_dir) == []
+
+
+async def test_body_read_from_the_socket_in_awkward_pieces(client, tmp_path, data_dir):
+    """A 24 MiB multipart body sent in uneven pieces, with pauses, a preamble and a second
+    field after the file, is stored byte for byte; the answer closes the connection (its
+    body was read straight from the socket, past aiohttp's parser)."""
+    rng = random.Random(11)
+    root_part = write_dqm_file(tmp_path / "dqm.root").read_bytes()
+    # The padding repeats near-delimiters: the parser must not cut the file there.
+    padding = (b"\r\n--dqm-test-boundar" + bytes(rng.randrange(256) for _ in range(4000))) * 6000
+    content = root_part + padding
+    boundary = b"dqm-test-boundary"
+    body = (b"preamble to ignore\r\n--" + boundary + b"\r\nContent-Disposition: form-data; "
+            b"name=\"file\"; filename=\"big.root\"\r\n\r\n" + content + b"\r\n--" + boundary
+            + b"\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n--"
+            + boundary + b"--\r\n")
+    head = (f"POST /rest/api/files HTTP/1.1\r\nHost: x\r\ntoken: {TOKEN}\r\nrunNumber: 7\r\n"
+            f"timeStamp: 1700000000\r\namoreAgent: EMC\r\nContent-Length: {len(body)}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary.decode()}\r\n\r\n").encode()
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(head + body[:1000])
+    position = 1000
+    while position < len(body):
+        step = rng.choice([1, 7, 4096, 65_537, 1_000_003])
+        writer.write(body[position:position + step])
+        position += step
+        await writer.drain()
+        if rng.random() < 0.05:
+            await asyncio.sleep(0.01)
+    status_line = await reader.readline()
+    headers = {}
+    while (line := await reader.readline()) != b"\r\n":
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    answer = json.loads(await reader.readexactly(int(headers["content-length"])))
+    assert b" 200 " in status_line, answer
+    assert headers["connection"] == "close"
+    assert await reader.read() == b""  # the daemon closed the connection after its answer
+    writer.close()
+    assert answer["sha256"] == hashlib.sha256(content).hexdigest()
+    assert (data_dir / answer["filename"]).read_bytes() == content
+
+
+async def test_keep_alive_client_uploads_twice(client, one_histogram_file, tmp_path):
+    """A client that keeps its connection open is told to close it after an upload, and its
+    next upload (on a new connection) works."""
+    other = write_dqm_file(tmp_path / "other.root").read_bytes()
+    for run, content in ((1, one_histogram_file), (2, other)):
+        response = await client.post("/rest/api/files", data=multipart_file(content),
+                                     headers=dqm_headers(run=run))
+        assert response.status == 200, await response.text()
+        assert (await response.json())["sha256"] == hashlib.sha256(content).hexdigest()
+
+
+async def test_gzip_encoded_body(client, one_histogram_file, data_dir):
+    """A body sent with Content-Encoding: gzip is decoded before it is stored."""
+    boundary = "gzip-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\n").encode() \
+        + one_histogram_file + f"\r\n--{boundary}--\r\n".encode()
+    response = await client.post(
+        "/rest/api/files", data=gzip.compress(body),
+        headers=dqm_headers(**{"Content-Encoding": "gzip",
+                               "Content-Type": f"multipart/form-data; boundary={boundary}"}))
+    assert response.status == 200, await response.text()
+    assert (data_dir / (await response.json())["filename"]).read_bytes() == one_histogram_file

@@ -5,20 +5,27 @@ from __future__ import annotations
 import asyncio
 import errno
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
 import structlog
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 
-from ..appkeys import INGEST, INSPECTION_QUEUE, METRICS, RESUMABLE, SETTINGS, STORAGE, UPLOADS
+from ..appkeys import (
+    INGEST,
+    INSPECTION_QUEUE,
+    METRICS,
+    RESUMABLE,
+    SETTINGS,
+    STORAGE,
+    UPLOAD_THREADS,
+    UPLOADS,
+)
 from ..catalog import OK, FileRecord
 from ..digests import check_digests, expected_digests
 from ..ingest import Commit
 from ..middlewares import UPLOADER, error_response, uploader_for_token
 from ..naming import parse_dqm_headers
-from ..settings import Settings
-from ..storage import IncomingFile, Storage
+from ..storage import IncomingFile
+from ..upload_body import receive_body
 from ..uploads import UploadProgress
 
 log = structlog.get_logger(__name__)
@@ -26,13 +33,9 @@ log = structlog.get_logger(__name__)
 SUCCESS_MESSAGE = "Successfully received file and extracted information"
 INVALID_MESSAGE = "Successfully received the file, but the file is not valid! Perhaps it was corrupted?"
 EMPTY_MESSAGE = "No file uploaded and the payload was empty"
-FILE_FIELD = "file"
 # Headers never echoed back in `receivedHeaders`.
 SECRET_HEADERS = frozenset({"token", "authorization", "cookie"})
 
-ReadChunk = Callable[[int], Awaitable[bytes]]
-T = TypeVar("T")
-SKIPPED_FIELD_CHUNK = 64 * 1024
 
 
 def check_room(app: web.Application, declared_length: int | None) -> None:
@@ -73,82 +76,12 @@ async def expect_continue(request: web.Request) -> web.Response | None:
     return None
 
 
-async def _within(read_timeout: float, step: Awaitable[T]) -> T:
-    """One read from the client, which must deliver within the read timeout."""
-    try:
-        async with asyncio.timeout(read_timeout):
-            return await step
-    except TimeoutError:
-        raise web.HTTPRequestTimeout(
-            text=f"No data received for {read_timeout} s; upload dropped"
-        ) from None
-
-
-async def _file_reader(request: web.Request, read_timeout: float) -> ReadChunk | None:
-    """The body's file: the multipart field `file`, or the raw body. None: no file field."""
-    if not request.content_type.startswith("multipart/"):
-        return request.content.read
-    try:
-        reader = await _within(read_timeout, request.multipart())
-        while (part := await _within(read_timeout, reader.next())) is not None:
-            if isinstance(part, BodyPartReader) and part.name == FILE_FIELD:
-                return part.read_chunk
-            # Skip other fields chunk by chunk, each read under the timeout.
-            while await _within(read_timeout, part.read_chunk(SKIPPED_FIELD_CHUNK)):
-                pass
-    except (ValueError, AssertionError, KeyError) as exc:
-        raise web.HTTPBadRequest(text=f"Malformed multipart body: {exc}") from None
-    return None
-
-
-async def _stream_to_disk(
-    read_chunk: ReadChunk,
-    incoming: IncomingFile,
-    progress: UploadProgress,
-    settings: Settings,
-    storage: Storage,
-) -> None:
-    """Copy the body to disk in chunks of `chunk_bytes`, enforcing size, time and disk limits."""
-    buffered = bytearray()
-    while True:
-        try:
-            chunk = await _within(settings.read_timeout_seconds, read_chunk(settings.chunk_bytes))
-        except ValueError as exc:  # the multipart reader's word for a malformed part
-            raise web.HTTPBadRequest(text=f"Malformed multipart body: {exc}") from None
-        if chunk:
-            progress.received_bytes += len(chunk)
-            if progress.received_bytes > settings.max_upload_bytes:
-                raise web.HTTPRequestEntityTooLarge(
-                    max_size=settings.max_upload_bytes,
-                    actual_size=progress.received_bytes,
-                    text=f"Upload exceeds the maximum of {settings.max_upload_bytes} bytes",
-                )
-            if not buffered and len(chunk) >= settings.chunk_bytes // 2:
-                to_write: bytes | bytearray = chunk  # big enough already: no copy
-            else:
-                buffered += chunk  # gather small reads into one write
-                to_write = buffered if len(buffered) >= settings.chunk_bytes else b""
-        else:
-            to_write = buffered
-        if to_write:
-            if storage.free_bytes() - len(to_write) < settings.disk_reserve_bytes:
-                raise web.HTTPInsufficientStorage(
-                    text="Free disk space fell below the reserve during the upload; nothing was kept"
-                )
-            await incoming.write(to_write)
-            if to_write is buffered:
-                buffered = bytearray()
-        if not chunk:
-            return
-
-
 async def _receive(request: web.Request, incoming: IncomingFile, progress: UploadProgress) -> None:
     settings, storage = request.app[SETTINGS], request.app[STORAGE]
     started = time.perf_counter()
-    read_chunk = await _file_reader(request, settings.read_timeout_seconds)
-    if read_chunk is not None:
-        await _stream_to_disk(read_chunk, incoming, progress, settings, storage)
-    if incoming.size == 0:
+    await receive_body(request, incoming, progress, settings, storage,
+                       request.app[UPLOAD_THREADS])
+    if incoming.size == 0:  # an empty body, or a multipart body without the field `file`
         raise web.HTTPBadRequest(text=EMPTY_MESSAGE)
     streamed = time.perf_counter()
     await incoming.finish()

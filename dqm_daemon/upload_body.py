@@ -1,0 +1,248 @@
+"""An upload's body, from the socket to the disk in one thread of its own.
+
+The event loop only reads the request's head. For the body, the handler takes the connection's
+socket over (`detach_body`): what aiohttp has already buffered is drained, the transport stops
+reading, and a thread reads the rest with `recv_into` into one reused buffer, finds the file's
+bytes (a raw body, or the multipart field `file`, without copying), hashes and writes them. That
+is the least work a receiver that proves integrity can do, and it leaves the event loop free for
+the status page, health checks and other agents. The connection is closed after the answer:
+aiohttp's parser never saw the body, so the connection cannot carry another request.
+
+Bodies the loop must decode (chunked transfer, a Content-Encoding, TLS) take the same path in
+the thread, their chunks fetched from aiohttp's stream through the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
+
+from aiohttp import web
+
+from .multipart_body import (
+    MalformedMultipart,
+    MultipartField,
+    boundary_from_content_type,
+)
+from .settings import Settings
+from .storage import IncomingFile, Storage
+from .uploads import UploadProgress
+
+FILE_FIELD = "file"
+# Free disk space is looked at again after this many bytes written.
+DISK_CHECK_BYTES = 16 * 1024 * 1024
+# Marks a request whose connection cannot be reused (see `close_detached_connections`).
+BODY_DETACHED = web.RequestKey("body_detached", bool)
+
+Chunks = Iterator[tuple[bytes | bytearray, int]]  # (buffer, how many bytes of it are new)
+
+
+class BodySink:
+    """Where the body's bytes go, in the upload's thread: the file's bytes are picked out of
+    the body, counted against the limits, hashed and written."""
+
+    def __init__(self, request: web.Request, incoming: IncomingFile, progress: UploadProgress,
+                 settings: Settings, storage: Storage) -> None:
+        self._incoming = incoming
+        self._progress = progress
+        self._settings = settings
+        self._storage = storage
+        self._body_bytes = 0  # received, the multipart framing included
+        self._unchecked_bytes = 0  # written since free space was last looked at
+        self._multipart: MultipartField | None = None
+        if request.content_type.startswith("multipart/"):
+            try:
+                boundary = boundary_from_content_type(request.headers.get("Content-Type", ""))
+                self._multipart = MultipartField(boundary, FILE_FIELD)
+            except MalformedMultipart as exc:
+                raise web.HTTPBadRequest(text=f"Malformed multipart body: {exc}") from None
+
+    def write(self, data: bytes | bytearray, end: int) -> None:
+        settings = self._settings
+        self._body_bytes += end
+        if self._body_bytes > settings.max_upload_bytes:
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=settings.max_upload_bytes, actual_size=self._body_bytes,
+                text=f"Upload exceeds the maximum of {settings.max_upload_bytes} bytes")
+        if self._multipart is None:
+            self._write_file_bytes(memoryview(data)[:end])
+            return
+        try:
+            pieces = self._multipart.feed(data, end)
+        except MalformedMultipart as exc:
+            raise web.HTTPBadRequest(text=f"Malformed multipart body: {exc}") from None
+        for piece in pieces:
+            self._write_file_bytes(piece)
+
+    def _write_file_bytes(self, piece: memoryview) -> None:
+        self._progress.received_bytes += piece.nbytes
+        self._unchecked_bytes += piece.nbytes
+        if self._unchecked_bytes >= DISK_CHECK_BYTES:
+            self._unchecked_bytes = 0
+            if self._storage.free_bytes() < self._settings.disk_reserve_bytes:
+                raise web.HTTPInsufficientStorage(
+                    text="Free disk space fell below the reserve during the upload; "
+                    "nothing was kept")
+        self._incoming.write_now(piece)
+
+    def finish(self) -> None:
+        """The body has ended: a multipart body must have been complete."""
+        if self._multipart is not None:
+            try:
+                self._multipart.finish()
+            except MalformedMultipart as exc:
+                raise web.HTTPBadRequest(text=f"Malformed multipart body: {exc}") from None
+
+
+class SocketBody:
+    """The rest of a Content-Length body, read straight from the connection's socket."""
+
+    def __init__(self, connection: socket.socket, first: list[bytes], remaining: int,
+                 buffer_bytes: int) -> None:
+        self._connection = connection
+        self._first = first
+        self._remaining = remaining
+        self._buffer = bytearray(buffer_bytes)
+
+    def chunks(self) -> Chunks:
+        for chunk in self._first:
+            yield chunk, len(chunk)
+        self._first = []
+        view = memoryview(self._buffer)
+        while self._remaining > 0:
+            try:
+                got = self._connection.recv_into(view, min(len(view), self._remaining))
+            except TimeoutError:
+                raise _read_timeout(self._connection.gettimeout()) from None
+            if got == 0:
+                raise web.HTTPBadRequest(text="The client closed the connection before the "
+                                         "end of the body; nothing was kept")
+            self._remaining -= got
+            yield self._buffer, got
+
+    def abort(self) -> None:
+        """Unblock the reading thread (the upload is being cancelled)."""
+        try:
+            self._connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._connection.close()  # our duplicate only; the transport closes its own
+
+
+class StreamBody:
+    """A body aiohttp must decode, fetched chunk by chunk from its stream on the event loop."""
+
+    def __init__(self, request: web.Request, first: list[bytes], read_timeout: float) -> None:
+        self._request = request
+        self._first = first
+        self._read_timeout = read_timeout
+        self._loop = asyncio.get_running_loop()
+        self._pending: asyncio.Future[bytes] | None = None
+
+    async def _read(self) -> bytes:
+        try:
+            async with asyncio.timeout(self._read_timeout):
+                return await self._request.content.readany()
+        except TimeoutError:
+            raise _read_timeout(self._read_timeout) from None
+
+    def chunks(self) -> Chunks:
+        for chunk in self._first:
+            yield chunk, len(chunk)
+        self._first = []
+        while True:
+            pending = asyncio.run_coroutine_threadsafe(self._read(), self._loop)
+            self._pending = pending  # type: ignore[assignment]
+            chunk = pending.result()
+            if not chunk:
+                return
+            yield chunk, len(chunk)
+
+    def abort(self) -> None:
+        if self._pending is not None:
+            self._loop.call_soon_threadsafe(self._pending.cancel)
+
+    def close(self) -> None:
+        pass
+
+
+def _read_timeout(seconds: float | None) -> web.HTTPRequestTimeout:
+    return web.HTTPRequestTimeout(text=f"No data received for {seconds} s; upload dropped")
+
+
+def _drain_buffered(request: web.Request) -> list[bytes]:
+    """What aiohttp has already read of the body. Draining may let aiohttp's parser hand over
+    bytes it held back, so drain until nothing is left."""
+    drained = []
+    while chunk := request.content.read_nowait():
+        drained.append(chunk)
+    return drained
+
+
+def detach_body(request: web.Request, settings: Settings) -> SocketBody | StreamBody:
+    """The body's source: the socket itself when the rest of the body is plain bytes on a plain
+    TCP connection, aiohttp's stream otherwise."""
+    transport = request.transport
+    plain = (
+        transport is not None
+        and transport.get_extra_info("sslcontext") is None
+        and transport.get_extra_info("socket") is not None
+        and request.content_length is not None
+        and "Transfer-Encoding" not in request.headers
+        and request.headers.get("Content-Encoding", "identity").lower() == "identity"
+    )
+    first = _drain_buffered(request)
+    if not plain or request.content.is_eof():
+        return StreamBody(request, first, settings.read_timeout_seconds)
+    assert transport is not None and request.content_length is not None
+    request[BODY_DETACHED] = True
+    remaining = request.content_length - request.content.total_bytes
+    # aiohttp's payload ends here, so it waits for nothing more (this resumes reading)...
+    request.content.feed_eof()
+    # ...and from here on the loop reads nothing from this connection: the thread does.
+    transport.pause_reading()
+    connection = transport.get_extra_info("socket").dup()
+    connection.settimeout(settings.read_timeout_seconds)
+    return SocketBody(connection, first, remaining, settings.chunk_bytes)
+
+
+async def close_detached_connections(request: web.Request,
+                                     response: web.StreamResponse) -> None:
+    """on_response_prepare: the answer to a detached body closes its connection."""
+    if request.get(BODY_DETACHED):
+        response.force_close()
+        response.headers["Connection"] = "close"
+
+
+async def receive_body(request: web.Request, incoming: IncomingFile, progress: UploadProgress,
+                       settings: Settings, storage: Storage, threads: Executor) -> None:
+    """Stream the body's file into `incoming` in a thread of the upload's own."""
+    sink = BodySink(request, incoming, progress, settings, storage)
+    body = detach_body(request, settings)
+
+    def pump() -> None:
+        try:
+            for data, end in body.chunks():
+                sink.write(data, end)
+            sink.finish()
+        finally:
+            body.close()
+
+    await run_to_the_end(asyncio.get_running_loop().run_in_executor(threads, pump), body.abort)
+
+
+async def run_to_the_end(work: asyncio.Future[None], abort: Callable[[], None]) -> None:
+    """Await a thread's work; when cancelled, stop it and wait until it has really stopped
+    (the file it writes must not be removed under it)."""
+    try:
+        await asyncio.shield(work)
+    except asyncio.CancelledError:
+        abort()
+        with contextlib.suppress(Exception):  # its outcome no longer matters
+            await asyncio.shield(work)
+        raise

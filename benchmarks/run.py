@@ -168,7 +168,7 @@ def write_small_files(directory: Path) -> list[Path]:
     """ROOT files of 200 histograms from about 100 KiB to 2 MB."""
     rng = np.random.default_rng(3)
     paths = []
-    for bins in (60, 400, 1200, 2400):
+    for bins in (60, 400, 2400, 9000):
         path = directory / f"small-{bins}.root"
         with uproot.recreate(path) as root_file:
             for index in range(200):

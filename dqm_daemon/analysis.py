@@ -2,8 +2,8 @@
 with the previous file of the same agent and run (the findings).
 
 It runs after the check an upload waits for, in a child process of its own at the lowest CPU
-priority, so a burst of uploads is answered at the speed of the check while the figures follow
-as the CPU allows. Its work list is the catalog itself (files whose analysis is pending), so a
+priority, and before each file it waits (up to YIELD_SECONDS) for a burst of uploads to end,
+so a burst is answered at the speed of the check while the figures follow when it is over. Its work list is the catalog itself (files whose analysis is pending), so a
 restart loses nothing; files are taken in the order their agents sent them, so each file is
 compared with an analysed predecessor.
 """
@@ -23,6 +23,7 @@ from .inspection import OK
 from .inspection_pool import ChildStartFailed, InspectorProcess
 from .metrics import Metrics
 from .storage import Storage
+from .uploads import UploadsInProgress
 
 log = structlog.get_logger(__name__)
 
@@ -34,12 +35,17 @@ IDLE_POLL_SECONDS = 30.0
 START_FAILURE_BACKOFF_SECONDS = 5.0
 # Object lists longer than this are compared off the event loop.
 LARGE_OBJECT_LIST = 2_000
+# Before each file, wait this long at most for a burst of uploads to end: a burst is over when
+# no upload has started or ended for QUIET_SECONDS.
+YIELD_SECONDS = 10.0
+QUIET_SECONDS = 0.5
 
 
 class Analyst:
     def __init__(self, catalog: Catalog, storage: Storage, metrics: Metrics,
-                 analyser: InspectorProcess) -> None:
+                 analyser: InspectorProcess, uploads: UploadsInProgress) -> None:
         self._catalog = catalog
+        self._uploads = uploads
         self._storage = storage
         self._metrics = metrics
         self._analyser = analyser
@@ -58,6 +64,7 @@ class Analyst:
                 try:
                     batch = await self._catalog.awaiting_analysis(BATCH)
                     for record in batch:
+                        await self._uploads.wait_quiet(QUIET_SECONDS, YIELD_SECONDS)
                         await self._analyse(record)
                 except ChildStartFailed as exc:
                     log.error("analysis_child_failed_to_start", error=str(exc))

@@ -121,9 +121,10 @@ def create_app(
     storage = Storage(settings)
     catalog = Catalog(settings.catalog_path)
     metrics = Metrics()
+    uploads = UploadsInProgress(settings.max_concurrent_uploads, settings.retry_after_seconds)
     analyst = Analyst(catalog, storage, metrics, InspectorProcess(
         settings.inspection_memory_cap_bytes, settings.inspection_time_limit_seconds,
-        inspection_command, niceness=ANALYSIS_NICENESS))
+        inspection_command, niceness=ANALYSIS_NICENESS), uploads)
     inspection_queue = InspectionQueue(catalog, storage, metrics,
                                        settings.inspection_queue_length, analyst.announce)
     app[SETTINGS] = settings
@@ -144,7 +145,7 @@ def create_app(
     )
     app[INGEST] = Ingest(catalog, storage)
     app[RESUMABLE] = ResumableUploads(settings.resumable_dir, settings.resumable_expiry_seconds)
-    app[UPLOADS] = UploadsInProgress(settings.max_concurrent_uploads, settings.retry_after_seconds)
+    app[UPLOADS] = uploads
     app[UPLOAD_THREADS] = ThreadPoolExecutor(max_workers=settings.max_concurrent_uploads,
                                              thread_name_prefix="upload-body")
     app[STARTED_MONOTONIC] = time.monotonic()

@@ -11,7 +11,8 @@ import contextlib
 import dataclasses
 import json
 import sqlite3
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,15 +22,8 @@ from . import activity
 T = TypeVar("T")
 
 
-@contextlib.contextmanager
-def _transaction(connection: sqlite3.Connection) -> Iterator[None]:
-    connection.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
-    connection.execute("COMMIT")
+# At most this many writes share one commit.
+GROUP_COMMIT_LIMIT = 256
 
 PENDING, OK, INVALID = "pending", "ok", "invalid"
 # The analysis of a sound file: PENDING, then DONE or FAILED.
@@ -136,12 +130,76 @@ def _as_json(value: Any) -> str | None:
     return json.dumps(value) if value is not None else None
 
 
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # its caller was cancelled; the write happened all the same
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
 class _Lane:
     """One SQLite connection and the one thread that uses it."""
 
     def __init__(self, name: str) -> None:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self.connection: sqlite3.Connection | None = None
+        # Writes waiting for the next commit, and whether a commit is under way.
+        self._batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._batch_lock = threading.Lock()
+        self._committing = False
+
+    async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` in a transaction shared with the writes queued meanwhile (group commit):
+        under load, one fsync makes many writes durable. Returns once its commit is on disk;
+        if `work` raises, only its own changes are rolled back."""
+        assert self.connection is not None, "catalog is not open"
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        with self._batch_lock:
+            self._batch.append((work, future))
+            start = not self._committing
+            self._committing = True
+        if start:
+            loop.run_in_executor(self._thread, self._commit_batches, loop)
+        return await future
+
+    def _commit_batches(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            with self._batch_lock:
+                batch, self._batch = self._batch[:GROUP_COMMIT_LIMIT], self._batch[GROUP_COMMIT_LIMIT:]
+                if not batch:
+                    self._committing = False
+                    return
+            for future, result, error in self._commit(batch):
+                loop.call_soon_threadsafe(_settle, future, result, error)
+
+    def _commit(self, batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
+                ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+        connection = self.connection
+        assert connection is not None
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            for work, future in batch:
+                connection.execute("SAVEPOINT one_write")
+                try:
+                    result = work(connection)
+                except Exception as exc:
+                    connection.execute("ROLLBACK TO one_write")
+                    connection.execute("RELEASE one_write")
+                    outcomes.append((future, None, exc))
+                else:
+                    connection.execute("RELEASE one_write")
+                    outcomes.append((future, result, None))
+            connection.execute("COMMIT")
+        except Exception as exc:  # the commit failed (disk full, I/O error): none is durable
+            if connection.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    connection.execute("ROLLBACK")
+            return [(future, None, exc) for _, future in batch]
+        return outcomes
 
     async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         assert self.connection is not None, "catalog is not open"
@@ -182,7 +240,7 @@ class Catalog:
         self._reader = _Lane("catalog-reader")
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        return await self._writer.run(work)
+        return await self._writer.write(work)
 
     async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
         return await self._reader.run(work)
@@ -206,11 +264,10 @@ class Catalog:
         placeholders = ", ".join(f":{key}" for key in row)
 
         def insert(connection: sqlite3.Connection) -> None:
-            with _transaction(connection):
-                connection.execute(f"INSERT INTO files ({columns}) VALUES ({placeholders})", row)
-                if uploaded:
-                    activity.record_upload(connection, record.agent, record.run, record.name,
-                                           record.data_status, record.received_at)
+            connection.execute(f"INSERT INTO files ({columns}) VALUES ({placeholders})", row)
+            if uploaded:
+                activity.record_upload(connection, record.agent, record.run, record.name,
+                                       record.data_status, record.received_at)
 
         await self._run(insert)
 

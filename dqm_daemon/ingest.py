@@ -7,8 +7,11 @@ retried), and a different file with a taken name is kept under the next free var
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import dataclasses
 import itertools
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pendulum
@@ -53,12 +56,26 @@ class Ingest:
     def __init__(self, catalog: Catalog, storage: Storage):
         self._catalog = catalog
         self._storage = storage
-        # Serialises the name choice, so two uploads never both think a name is free.
-        self._naming_lock = asyncio.Lock()
+        # One lock per DQM name: two uploads of the same name never both think a variant is
+        # free (or miss that the other is the same file); different names go on in parallel.
+        self._naming_locks: dict[str, asyncio.Lock] = {}
+        self._naming_lock_users: collections.Counter[str] = collections.Counter()
+
+    @contextlib.asynccontextmanager
+    async def _naming_lock(self, name: str) -> AsyncIterator[None]:
+        lock = self._naming_locks.setdefault(name, asyncio.Lock())
+        self._naming_lock_users[name] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._naming_lock_users[name] -= 1
+            if not self._naming_lock_users[name]:
+                del self._naming_lock_users[name], self._naming_locks[name]
 
     async def commit(self, incoming: IncomingFile, dqm: DQMHeaders, uploader: str) -> Commit:
         """Store a finished, fsynced upload under its DQM name and catalog it as pending."""
-        async with self._naming_lock:
+        async with self._naming_lock(dqm.filename):
             for variant in itertools.count(1):
                 name = variant_filename(dqm.filename, variant)
                 existing = await self._catalog.get(name)

@@ -3,11 +3,13 @@ file can at worst exhaust the child's memory cap or time limit.
 
 Two passes:
 - the check (`inspect_file`), which an upload waits for: the file's structure read directly
-  (`root_structure`): valid means the file opens, its directories read, and every key's payload
-  decompresses to its declared length. It lists every object by path, class and title.
-- the analysis (`analyse_file`), done later at low priority: every object read with uproot and
-  summarised (entries, axes, means, integrals, tree sizes, list members). A class uproot cannot
-  interpret is listed by its stored class name, `interpreted: false`.
+  (`root_structure`): valid means the file is complete, its directories read, and every key's
+  payload lies inside the file and is framed as declared. It lists every object by path, class
+  and title.
+- the analysis (`analyse_file`), done later at low priority: every object decompressed, read
+  with uproot and summarised (entries, axes, means, integrals, tree sizes, list members). A
+  payload that does not decompress fails the analysis (the file page says so); a class uproot
+  cannot interpret is listed by its stored class name, `interpreted: false`.
 """
 
 from __future__ import annotations
@@ -72,10 +74,7 @@ def inspect_file(path: Path) -> dict[str, Any]:
 
 
 def _listed(entry: Entry) -> dict[str, Any]:
-    listed: dict[str, Any] = {"path": entry.path, "class": entry.class_name, "title": entry.title}
-    if entry.unchecked:
-        listed["note"] = entry.unchecked
-    return listed
+    return {"path": entry.path, "class": entry.class_name, "title": entry.title}
 
 
 def analyse_file(path: Path) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -27,6 +28,15 @@ START_FAILURE_BACKOFF_SECONDS = 5.0
 SWEEP_BATCH = 10_000
 
 
+@dataclasses.dataclass(frozen=True)
+class _Checked:
+    """What a child said of a file: where the file was, the result, and how long it took."""
+
+    location: str
+    result: dict[str, Any]
+    seconds: float
+
+
 class InspectionQueue:
     def __init__(self, catalog: Catalog, storage: Storage, metrics: Metrics, max_jobs: int,
                  on_sound_file: Callable[[], None] = lambda: None) -> None:
@@ -38,6 +48,8 @@ class InspectionQueue:
         self._waiters: defaultdict[str, list[asyncio.Future[FileRecord]]] = defaultdict(list)
         # Names queued or being inspected: a file is never queued twice at once.
         self._queued: set[str] = set()
+        # Verdicts being recorded while the workers' children go on with the next files.
+        self._recordings: set[asyncio.Task[None]] = set()
         self.running_workers = 0
         self.busy_workers = 0
         # Why the last inspection child failed to start; cleared by the next inspection done.
@@ -115,11 +127,12 @@ class InspectionQueue:
                 self.busy_workers += 1
                 self.last_progress_monotonic = time.monotonic()
                 try:
-                    inspected = await self._inspect(record, inspector)
+                    checked = await self._check(record, inspector)
                     self.child_start_failure = None
                 except ChildStartFailed as exc:
                     self.child_start_failure = str(exc)
                     log.error("inspection_child_failed_to_start", file=record.name, error=str(exc))
+                    self._job_done(record)
                     await asyncio.sleep(START_FAILURE_BACKOFF_SECONDS)
                     with contextlib.suppress(asyncio.QueueFull):  # else pending until restart
                         self._jobs.put_nowait(record)
@@ -128,20 +141,28 @@ class InspectionQueue:
                     # A fault of the daemon (catalog, disk), not of the file: the file stays
                     # pending, so a restart retries it; the worker keeps serving.
                     log.exception("inspection_failed", file=record.name)
+                    self._job_done(record)
                     continue
                 finally:
                     self.busy_workers -= 1
                     self.last_progress_monotonic = time.monotonic()
-                    self._queued.discard(record.name)
-                    self._jobs.task_done()
-                for future in self._waiters.pop(record.name, []):
-                    if not future.done():
-                        future.set_result(inspected)
+                # The child takes the next file while this one's verdict is being recorded.
+                recording = asyncio.create_task(self._record(record, checked))
+                self._recordings.add(recording)
+                recording.add_done_callback(self._recordings.discard)
         finally:
             self.running_workers -= 1
+            for recording in list(self._recordings):
+                recording.cancel()  # not recorded: pending, checked again at the next start
             await inspector.close()
 
-    async def _inspect(self, record: FileRecord, inspector: InspectorProcess) -> FileRecord:
+    def _job_done(self, record: FileRecord) -> None:
+        self._queued.discard(record.name)
+        self._jobs.task_done()
+
+    async def _check(self, record: FileRecord, inspector: InspectorProcess,
+                     ) -> FileRecord | _Checked:
+        """The child's verdict on a pending file; the catalog's record if it is pending no more."""
         current = await self._catalog.get(record.name)
         if current is None or current.state != PENDING:
             return current or record  # inspected meanwhile (queued by a POST and the sweeper)
@@ -152,13 +173,30 @@ class InspectionQueue:
         result: dict[str, Any] = await inspector.inspect(
             self._storage.path_of(record.name, location)
         )
+        return _Checked(location, result, time.perf_counter() - started)
+
+    async def _record(self, record: FileRecord, checked: FileRecord | _Checked) -> None:
+        """Quarantine an invalid file, record the verdict, and answer whoever waits for it."""
+        try:
+            inspected = checked if isinstance(checked, FileRecord) else await self._record_check(
+                record, checked)
+        except Exception:
+            log.exception("inspection_failed", file=record.name)  # stays pending
+            return
+        finally:
+            self._job_done(record)
+        for future in self._waiters.pop(record.name, []):
+            if not future.done():
+                future.set_result(inspected)
+
+    async def _record_check(self, record: FileRecord, checked: _Checked) -> FileRecord:
+        result, location = checked.result, checked.location
         if result["state"] == INVALID and location == IN_DATA_DIR:
             await self._storage.quarantine(record.name)
             location = IN_QUARANTINE
         objects = result.get("objects")
-        duration_seconds = time.perf_counter() - started
-        duration_ms = round(duration_seconds * 1000, 1)
-        self._metrics.inspection_seconds.labels(result["state"]).observe(duration_seconds)
+        duration_ms = round(checked.seconds * 1000, 1)
+        self._metrics.inspection_seconds.labels(result["state"]).observe(checked.seconds)
         await self._catalog.record_inspection(
             record.name,
             state=result["state"],

@@ -10,6 +10,7 @@ import pendulum
 from aiohttp import web
 
 NAME_TIMEZONE = "Europe/Zurich"
+_NAME_ZONE = pendulum.timezone(NAME_TIMEZONE)  # loaded once: each load reads the tz database
 DEFAULT_AGENT = "DQM"
 # Letters, digits, '_', '-' and '.', not starting with '.': never a path separator,
 # never '..', never a space or control character.
@@ -34,7 +35,7 @@ class DQMHeaders:
 
 
 def dqm_filename(agent: str, run_number: int, timestamp: int) -> str:
-    local_time = pendulum.from_timestamp(timestamp, tz=NAME_TIMEZONE)
+    local_time = pendulum.from_timestamp(timestamp, tz=_NAME_ZONE)
     return f"{agent}histos_{run_number}_DQM_{local_time.format('YYYY_MM_DD_HH_mm_ss')}.root"
 
 

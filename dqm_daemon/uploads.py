@@ -36,6 +36,8 @@ class UploadsInProgress:
         self._closed = False
         self._idle = asyncio.Event()
         self._idle.set()
+        # When an upload last started or ended (for background work that yields to uploads).
+        self.last_change_monotonic = time.monotonic()
 
     def __len__(self) -> int:
         return len(self._active)
@@ -71,9 +73,22 @@ class UploadsInProgress:
         progress = UploadProgress(next(self._ids), uploader, agent, run, time.monotonic())
         self._active[progress.upload_id] = progress
         self._idle.clear()
+        self.last_change_monotonic = time.monotonic()
         try:
             yield progress
         finally:
             del self._active[progress.upload_id]
+            self.last_change_monotonic = time.monotonic()
             if not self._active:
                 self._idle.set()
+
+    async def wait_quiet(self, quiet_seconds: float, at_most_seconds: float) -> None:
+        """Wait until no upload has started or ended for `quiet_seconds` (a burst of uploads
+        is over), but no longer than `at_most_seconds`."""
+        deadline = time.monotonic() + at_most_seconds
+        while (now := time.monotonic()) < deadline:
+            quiet_since = now - self.last_change_monotonic
+            if not self._active and quiet_since >= quiet_seconds:
+                return
+            await asyncio.sleep(min(quiet_seconds - quiet_since if not self._active
+                                    else quiet_seconds, deadline - now))

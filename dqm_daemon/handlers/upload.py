@@ -136,6 +136,7 @@ async def _store_and_answer(request: web.Request, outcome: dict[str, str]) -> we
         try:
             await _receive(request, incoming, progress)
             check_digests(digests, incoming.sha256, incoming.md5)
+            committing = time.perf_counter()
             commit = await request.app[INGEST].commit(incoming, dqm, uploader)
         except OSError as exc:
             await asyncio.shield(incoming.discard())
@@ -150,7 +151,13 @@ async def _store_and_answer(request: web.Request, outcome: dict[str, str]) -> we
         finally:
             structlog.contextvars.bind_contextvars(bytes=progress.received_bytes)
             request.app[METRICS].received_bytes.inc(progress.received_bytes)
+    inspecting = time.perf_counter()
     inspected = await inspect_within_budget(request.app, commit)
+    # The rest of an upload's time: naming and cataloging it, then its check (queue included).
+    structlog.contextvars.bind_contextvars(
+        commit_ms=round((inspecting - committing) * 1000, 1),
+        check_ms=round((time.perf_counter() - inspecting) * 1000, 1),
+    )
     record = commit.record
     if inspected is None:
         outcome["result"] = "pending"

@@ -201,6 +201,10 @@ def small_files_in_turns(scratch: Path, files: list[Path], uploads: int, turns: 
 def latency_under_load(scratch: Path, prefix: Path, files: list[Path], size: int,
                        config: str) -> dict:
     daemon = Server("daemon", scratch, config)
+    # Steady state, as on a service up for days: children started, first pages served.
+    client("multipart", daemon.port, count=2, files=[str(files[0])], run_base=80_000)
+    for path in ("/status", "/healthz"):
+        urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}{path}").read()
     latencies: dict[str, list[float]] = {"/status": [], "/healthz": []}
     stop = threading.Event()
 
@@ -237,6 +241,8 @@ def scaling(scratch: Path, prefix: Path, sizes: list[int], concurrencies: list[i
     rows = []
     for size, concurrency in [(size, 1) for size in sizes] + [(unit, c) for c in concurrencies]:
         daemon = Server("daemon", scratch, config)
+        client("multipart", daemon.port, count=1, size=prefix.stat().st_size * 4,
+               prefix=prefix, run_base=10_000)  # steady state: inspection children started
         idle_kib = rss_kib(daemon.process.pid)
         with RssSampler(daemon.process.pid) as sampler:
             result = client("multipart", daemon.port, count=concurrency,

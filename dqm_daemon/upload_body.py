@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 
@@ -32,6 +34,8 @@ from .storage import IncomingFile, Storage
 from .uploads import UploadProgress
 
 FILE_FIELD = "file"
+# The niceness of the threads that read, hash and write upload bodies (the event loop's is 0).
+UPLOAD_THREAD_NICENESS = 5
 # Free disk space is looked at again after this many bytes written.
 DISK_CHECK_BYTES = 16 * 1024 * 1024
 # Marks a request whose connection cannot be reused (see `close_detached_connections`).
@@ -226,6 +230,7 @@ async def receive_body(request: web.Request, incoming: IncomingFile, progress: U
     body = detach_body(request, settings)
 
     def pump() -> None:
+        _yield_to_the_event_loop()
         try:
             for data, end in body.chunks():
                 sink.write(data, end)
@@ -234,6 +239,16 @@ async def receive_body(request: web.Request, incoming: IncomingFile, progress: U
             body.close()
 
     await run_to_the_end(asyncio.get_running_loop().run_in_executor(threads, pump), body.abort)
+
+
+def _yield_to_the_event_loop() -> None:
+    """Lower this upload thread's CPU priority a little: with the cores saturated by uploads,
+    the event loop (health checks, the status page, other agents' requests) still gets them
+    first. Linux gives each thread its own niceness; elsewhere this does nothing."""
+    with contextlib.suppress(OSError, AttributeError):
+        thread = threading.get_native_id()
+        if os.getpriority(os.PRIO_PROCESS, thread) < UPLOAD_THREAD_NICENESS:
+            os.setpriority(os.PRIO_PROCESS, thread, UPLOAD_THREAD_NICENESS)
 
 
 async def run_to_the_end(work: asyncio.Future[None], abort: Callable[[], None]) -> None:

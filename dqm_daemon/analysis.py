@@ -2,10 +2,12 @@
 with the previous file of the same agent and run (the findings).
 
 It runs after the check an upload waits for, in a child process of its own at the lowest CPU
-priority, and before each file it waits (up to YIELD_SECONDS) for a burst of uploads to end,
-so a burst is answered at the speed of the check while the figures follow when it is over. Its work list is the catalog itself (files whose analysis is pending), so a
-restart loses nothing; files are taken in the order their agents sent them, so each file is
-compared with an analysed predecessor.
+priority, and before each batch of files it waits (up to YIELD_SECONDS) for a burst of uploads
+to end, so a burst is answered at the speed of the check while the figures follow when it is
+over; under uploads that never pause, it still analyses BATCH files per YIELD_SECONDS at least.
+Its work list is the catalog itself (files whose analysis is pending), so a restart loses
+nothing; files are taken in the order their agents sent them, so each file is compared with an
+analysed predecessor.
 """
 
 from __future__ import annotations
@@ -28,14 +30,14 @@ from .uploads import UploadsInProgress
 log = structlog.get_logger(__name__)
 
 # Files taken from the catalog per trip.
-BATCH = 100
+BATCH = 20
 # With nothing announced, the catalog is looked at again after this long anyway.
 IDLE_POLL_SECONDS = 30.0
 # After the child failed to start, wait this long before the next try.
 START_FAILURE_BACKOFF_SECONDS = 5.0
 # Object lists longer than this are compared off the event loop.
 LARGE_OBJECT_LIST = 2_000
-# Before each file, wait this long at most for a burst of uploads to end: a burst is over when
+# Before each batch, wait this long at most for a burst of uploads to end: a burst is over when
 # no upload has started or ended for QUIET_SECONDS.
 YIELD_SECONDS = 10.0
 QUIET_SECONDS = 0.5
@@ -63,8 +65,9 @@ class Analyst:
                 self._work_announced.clear()  # before looking: an announcement is never lost
                 try:
                     batch = await self._catalog.awaiting_analysis(BATCH)
-                    for record in batch:
+                    if batch:
                         await self._uploads.wait_quiet(QUIET_SECONDS, YIELD_SECONDS)
+                    for record in batch:
                         await self._analyse(record)
                 except ChildStartFailed as exc:
                     log.error("analysis_child_failed_to_start", error=str(exc))

@@ -61,8 +61,9 @@ async def storage_and_catalog(app: web.Application) -> AsyncIterator[None]:
         log.info("temporaries_removed", count=leftovers)
     await app[CATALOG].open()
     yield
-    # Uploads have ended (or were cancelled, and their threads stopped) before this runs.
-    app[UPLOAD_THREADS].shutdown(wait=True)
+    # Uploads have ended, or were cancelled and told their threads to stop; a thread may still
+    # need the loop for its last read, so it is waited for off the loop.
+    await asyncio.to_thread(app[UPLOAD_THREADS].shutdown, wait=True)
     await app[CATALOG].close()
 
 

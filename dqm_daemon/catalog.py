@@ -74,6 +74,10 @@ def _add_later_columns(connection: sqlite3.Connection) -> None:
     for column, kind in _LATER_COLUMNS.items():
         if column not in present:
             connection.execute(f"ALTER TABLE files ADD COLUMN {column} {kind}")
+    if "analysis" not in present:
+        # Sound files of an older catalog were summarised when inspected: they count as
+        # analysed, so the next file of their run is compared with them.
+        connection.execute("UPDATE files SET analysis = 'done' WHERE state = 'ok'")
     connection.executescript(_LATER_INDEXES)
 
 
@@ -172,8 +176,17 @@ class _Lane:
                 if not batch:
                     self._committing = False
                     return
-            for future, result, error in self._commit(batch):
-                loop.call_soon_threadsafe(_settle, future, result, error)
+            try:
+                outcomes = self._commit(batch)
+            except BaseException as exc:  # not even begun (closed connection): all fail
+                outcomes = [(future, None, exc) for _, future in batch]
+            try:
+                for future, result, error in outcomes:
+                    loop.call_soon_threadsafe(_settle, future, result, error)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                with self._batch_lock:
+                    self._committing = False
+                return
 
     def _commit(self, batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
                 ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
@@ -187,8 +200,11 @@ class _Lane:
                 try:
                     result = work(connection)
                 except Exception as exc:
-                    connection.execute("ROLLBACK TO one_write")
-                    connection.execute("RELEASE one_write")
+                    try:
+                        connection.execute("ROLLBACK TO one_write")
+                        connection.execute("RELEASE one_write")
+                    except sqlite3.Error:
+                        raise exc from None  # SQLite ended the transaction itself: all fail
                     outcomes.append((future, None, exc))
                 else:
                     connection.execute("RELEASE one_write")

@@ -93,15 +93,24 @@ class _Record:
 
 class _File:
     """Positioned reads of an open file, never past its end: only the records the walk needs
-    are read, so a file of any size is checked in bounded memory."""
+    are read, so a file of any size is checked in bounded memory. A sound file's records do not
+    overlap, so reading much more than the file holds means a hostile file points many records
+    at the same bytes: that stops the check."""
 
     def __init__(self, descriptor: int, size: int) -> None:
         self.descriptor, self.size = descriptor, size
+        self._read_budget = 2 * size + READ_BUDGET_SLACK_BYTES
 
     def record(self, offset: int, length: int) -> _Record:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise StructureError(f"a record at byte {offset} lies past the end of the file")
-        return _Record(memoryview(os.pread(self.descriptor, length, offset)), offset)
+        self._read_budget -= length
+        if self._read_budget < 0:
+            raise StructureError("records overlap: more bytes read than the file holds")
+        data = os.pread(self.descriptor, length, offset)
+        if len(data) != length:
+            raise StructureError(f"a record at byte {offset} could not be read whole")
+        return _Record(memoryview(data), offset)
 
     def head(self, offset: int, length: int) -> _Record:
         """Up to `length` bytes at `offset`, fewer near the end of the file."""
@@ -118,6 +127,8 @@ _DIR_START = struct.Struct(">hIIii")  # fVersion, fDatimeC, fDatimeM, fNbytesKey
 _DIR_SEEKS_SMALL, _DIR_SEEKS_LARGE = struct.Struct(">iii"), struct.Struct(">qqq")
 # Enough for any key header's fixed part and a directory record.
 RECORD_HEAD_BYTES = 64
+# Reads allowed beyond twice the file's size (small files' headers overlap a little).
+READ_BUDGET_SLACK_BYTES = 1024 * 1024
 
 
 def read_structure(path: Path, max_entries: int) -> Structure:
@@ -211,23 +222,24 @@ def _check_payload(root_file: _File, key: _Key, file_offset: int, path: str) -> 
         raise StructureError(f"{path}: its payload lies past the end of the file")
     if stored == key.obj_len:
         return  # stored uncompressed
-    data = root_file.record(file_offset, stored).data
     offset, produced = 0, 0
-    while offset < stored:
+    while offset < stored:  # each block: its 9-byte header only (all of it for LZ4)
         if offset + BLOCK_HEADER_BYTES > stored:
             raise StructureError(f"{path}: a compressed block header is cut short")
-        header = bytes(data[offset:offset + BLOCK_HEADER_BYTES])
+        header = bytes(root_file.record(file_offset + offset, BLOCK_HEADER_BYTES).data)
         algorithm = header[:2]
         compressed = int.from_bytes(header[3:6], "little")
-        produced += int.from_bytes(header[6:9], "little")
+        uncompressed = int.from_bytes(header[6:9], "little")
+        produced += uncompressed
         start, offset = offset + BLOCK_HEADER_BYTES, offset + BLOCK_HEADER_BYTES + compressed
         if algorithm not in COMPRESSION_ALGORITHMS:
             raise StructureError(f"{path}: unknown compression {algorithm!r}")
-        if offset > stored or produced > key.obj_len:
+        if compressed == 0 or uncompressed == 0 or offset > stored or produced > key.obj_len:
             raise StructureError(f"{path}: compressed block sizes do not add up")
         if algorithm == b"L4":  # an xxhash64 of the compressed bytes, then the LZ4 block
-            checksum = bytes(data[start:start + LZ4_CHECKSUM_BYTES])
-            if xxhash.xxh64(data[start + LZ4_CHECKSUM_BYTES:offset]).digest() != checksum:
+            block = root_file.record(file_offset + start, compressed).data
+            if xxhash.xxh64(block[LZ4_CHECKSUM_BYTES:]).digest() != bytes(
+                    block[:LZ4_CHECKSUM_BYTES]):
                 raise StructureError(f"{path}: an LZ4 block fails its checksum")
     if produced != key.obj_len:
         raise StructureError(f"{path}: compressed blocks hold {produced} bytes of the "

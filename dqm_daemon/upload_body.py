@@ -19,6 +19,7 @@ import contextlib
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 
@@ -36,8 +37,9 @@ from .uploads import UploadProgress
 FILE_FIELD = "file"
 # The niceness of the threads that read, hash and write upload bodies (the event loop's is 0).
 UPLOAD_THREAD_NICENESS = 5
-# Free disk space is looked at again after this many bytes written.
-DISK_CHECK_BYTES = 16 * 1024 * 1024
+# After refusing a body part way, read and drop the rest for this long at most, so the client
+# (still sending) is not cut off by a reset before it reads the answer (as aiohttp lingers).
+DRAIN_SECONDS = 10.0
 # Marks a request whose connection cannot be reused (see `close_detached_connections`).
 BODY_DETACHED = web.RequestKey("body_detached", bool)
 
@@ -84,9 +86,10 @@ class BodySink:
     def _write_file_bytes(self, piece: memoryview) -> None:
         self._progress.received_bytes += piece.nbytes
         self._unchecked_bytes += piece.nbytes
-        if self._unchecked_bytes >= DISK_CHECK_BYTES:
+        if self._unchecked_bytes >= self._settings.chunk_bytes:  # about once per chunk
             self._unchecked_bytes = 0
-            if self._storage.free_bytes() < self._settings.disk_reserve_bytes:
+            room = self._storage.free_bytes() - piece.nbytes
+            if room < self._settings.disk_reserve_bytes:
                 raise web.HTTPInsufficientStorage(
                     text="Free disk space fell below the reserve during the upload; "
                     "nothing was kept")
@@ -127,12 +130,22 @@ class SocketBody:
             self._remaining -= got
             yield self._buffer, got
 
+    def drain(self) -> None:
+        """The body was refused part way: drop the rest of it for DRAIN_SECONDS at most."""
+        deadline = time.monotonic() + DRAIN_SECONDS
+        view = memoryview(self._buffer)
+        with contextlib.suppress(OSError):  # a timeout or a reset: the client is gone
+            while self._remaining > 0 and (left := deadline - time.monotonic()) > 0:
+                self._connection.settimeout(left)
+                got = self._connection.recv_into(view, min(len(view), self._remaining))
+                if got == 0:
+                    return
+                self._remaining -= got
+
     def abort(self) -> None:
         """Unblock the reading thread (the upload is being cancelled)."""
-        try:
+        with contextlib.suppress(OSError):
             self._connection.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
     def close(self) -> None:
         self._connection.close()  # our duplicate only; the transport closes its own
@@ -146,7 +159,7 @@ class StreamBody:
         self._first = first
         self._read_timeout = read_timeout
         self._loop = asyncio.get_running_loop()
-        self._pending: asyncio.Future[bytes] | None = None
+        self._aborted = threading.Event()
 
     async def _read(self) -> bytes:
         try:
@@ -159,17 +172,20 @@ class StreamBody:
         for chunk in self._first:
             yield chunk, len(chunk)
         self._first = []
-        while True:
+        while not self._aborted.is_set():
             pending = asyncio.run_coroutine_threadsafe(self._read(), self._loop)
-            self._pending = pending  # type: ignore[assignment]
-            chunk = pending.result()
+            # The read itself times out after read_timeout; this only guards a stopped loop.
+            chunk = pending.result(self._read_timeout + DRAIN_SECONDS)
             if not chunk:
                 return
             yield chunk, len(chunk)
+        raise ConnectionAbortedError("the upload was cancelled")
+
+    def drain(self) -> None:
+        pass  # aiohttp reads and drops the rest itself (its lingering close)
 
     def abort(self) -> None:
-        if self._pending is not None:
-            self._loop.call_soon_threadsafe(self._pending.cancel)
+        self._aborted.set()
 
     def close(self) -> None:
         pass
@@ -232,8 +248,14 @@ async def receive_body(request: web.Request, incoming: IncomingFile, progress: U
     def pump() -> None:
         _yield_to_the_event_loop()
         try:
-            for data, end in body.chunks():
-                sink.write(data, end)
+            chunks = body.chunks()
+            for data, end in chunks:
+                try:
+                    sink.write(data, end)
+                except web.HTTPException:
+                    chunks.close()
+                    body.drain()  # so the client reads the refusal rather than a reset
+                    raise
             sink.finish()
         finally:
             body.close()

@@ -285,3 +285,32 @@ async def test_group_signals_do_not_fail_an_inspection(aiohttp_client, data_dir,
     response, body = await uploading
     assert response.status == 200, body
     assert body["received"] == {"test": "Obj name: test, Obj IsA() Name: TH1F"}
+
+
+async def test_a_catalog_of_an_earlier_version_is_upgraded(tmp_path):
+    """A catalog written before the analysis existed gains its columns; its sound files, which
+    were summarised when inspected then, count as analysed (findings compare with them)."""
+    from dqm_daemon.catalog import Catalog
+
+    path = tmp_path / "catalog.sqlite3"
+    with sqlite3.connect(path) as old:
+        old.executescript(
+            "CREATE TABLE files (name TEXT PRIMARY KEY, location TEXT NOT NULL, size INTEGER"
+            " NOT NULL, sha256 TEXT NOT NULL, agent TEXT NOT NULL, run INTEGER NOT NULL,"
+            " timestamp INTEGER NOT NULL, data_status INTEGER NOT NULL, received_at TEXT NOT"
+            " NULL, uploader TEXT NOT NULL, state TEXT NOT NULL, reason TEXT, received_json"
+            " TEXT, objects_json TEXT, object_count INTEGER, findings_json TEXT, inspected_at"
+            " TEXT, inspection_ms REAL);"
+            "INSERT INTO files VALUES ('a.root', 'data', 1, 'x', 'EMC', 1, 1, 0, 't', 'u', 'ok',"
+            " NULL, NULL, '[]', 0, NULL, NULL, NULL);"
+            "INSERT INTO files VALUES ('b.root', 'quarantine', 1, 'y', 'EMC', 1, 2, 0, 't', 'u',"
+            " 'invalid', 'bad', NULL, NULL, NULL, NULL, NULL, NULL);")
+    old.close()
+    catalog = Catalog(path)
+    await catalog.open()
+    try:
+        assert (await catalog.get("a.root")).analysis == "done"
+        assert (await catalog.get("b.root")).analysis is None
+        assert await catalog.awaiting_analysis(10) == []
+    finally:
+        await catalog.close()

@@ -7,6 +7,7 @@ import base64
 import gzip
 import hashlib
 import json
+import os
 import random
 from pathlib import Path
 
@@ -305,3 +306,22 @@ async def test_gzip_encoded_body(client, one_histogram_file, data_dir):
                                "Content-Type": f"multipart/form-data; boundary={boundary}"}))
     assert response.status == 200, await response.text()
     assert (data_dir / (await response.json())["filename"]).read_bytes() == one_histogram_file
+
+
+async def test_a_body_refused_part_way_is_answered_not_reset(client, data_dir):
+    """A multipart body that goes wrong at its start while 16 MiB more are on their way: the
+    daemon reads and drops the rest, so the client gets its 400 instead of a reset."""
+    body = b"--b\r\nnot a header line\r\n\r\n" + os.urandom(16 * 1024 * 1024)
+    head = (f"POST /rest/api/files HTTP/1.1\r\nHost: x\r\ntoken: {TOKEN}\r\nrunNumber: 8\r\n"
+            f"timeStamp: 1700000000\r\nContent-Length: {len(body)}\r\n"
+            f"Content-Type: multipart/form-data; boundary=b\r\n\r\n").encode()
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(head)
+    for start in range(0, len(body), 1024 * 1024):
+        writer.write(body[start:start + 1024 * 1024])
+        await writer.drain()
+    answer = await reader.read()  # the whole answer, then the daemon's close
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert b"Malformed multipart body" in answer
+    assert [path for path in data_dir.rglob("*.part")] == []

@@ -54,6 +54,7 @@ async def time_inspections(path: Path, repeats: int) -> dict[str, tuple[list[flo
     """Seconds of each run of the check and of the analysis of `path`, and their last result."""
     inspector = InspectorProcess(2 * GiB, 600.0)
     timings: dict[str, tuple[list[float], dict]] = {}
+    await inspector.warm_up()  # its start (importing uproot) is not part of any figure
     try:
         for kind, job in (("check", inspector.inspect), ("analysis", inspector.analyse)):
             durations, result = [], {}

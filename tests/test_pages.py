@@ -11,6 +11,7 @@ import uproot
 from dqm_daemon.app import create_app
 
 from .conftest import RUN_START, TOKEN, make_settings
+from .rootfiles import write_one_histogram_file
 
 async def test_status_json_tells_the_whole_story(control_room):
     """The status twin reports the banner, agents, runs, uploads and latest files."""
@@ -161,3 +162,22 @@ async def test_inspection_child_that_cannot_start_is_an_error(aiohttp_client, da
     assert status["level"] == "ERROR"
     assert any(reason.startswith("inspection child cannot start") for reason in status["reasons"])
     assert status["inspection"]["pending_files"] == 1
+
+
+async def test_a_failed_analysis_is_shown_to_the_crew(client, tmp_path):
+    """A sound file whose histogram does not decompress: the file page says the analysis
+    failed and why, the status page flags it, and the file stays listed and downloadable."""
+    from .test_inspection import _corrupt_compressed_payload
+    from .test_pipeline import analysed, upload
+
+    content = _corrupt_compressed_payload(write_one_histogram_file(tmp_path / "s.root").read_bytes())
+    response, body = await upload(client, content)
+    assert response.status == 200, body
+    details = await analysed(client, body["filename"])
+    assert details["analysis"] == "failed" and "does not decompress" in details["analysis_reason"]
+    page = await (await client.get(f"/files/{body['filename']}")).text()
+    assert "ANALYSIS FAILED" in page and "does not decompress" in page
+    status = await (await client.get("/status")).text()
+    assert "analysis failed" in status
+    listing = await (await client.get("/rest/api/files", headers={"token": TOKEN})).json()
+    assert body["filename"] in listing["files"]

@@ -314,3 +314,30 @@ async def test_a_catalog_of_an_earlier_version_is_upgraded(tmp_path):
         assert await catalog.awaiting_analysis(10) == []
     finally:
         await catalog.close()
+
+
+async def test_writes_sharing_a_commit_fail_alone(tmp_path):
+    """Writes queued together share one commit; one that fails (a name taken twice) is rolled
+    back alone, with its own error, and the others are durable: a second connection sees
+    them."""
+    from dqm_daemon.catalog import Catalog
+    from dqm_daemon.ingest import new_record
+    from dqm_daemon.naming import DQMHeaders
+
+    path = tmp_path / "catalog.sqlite3"
+    catalog = Catalog(path)
+    await catalog.open()
+    try:
+        records = [new_record(f"f{number}.root", 1, "x", DQMHeaders(number, 1, "EMC", 0), "u")
+                   for number in range(20)]
+        outcomes = await asyncio.gather(
+            *(catalog.add(record) for record in records), catalog.add(records[3]),
+            return_exceptions=True)
+        assert outcomes[:20] == [None] * 20
+        assert isinstance(outcomes[20], sqlite3.IntegrityError)
+    finally:
+        await catalog.close()
+    with sqlite3.connect(path) as other:
+        assert other.execute("SELECT count(*) FROM files").fetchone()[0] == 20
+        assert other.execute("SELECT count(*) FROM agent_runs").fetchone()[0] == 20
+    other.close()

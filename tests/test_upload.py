@@ -325,3 +325,28 @@ async def test_a_body_refused_part_way_is_answered_not_reset(client, data_dir):
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
     assert b"Malformed multipart body" in answer
     assert [path for path in data_dir.rglob("*.part")] == []
+
+
+async def test_same_name_at_the_same_moment(client, one_histogram_file, tmp_path, data_dir):
+    """Agents racing for one DQM name: identical files are stored once, a different one beside
+    it as `.v2`; nothing is overwritten, every answer names what was kept."""
+    other = write_dqm_file(tmp_path / "other.root").read_bytes()
+
+    async def send(content: bytes) -> dict:
+        response = await client.post("/rest/api/files", data=multipart_file(content),
+                                     headers=dqm_headers(run=42))
+        assert response.status == 200
+        return await response.json()
+
+    answers = await asyncio.gather(send(one_histogram_file), send(one_histogram_file),
+                                   send(other), send(one_histogram_file))
+    by_digest = {}
+    for answer in answers:
+        by_digest.setdefault(answer["sha256"], set()).add(answer["filename"])
+    assert sorted(len(names) for names in by_digest.values()) == [1, 1]
+    names = sorted(name for names in by_digest.values() for name in names)
+    assert names == ["EMChistos_42_DQM_1970_01_02_16_07_24.root",
+                     "EMChistos_42_DQM_1970_01_02_16_07_24.v2.root"]
+    for name in names:
+        assert hashlib.sha256((data_dir / name).read_bytes()).hexdigest() in by_digest
+    assert stored_files(data_dir) == names

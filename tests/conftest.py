@@ -186,3 +186,15 @@ async def control_room(aiohttp_client, data_dir, tmp_path):
     yield client, files
     release.set()
     await live
+
+
+async def analysis_of(base_url: str, name: str, timeout: float = 60.0) -> dict:
+    """A file's info from a running daemon once its analysis is no longer pending."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession(headers={"token": TOKEN}) as session:
+        while True:
+            async with session.get(f"{base_url}/rest/api/files/{name}/info") as response:
+                details = await response.json()
+            if details["analysis"] != "pending" or time.monotonic() > deadline:
+                return details
+            await asyncio.sleep(0.1)

@@ -22,7 +22,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dqm_daemon.app import create_app
 
-from .conftest import TOKEN, DaemonProcess, dqm_headers, make_settings, multipart_file
+from .conftest import (
+    TOKEN,
+    DaemonProcess,
+    analysis_of,
+    dqm_headers,
+    make_settings,
+    multipart_file,
+)
 from .rootfiles import th1f, write_one_histogram_file
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -449,11 +456,5 @@ async def test_ctrl_c_to_the_process_group_does_not_fail_inspections(tmp_path, d
     os.killpg(daemon.process.pid, signal.SIGINT)
     assert await asyncio.to_thread(daemon.process.wait, 30) == 0
     daemon.start()
-    async with aiohttp.ClientSession(headers={"token": TOKEN}) as session:
-        for _ in range(300):
-            async with session.get(f"{daemon.url}/rest/api/files/{name}/info") as response:
-                details = await response.json()
-            if details["analysis"] != "pending":
-                break
-            await asyncio.sleep(0.1)
+    details = await analysis_of(daemon.url, name)
     assert (details["state"], details["analysis"]) == ("ok", "done"), details

@@ -176,13 +176,17 @@ async def _slow_body(first: bytes, rest: bytes, go_on: asyncio.Event):
     yield rest
 
 
-async def _start_held_upload(session, daemon, content: bytes, run: int):
+async def _start_held_upload(session, daemon, content: bytes, run: int, framing: str = "chunked"):
     """An upload that sends its first kilobyte and then waits for `go_on`; returns once the
-    daemon shows it in flight."""
+    daemon shows it in flight. `framing` "content-length" announces the length (the daemon
+    reads such a body from the socket in a thread), "chunked" does not."""
     go_on = asyncio.Event()
+    headers = dqm_headers(run=run, **{"Content-Type": "application/octet-stream"})
+    if framing == "content-length":
+        headers["Content-Length"] = str(len(content))
     upload = asyncio.create_task(session.post(
         f"{daemon.url}/rest/api/files", data=_slow_body(content[:1000], content[1000:], go_on),
-        headers=dqm_headers(run=run)))
+        headers=headers))
     for _ in range(200):
         async with session.get(f"{daemon.url}/status.json") as response:
             if (await response.json())["uploads"]:
@@ -191,13 +195,15 @@ async def _start_held_upload(session, daemon, content: bytes, run: int):
     raise AssertionError("the upload never started")
 
 
-async def test_sigterm_lets_upload_in_flight_finish(tmp_path, daemon):
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+async def test_sigterm_lets_upload_in_flight_finish(tmp_path, daemon, framing):
     """On SIGTERM new connections are refused, the upload in flight completes and is kept,
     and the daemon exits 0."""
     daemon.start()
     content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
     async with aiohttp.ClientSession() as session:
-        upload, go_on = await _start_held_upload(session, daemon, content, run=5)
+        upload, go_on = await _start_held_upload(session, daemon, content, run=5,
+                                                 framing=framing)
         daemon.process.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.5)
         with pytest.raises(OSError):
@@ -206,6 +212,8 @@ async def test_sigterm_lets_upload_in_flight_finish(tmp_path, daemon):
         response = await upload
         body = await response.json()
         assert response.status == 200, body
+        # A body of announced length was read by a thread: its answer closes the connection.
+        assert (response.headers.get("Connection") == "close") == (framing == "content-length")
     assert await asyncio.to_thread(daemon.process.wait, 30) == 0
     assert (daemon.data_dir / body["filename"]).read_bytes() == content
     daemon.start()
@@ -214,15 +222,17 @@ async def test_sigterm_lets_upload_in_flight_finish(tmp_path, daemon):
             assert (await response.json())["files"] == [body["filename"]]
 
 
-async def test_sigterm_grace_runs_out_and_nothing_partial_is_left(tmp_path, daemon):
-    """An upload that outlasts the grace period is dropped whole: no partial file anywhere."""
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+async def test_sigterm_grace_runs_out_and_nothing_partial_is_left(tmp_path, daemon, framing):
+    """An upload that outlasts the grace period is dropped whole: no partial file anywhere,
+    and the daemon exits in time (the upload's thread is stopped, not waited for)."""
     config = tmp_path / "config.toml"
     config.write_text("shutdown_grace_seconds = 1\n")
     daemon.extra_args = ["--config", str(config)]
     daemon.start()
     content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
     async with aiohttp.ClientSession() as session:
-        upload, _ = await _start_held_upload(session, daemon, content, run=6)
+        upload, _ = await _start_held_upload(session, daemon, content, run=6, framing=framing)
         started = time.monotonic()
         daemon.process.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(daemon.process.wait, 30) == 0

@@ -5,7 +5,6 @@ are not sound ROOT, and announces sound ones to the analyst."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import time
 from collections import defaultdict
@@ -132,10 +131,12 @@ class InspectionQueue:
                 except ChildStartFailed as exc:
                     self.child_start_failure = str(exc)
                     log.error("inspection_child_failed_to_start", file=record.name, error=str(exc))
-                    self._job_done(record)
                     await asyncio.sleep(START_FAILURE_BACKOFF_SECONDS)
-                    with contextlib.suppress(asyncio.QueueFull):  # else pending until restart
-                        self._jobs.put_nowait(record)
+                    self._jobs.task_done()
+                    try:
+                        self._jobs.put_nowait(record)  # queued again: its name stays queued
+                    except asyncio.QueueFull:
+                        self._queued.discard(record.name)  # pending: the sweeper queues it
                     continue
                 except Exception:
                     # A fault of the daemon (catalog, disk), not of the file: the file stays

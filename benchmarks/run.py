@@ -275,7 +275,7 @@ def main() -> None:
                                                    config),
             "sixteen_128mib_uploads": throughput_in_turns(scratch, prefix, 128 * MiB // scale,
                                                           16, 3, config),
-            "small_files": small_files_in_turns(scratch, small, 240 // scale, 2, config),
+            "small_files": small_files_in_turns(scratch, small, 240 // scale, 3, config),
             "latency_under_load": latency_under_load(scratch, prefix, small, 256 * MiB // scale,
                                                      config),
             "scaling": scaling(scratch, prefix,

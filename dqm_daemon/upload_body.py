@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 import threading
 import time
@@ -35,8 +34,6 @@ from .storage import IncomingFile, Storage
 from .uploads import UploadProgress
 
 FILE_FIELD = "file"
-# The niceness of the threads that read, hash and write upload bodies (the event loop's is 0).
-UPLOAD_THREAD_NICENESS = 5
 # After refusing a body part way, read and drop the rest for this long at most, so the client
 # (still sending) is not cut off by a reset before it reads the answer (as aiohttp lingers).
 DRAIN_SECONDS = 10.0
@@ -246,7 +243,6 @@ async def receive_body(request: web.Request, incoming: IncomingFile, progress: U
     body = detach_body(request, settings)
 
     def pump() -> None:
-        _yield_to_the_event_loop()
         try:
             chunks = body.chunks()
             for data, end in chunks:
@@ -261,16 +257,6 @@ async def receive_body(request: web.Request, incoming: IncomingFile, progress: U
             body.close()
 
     await run_to_the_end(asyncio.get_running_loop().run_in_executor(threads, pump), body.abort)
-
-
-def _yield_to_the_event_loop() -> None:
-    """Lower this upload thread's CPU priority a little: with the cores saturated by uploads,
-    the event loop (health checks, the status page, other agents' requests) still gets them
-    first. Linux gives each thread its own niceness; elsewhere this does nothing."""
-    with contextlib.suppress(OSError, AttributeError):
-        thread = threading.get_native_id()
-        if os.getpriority(os.PRIO_PROCESS, thread) < UPLOAD_THREAD_NICENESS:
-            os.setpriority(os.PRIO_PROCESS, thread, UPLOAD_THREAD_NICENESS)
 
 
 async def run_to_the_end(work: asyncio.Future[None], abort: Callable[[], None]) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -34,6 +35,8 @@ from .storage import IncomingFile, Storage
 from .uploads import UploadProgress
 
 FILE_FIELD = "file"
+# The niceness of the threads that read, hash and write upload bodies (the event loop's is 0).
+UPLOAD_THREAD_NICENESS = 5
 # After refusing a body part way, read and drop the rest for this long at most, so the client
 # (still sending) is not cut off by a reset before it reads the answer (as aiohttp lingers).
 DRAIN_SECONDS = 10.0
@@ -116,16 +119,23 @@ class SocketBody:
             yield chunk, len(chunk)
         self._first = []
         view = memoryview(self._buffer)
+        fill_target = len(view) // 2
         while self._remaining > 0:
-            try:
-                got = self._connection.recv_into(view, min(len(view), self._remaining))
-            except TimeoutError:
-                raise _read_timeout(self._connection.gettimeout()) from None
-            if got == 0:
-                raise web.HTTPBadRequest(text="The client closed the connection before the "
-                                         "end of the body; nothing was kept")
-            self._remaining -= got
-            yield self._buffer, got
+            # Gather at least half a buffer (or the rest of the body) before passing it on:
+            # fewer, larger hashes and writes than one per segment the network delivers.
+            filled = 0
+            while filled < fill_target and self._remaining > 0:
+                try:
+                    got = self._connection.recv_into(
+                        view[filled:], min(len(view) - filled, self._remaining))
+                except TimeoutError:
+                    raise _read_timeout(self._connection.gettimeout()) from None
+                if got == 0:
+                    raise web.HTTPBadRequest(text="The client closed the connection before "
+                                             "the end of the body; nothing was kept")
+                filled += got
+                self._remaining -= got
+            yield self._buffer, filled
 
     def drain(self) -> None:
         """The body was refused part way: drop the rest of it for DRAIN_SECONDS at most."""
@@ -243,6 +253,7 @@ async def receive_body(request: web.Request, incoming: IncomingFile, progress: U
     body = detach_body(request, settings)
 
     def pump() -> None:
+        _yield_to_the_event_loop()
         try:
             chunks = body.chunks()
             for data, end in chunks:
@@ -257,6 +268,16 @@ async def receive_body(request: web.Request, incoming: IncomingFile, progress: U
             body.close()
 
     await run_to_the_end(asyncio.get_running_loop().run_in_executor(threads, pump), body.abort)
+
+
+def _yield_to_the_event_loop() -> None:
+    """Lower this upload thread's CPU priority a little: with the cores saturated by uploads,
+    the event loop (health checks, the status page, other agents' requests) still gets them
+    first. Linux gives each thread its own niceness; elsewhere this does nothing."""
+    with contextlib.suppress(OSError, AttributeError):
+        thread = threading.get_native_id()
+        if os.getpriority(os.PRIO_PROCESS, thread) < UPLOAD_THREAD_NICENESS:
+            os.setpriority(os.PRIO_PROCESS, thread, UPLOAD_THREAD_NICENESS)
 
 
 async def run_to_the_end(work: asyncio.Future[None], abort: Callable[[], None]) -> None:

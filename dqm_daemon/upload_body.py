@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -105,14 +106,25 @@ class BodySink:
 
 
 class SocketBody:
-    """The rest of a Content-Length body, read straight from the connection's socket."""
+    """The rest of a Content-Length body, read straight from the connection's socket.
+
+    While the thread reads, the socket is blocking, with the read timeout as SO_RCVTIMEO: one
+    system call per wake-up, where a Python timeout costs a poll and a failed read besides.
+    The connection's descriptors share that mode, so it is set back to non-blocking (as the
+    event loop needs it) before the thread lets go; the loop neither reads (paused) nor writes
+    (no answer before the body is read) meanwhile."""
 
     def __init__(self, connection: socket.socket, first: list[bytes], remaining: int,
-                 buffer_bytes: int) -> None:
+                 buffer_bytes: int, read_timeout: float) -> None:
         self._connection = connection
         self._first = first
         self._remaining = remaining
         self._buffer = bytearray(buffer_bytes)
+        self._read_timeout = read_timeout
+        seconds, fraction = divmod(read_timeout, 1)
+        connection.setblocking(True)
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                              struct.pack("ll", int(seconds), int(fraction * 1_000_000)))
 
     def chunks(self) -> Chunks:
         for chunk in self._first:
@@ -128,8 +140,8 @@ class SocketBody:
                 try:
                     got = self._connection.recv_into(
                         view[filled:], min(len(view) - filled, self._remaining))
-                except TimeoutError:
-                    raise _read_timeout(self._connection.gettimeout()) from None
+                except BlockingIOError:  # SO_RCVTIMEO ran out
+                    raise _read_timeout(self._read_timeout) from None
                 if got == 0:
                     raise web.HTTPBadRequest(text="The client closed the connection before "
                                              "the end of the body; nothing was kept")
@@ -155,6 +167,8 @@ class SocketBody:
             self._connection.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._connection.setblocking(False)  # the event loop's mode, for its answer
         self._connection.close()  # our duplicate only; the transport closes its own
 
 
@@ -234,8 +248,8 @@ def detach_body(request: web.Request, settings: Settings) -> SocketBody | Stream
     # ...and from here on the loop reads nothing from this connection: the thread does.
     transport.pause_reading()
     connection = transport.get_extra_info("socket").dup()
-    connection.settimeout(settings.read_timeout_seconds)
-    return SocketBody(connection, first, remaining, settings.chunk_bytes)
+    return SocketBody(connection, first, remaining, settings.chunk_bytes,
+                      settings.read_timeout_seconds)
 
 
 async def close_detached_connections(request: web.Request,

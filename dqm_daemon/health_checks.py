@@ -28,6 +28,6 @@ async def health_problems(app: web.Application) -> list[str]:
         problems.append(f"inspection child cannot start: {queue.child_start_failure}")
     idle_for = time.monotonic() - queue.last_progress_monotonic
     if queue.depth > 0 and idle_for > settings.inspection_time_limit_seconds + STUCK_MARGIN_SECONDS:
-        problems.append(f"inspection queue stuck: {queue.depth} jobs, no progress for "
-                        f"{idle_for:.0f} s")
+        waiting = f"{queue.depth} file{'s' if queue.depth > 1 else ''} waiting"
+        problems.append(f"inspection queue stuck: {waiting}, no progress for {idle_for:.0f} s")
     return problems

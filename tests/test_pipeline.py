@@ -16,6 +16,7 @@ import uproot
 
 from dqm_daemon.app import create_app
 from dqm_daemon.appkeys import INSPECTION_QUEUE, INSPECTORS
+from dqm_daemon.health_checks import STUCK_MARGIN_SECONDS
 
 from .conftest import TOKEN, dqm_headers, make_settings, multipart_file
 from .rootfiles import histogram, th1f, write_dqm_file, write_one_histogram_file
@@ -153,6 +154,41 @@ async def test_hanging_child_times_out_while_daemon_answers(faulty_client, one_h
     assert body["reason"] == "inspection took longer than the limit of 1.5 s"
     response, body = await upload(faulty_client, one_histogram_file, agent="EMC")
     assert response.status == 200, body
+
+
+async def test_a_stalled_inspection_queue_is_reported_until_it_moves(aiohttp_client, data_dir,
+                                                                     one_histogram_file):
+    """Files waiting while no inspection has started or finished for longer than the time
+    limit and its margin: /healthz answers 503 naming the stuck queue and the status banner
+    says ERROR; once inspections move again both clear."""
+    settings = make_settings(data_dir, inspection_workers=1, inspection_time_limit_seconds=3,
+                             inspection_budget_seconds=0.2)
+    client = await aiohttp_client(create_app(settings, inspection_command=FAULTY_CHILD))
+    response, _ = await upload(client, one_histogram_file, agent="HANG")  # holds the only worker
+    assert response.status == 202
+    response, waiting = await upload(client, one_histogram_file, agent="EMC")
+    assert response.status == 202
+    queue = client.server.app[INSPECTION_QUEUE]
+    assert queue.depth == 1
+    assert (await client.get("/healthz")).status == 200  # a hang is not yet a stuck queue
+    # As if the worker had made no progress for the limit and the margin, and a second more.
+    queue.last_progress_monotonic -= (settings.inspection_time_limit_seconds
+                                      + STUCK_MARGIN_SECONDS + 1)
+    health = await client.get("/healthz")
+    problems = (await health.json())["problems"]
+    assert health.status == 503
+    assert any(problem.startswith("inspection queue stuck: 1 file waiting, no progress for ")
+               for problem in problems), problems
+    status = await (await client.get("/status.json")).json()
+    assert status["level"] == "ERROR" and any("inspection queue stuck" in reason
+                                              for reason in status["reasons"])
+    # The hang is killed at the time limit; the waiting file is inspected and all is well.
+    for _ in range(200):
+        if (await info(client, waiting["filename"]))["state"] != "pending":
+            break
+        await asyncio.sleep(0.05)
+    assert (await info(client, waiting["filename"]))["state"] == "ok"
+    assert (await client.get("/healthz")).status == 200
 
 
 async def test_budget_exceeded_answers_202_then_result(aiohttp_client, data_dir,

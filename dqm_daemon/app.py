@@ -9,7 +9,6 @@ import importlib.resources
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-
 from pathlib import Path
 
 import aiohttp_jinja2
@@ -34,14 +33,19 @@ from .appkeys import (
     UPLOADS,
 )
 from .catalog import Catalog
+from .handlers.resumable_uploads import tus_resumable_header
 from .ingest import Ingest
 from .inspection_pool import CHILD_COMMAND, InspectorProcess
 from .inspection_queue import InspectionQueue
 from .metrics import Metrics
-from .middlewares import basic_auth_for_pages, errors_as_json, request_context, token_auth
+from .middlewares import (
+    basic_auth_for_pages,
+    errors_as_json,
+    request_context,
+    token_auth,
+)
 from .page_format import FILTERS
 from .previewer import Previewer
-from .handlers.resumable_uploads import tus_resumable_header
 from .resumable import ResumableUploads
 from .routes import setup_routes
 from .settings import Settings

@@ -17,9 +17,9 @@ from pathlib import Path
 import structlog
 
 from . import __version__
+from .client import EXIT_USAGE, UploadOptions, upload_all
 from .logs import configure_logging
 from .service import serve
-from .client import EXIT_USAGE, UploadOptions, upload_all
 from .settings import TOKEN_ENV_VAR, Settings, SettingsError, load_settings
 
 log = structlog.get_logger(__name__)

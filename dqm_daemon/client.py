@@ -151,7 +151,7 @@ async def upload_file(session: aiohttp.ClientSession, path: Path, options: Uploa
                     raise UploadRefused(answer.status, message)
                 last_problem = f"{answer.status}: {message}"
                 delay = _retry_delay(attempt, options, answer.headers.get("Retry-After"))
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
             last_problem = f"{type(exc).__name__}: {exc}"
             delay = _retry_delay(attempt, options, None)
         if attempt < options.retries:
@@ -208,7 +208,7 @@ async def _resumable_upload(session: aiohttp.ClientSession, path: Path, options:
             raise
         except _RetryLater as exc:
             last_problem, delay = str(exc), _retry_delay(attempt, options, exc.retry_after)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError) as exc:
             last_problem = f"{type(exc).__name__}: {exc}"
             delay = _retry_delay(attempt, options, None)
         if attempt < options.retries:

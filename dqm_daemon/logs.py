@@ -8,7 +8,6 @@ import sys
 import structlog
 import structlog.tracebacks
 
-
 # Never with local variables: they could hold a token or file contents.
 _exception_as_dict = structlog.processors.ExceptionRenderer(
     structlog.tracebacks.ExceptionDictTransformer(show_locals=False)

@@ -4,9 +4,8 @@ Registered as Jinja2 filters; the JSON twins keep the raw values."""
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
 from typing import Any
-
-from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
 from markupsafe import Markup, escape
@@ -30,25 +29,25 @@ def human_bytes(size: float | None) -> str:
 ZURICH = ZoneInfo(NAME_TIMEZONE)
 
 
-def _moment(value: str | int | float) -> datetime:
+def _moment(value: str | float) -> datetime:
     # The standard library, not pendulum: pages format thousands of times per render.
     if isinstance(value, (int, float)):
-        return datetime.fromtimestamp(value, timezone.utc)
+        return datetime.fromtimestamp(value, UTC)
     return datetime.fromisoformat(value)
 
 
-def zurich_time(value: str | int | float | None) -> str:
+def zurich_time(value: str | float | None) -> str:
     """An ISO time or unix seconds as local time at CERN."""
     if value is None:
         return "—"
     return _moment(value).astimezone(ZURICH).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def ago(value: str | int | float | None) -> str:
+def ago(value: str | float | None) -> str:
     """"12 s ago", "3 min ago", "2 h 5 min ago", "4 days ago"."""
     if value is None:
         return "—"
-    seconds = (datetime.now(timezone.utc) - _moment(value)).total_seconds()
+    seconds = (datetime.now(UTC) - _moment(value)).total_seconds()
     if seconds >= 2 * 86400:
         return f"{seconds // 86400:.0f} days ago"
     return f"{duration(seconds)} ago"

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from aiohttp import web
 
+from .handlers import resumable_uploads as tus
 from .handlers.files import download_file, file_info, list_files
 from .handlers.health import healthz, metrics
 from .handlers.pages import file_data, page, root, run_data, status_data, twin
-from .handlers import resumable_uploads as tus
 from .handlers.upload import expect_continue, post_file
 
 

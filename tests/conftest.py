@@ -18,9 +18,8 @@ import aiohttp
 import pytest
 
 from dqm_daemon.app import create_app
-from dqm_daemon.settings import Settings
-
 from dqm_daemon.appkeys import UPLOADS
+from dqm_daemon.settings import Settings
 
 from .rootfiles import write_dqm_file, write_one_histogram_file, write_shift_file
 

@@ -15,7 +15,11 @@ import aiohttp
 import pytest
 
 from .conftest import TOKEN, dqm_headers
-from .rootfiles import write_dqm_file, write_many_histograms_file, write_one_histogram_file
+from .rootfiles import (
+    write_dqm_file,
+    write_many_histograms_file,
+    write_one_histogram_file,
+)
 
 GiB = 1024**3
 MiB = 1024**2

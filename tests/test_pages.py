@@ -13,6 +13,7 @@ from dqm_daemon.app import create_app
 from .conftest import RUN_START, TOKEN, make_settings
 from .rootfiles import write_one_histogram_file
 
+
 async def test_status_json_tells_the_whole_story(control_room):
     """The status twin reports the banner, agents, runs, uploads and latest files."""
     client, files = control_room

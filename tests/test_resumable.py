@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import hashlib
+import io
 import json
 import random
 

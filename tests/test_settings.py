@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 
 from dqm_daemon.naming import dqm_filename, headers_from_filename
-from dqm_daemon.settings import ENV_TOKEN_UPLOADER, Settings, SettingsError, load_settings
+from dqm_daemon.settings import (
+    ENV_TOKEN_UPLOADER,
+    Settings,
+    SettingsError,
+    load_settings,
+)
 
 
 def test_embedded_defaults_serve_locally():

@@ -9,7 +9,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__, activity
-from ..appkeys import CATALOG, INSPECTION_QUEUE, METRICS, STARTED_MONOTONIC, STORAGE, UPLOADS
+from ..appkeys import (
+    CATALOG,
+    INSPECTION_QUEUE,
+    METRICS,
+    STARTED_MONOTONIC,
+    STORAGE,
+    UPLOADS,
+)
 from ..health_checks import health_problems
 
 

@@ -41,6 +41,7 @@ from tests.rootfiles import histogram, write_one_histogram_file  # noqa: E402
 TOKEN = "benchmark-token"
 MiB, GiB = 1024 * 1024, 1024 * 1024 * 1024
 PYTHON = sys.executable
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -92,6 +93,28 @@ class Server:
         self.process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, cwd=self.data_dir)
         wait_port(self.port)
+
+    def cpu_seconds(self) -> float:
+        """User and system CPU time so far of the receiver and every process under it
+        (inspection children, uvicorn's workers), from /proc."""
+        children: dict[int, list[int]] = {}
+        times: dict[int, float] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue  # gone meanwhile
+            fields = stat[stat.rindex(")") + 2:].split()
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+            times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        total, stack = 0.0, [self.process.pid]
+        while stack:
+            pid = stack.pop()
+            total += times.get(pid, 0.0)
+            stack.extend(children.get(pid, []))
+        return total
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
@@ -181,21 +204,29 @@ def write_small_files(directory: Path) -> list[Path]:
 
 def small_files_in_turns(scratch: Path, files: list[Path], uploads: int, turns: int,
                          config: str) -> dict:
+    """Files per second, and the receiver's CPU time per file (all its processes, user and
+    system): on two shared cores, the CPU a file costs bounds the rate."""
     rates = {"daemon": [], "fastapi": []}
+    cpu_ms = {"daemon": [], "fastapi": []}
     for _ in range(turns):
         for kind in ("daemon", "fastapi"):
             server = Server(kind, scratch, config)
             client("multipart", server.port, count=8, concurrency=8, files=[str(files[0])],
                    run_base=50_000)  # warm up (imports, first inspection child)
+            cpu_before = server.cpu_seconds()
             result = client("multipart", server.port, count=uploads, concurrency=8,
                             files=[str(path) for path in files])
+            cpu_used = server.cpu_seconds() - cpu_before
             server.stop()
             assert set(result["statuses"]) == {200}, (kind, set(result["statuses"]))
             rates[kind].append(len(result["statuses"]) / result["seconds"])
+            cpu_ms[kind].append(cpu_used / len(result["statuses"]) * 1000)
     return {"daemon_files_s": statistics.median(rates["daemon"]),
             "fastapi_files_s": statistics.median(rates["fastapi"]),
+            "daemon_cpu_ms_per_file": statistics.median(cpu_ms["daemon"]),
+            "fastapi_cpu_ms_per_file": statistics.median(cpu_ms["fastapi"]),
             "sizes_kib": [round(path.stat().st_size / 1024) for path in files],
-            "turns": rates}
+            "turns": rates, "cpu_ms_per_file_turns": cpu_ms}
 
 
 def latency_under_load(scratch: Path, prefix: Path, files: list[Path], size: int,
@@ -301,6 +332,9 @@ def report(results: dict) -> None:
     print(f"| small files (200 histograms), 8 clients, inspected | "
           f"{small['daemon_files_s']:.1f} files/s | FastAPI {small['fastapi_files_s']:.1f} "
           f"files/s | {small['daemon_files_s'] / small['fastapi_files_s']:.0%} | ≥ 100/s, ahead |")
+    print(f"| CPU per small file (receiver, all its processes) | "
+          f"{small['daemon_cpu_ms_per_file']:.1f} ms | FastAPI "
+          f"{small['fastapi_cpu_ms_per_file']:.1f} ms | | |")
     for path in ("/status", "/healthz"):
         print(f"| {path} under load, p50 / p99 | {latency[path]['p50_ms']:.1f} / "
               f"{latency[path]['p99_ms']:.1f} ms | | | p99 < 100 ms |")

@@ -341,11 +341,13 @@ class Catalog:
         objects: list[dict[str, Any]] | None,
         inspection_ms: float,
         inspected_at: str,
-    ) -> None:
-        """The check's verdict and listing; a sound file then awaits its analysis."""
+    ) -> FileRecord:
+        """The check's verdict and listing; a sound file then awaits its analysis. Returns the
+        file's record as committed."""
         analysis = PENDING if state == OK else None
-        await self._run(
-            lambda connection: connection.execute(
+
+        def update(connection: sqlite3.Connection) -> FileRecord:
+            connection.execute(
                 "UPDATE files SET state = ?, location = ?, reason = ?, received_json = ?,"
                 " objects_json = ?, object_count = ?, inspection_ms = ?, inspected_at = ?,"
                 " analysis = ? WHERE name = ?",
@@ -353,7 +355,13 @@ class Catalog:
                  len(objects) if objects is not None else None, inspection_ms, inspected_at,
                  analysis, name),
             )
-        )
+            row = connection.execute(
+                f"SELECT {_SUMMARY_COLUMNS} FROM files WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise LookupError(f"{name} is not in the catalog")
+            return FileRecord.from_row(row)
+
+        return await self._run(update)
 
     async def record_analysis(
         self,

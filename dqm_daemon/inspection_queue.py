@@ -96,25 +96,46 @@ class InspectionQueue:
                 self.recovery_queued.set()
             await asyncio.sleep(interval_seconds)
 
+    async def queue_and_wait(self, record: FileRecord, timeout: float) -> FileRecord | None:
+        """Queue a file just cataloged as pending and return its record once inspected; None
+        if that takes longer than `timeout` (the inspection goes on; a file the full queue
+        did not take in time stays pending, and the sweeper queues it)."""
+        verdict = self._expect(record.name)  # before queueing: the verdict cannot be missed
+        try:
+            async with asyncio.timeout(timeout):
+                await self.put(record)
+                return await verdict
+        except TimeoutError:
+            return None
+        finally:
+            self._forget(record.name, verdict)
+
     async def wait_inspected(self, name: str, timeout: float) -> FileRecord | None:
-        """The file's catalog record once inspected; None if that takes longer than `timeout`
-        (the inspection itself goes on)."""
-        future: asyncio.Future[FileRecord] = asyncio.get_running_loop().create_future()
-        self._waiters[name].append(future)
+        """The record of a file cataloged earlier once inspected; None if that takes longer
+        than `timeout` (the inspection itself goes on)."""
+        verdict = self._expect(name)
         try:
             # Registered first, then checked: a result recorded in between is not missed.
             record = await self._catalog.get(name)
             if record is not None and record.state != PENDING:
                 return record
-            return await asyncio.wait_for(future, timeout)
+            return await asyncio.wait_for(verdict, timeout)
         except TimeoutError:
             return None
         finally:
-            waiters = self._waiters.get(name, [])
-            if future in waiters:
-                waiters.remove(future)
-            if not waiters:
-                self._waiters.pop(name, None)
+            self._forget(name, verdict)
+
+    def _expect(self, name: str) -> asyncio.Future[FileRecord]:
+        verdict: asyncio.Future[FileRecord] = asyncio.get_running_loop().create_future()
+        self._waiters[name].append(verdict)
+        return verdict
+
+    def _forget(self, name: str, verdict: asyncio.Future[FileRecord]) -> None:
+        waiters = self._waiters.get(name, [])
+        if verdict in waiters:
+            waiters.remove(verdict)
+        if not waiters:
+            self._waiters.pop(name, None)
 
     async def run_worker(self, inspector: InspectorProcess) -> None:
         """Take jobs until cancelled. A job interrupted by shutdown stays pending in the catalog
@@ -198,7 +219,7 @@ class InspectionQueue:
         objects = result.get("objects")
         duration_ms = round(checked.seconds * 1000, 1)
         self._metrics.inspection_seconds.labels(result["state"]).observe(checked.seconds)
-        await self._catalog.record_inspection(
+        inspected = await self._catalog.record_inspection(
             record.name,
             state=result["state"],
             location=location,
@@ -219,6 +240,4 @@ class InspectionQueue:
         )
         if result["state"] != INVALID:
             self._on_sound_file()
-        inspected = await self._catalog.get(record.name)
-        assert inspected is not None
         return inspected

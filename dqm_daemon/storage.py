@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import structlog
 
@@ -50,18 +51,20 @@ def start_writeback(descriptor: int, start: int, end: int) -> None:
 
 
 class IncomingFile:
-    """One upload being written: a temporary file, its size so far and its running SHA-256."""
+    """One upload being written: a temporary file, its size so far and its running SHA-256.
+
+    All of its disk work (creating the file, writing, fsync) happens in the thread that reads
+    the upload's body, so an upload costs one hand-off to a thread rather than one per step."""
 
     def __init__(self, path: Path, with_md5: bool = False) -> None:
         self.path = path
         self.size = 0
+        self.fsync_seconds = 0.0
         self._sha256 = hashlib.sha256()
         # Only when the agent sent Content-MD5: a second hash is not free.
         self._md5 = hashlib.md5(usedforsecurity=False) if with_md5 else None
-        self._file = open(path, "xb", buffering=0)  # noqa: SIM115 - closed by finish/discard
+        self._file: BinaryIO | None = None  # created by the first write
         self._written_back = 0  # bytes already handed to the disk by `start_writeback`
-        # The chunk being hashed and written while the next one is read from the socket.
-        self._pending_write: asyncio.Future[None] | None = None
 
     @property
     def sha256(self) -> str:
@@ -73,6 +76,8 @@ class IncomingFile:
 
     def write_now(self, chunk: bytes | bytearray | memoryview) -> None:
         """Hash and write a chunk in the calling thread (an upload's own, never the loop's)."""
+        if self._file is None:
+            self._file = open(self.path, "xb", buffering=0)  # noqa: SIM115 - closed below
         # Each call releases the GIL for large buffers: other uploads go on meanwhile.
         self._sha256.update(chunk)
         if self._md5 is not None:
@@ -85,38 +90,22 @@ class IncomingFile:
             start_writeback(self._file.fileno(), self._written_back, self.size)
             self._written_back = self.size
 
-    async def write(self, chunk: bytes | bytearray) -> None:
-        """Hand a chunk to a thread and return at once, so the next chunk is read from the
-        socket meanwhile; at most one chunk is in the thread's hands (bounded memory)."""
-        await self._wait_for_pending_write()
-        self._pending_write = asyncio.get_running_loop().run_in_executor(
-            None, self.write_now, chunk
-        )
-
-    async def _wait_for_pending_write(self) -> None:
-        if self._pending_write is not None:
-            # Shielded: a cancelled upload must not abandon a write still in the thread.
-            await asyncio.shield(self._pending_write)
-            self._pending_write = None
-
-    def _finish_sync(self) -> None:
+    def finish_now(self) -> None:
+        """Flush the bytes to stable storage, in the writing thread; afterwards the file may
+        be committed. Nothing written (an empty upload): nothing to flush."""
+        if self._file is None:
+            return
+        started = time.perf_counter()
         os.fsync(self._file.fileno())
         self._file.close()
-
-    async def finish(self) -> None:
-        """Flush the bytes to stable storage; afterwards the file may be committed."""
-        await self._wait_for_pending_write()
-        await asyncio.to_thread(self._finish_sync)
+        self.fsync_seconds = time.perf_counter() - started
 
     def _discard_sync(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         self.path.unlink(missing_ok=True)
 
     async def discard(self) -> None:
-        if self._pending_write is not None:
-            with contextlib.suppress(Exception):
-                await self._pending_write
-            self._pending_write = None
         await asyncio.to_thread(self._discard_sync)
 
 
@@ -167,9 +156,9 @@ class Storage:
         """The path of a cataloged file. `name` comes from the catalog, never from a request."""
         return (self.quarantine_dir if location == IN_QUARANTINE else self.data_dir) / name
 
-    async def open_incoming(self, with_md5: bool = False) -> IncomingFile:
-        path = self.incoming_dir / f"{uuid.uuid4().hex}{INCOMING_SUFFIX}"
-        return await asyncio.to_thread(IncomingFile, path, with_md5)
+    def incoming_file(self, with_md5: bool = False) -> IncomingFile:
+        """A new upload's temporary file in `.incoming/` (created by its first write)."""
+        return IncomingFile(self.incoming_dir / f"{uuid.uuid4().hex}{INCOMING_SUFFIX}", with_md5)
 
     def _link_sync(self, incoming: IncomingFile, name: str) -> bool:
         target = self.data_dir / name

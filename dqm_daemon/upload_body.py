@@ -97,12 +97,14 @@ class BodySink:
         self._incoming.write_now(piece)
 
     def finish(self) -> None:
-        """The body has ended: a multipart body must have been complete."""
+        """The body has ended: a multipart body must have been complete; the file is flushed
+        to stable storage."""
         if self._multipart is not None:
             try:
                 self._multipart.finish()
             except MalformedMultipart as exc:
                 raise web.HTTPBadRequest(text=f"Malformed multipart body: {exc}") from None
+        self._incoming.finish_now()
 
 
 class SocketBody:
@@ -266,7 +268,7 @@ async def close_detached_connections(request: web.Request,
 
 async def receive_body(request: web.Request, incoming: IncomingFile, progress: UploadProgress,
                        settings: Settings, storage: Storage, threads: Executor) -> None:
-    """Stream the body's file into `incoming` in a thread of the upload's own."""
+    """Stream the body's file into `incoming` in a thread of the upload's own, and fsync it."""
     sink = BodySink(request, incoming, progress, settings, storage)
     body = detach_body(request, settings)
 

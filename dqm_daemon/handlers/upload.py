@@ -83,12 +83,10 @@ async def _receive(request: web.Request, incoming: IncomingFile, progress: Uploa
                        request.app[UPLOAD_THREADS])
     if incoming.size == 0:  # an empty body, or a multipart body without the field `file`
         raise web.HTTPBadRequest(text=EMPTY_MESSAGE)
-    streamed = time.perf_counter()
-    await incoming.finish()
     # Where an upload's time goes: the network and hashing, or the disk's fsync.
     structlog.contextvars.bind_contextvars(
-        stream_ms=round((streamed - started) * 1000, 1),
-        fsync_ms=round((time.perf_counter() - streamed) * 1000, 1),
+        stream_ms=round((time.perf_counter() - started - incoming.fsync_seconds) * 1000, 1),
+        fsync_ms=round(incoming.fsync_seconds * 1000, 1),
     )
 
 
@@ -132,7 +130,7 @@ async def _store_and_answer(request: web.Request, outcome: dict[str, str]) -> we
     uploader = request[UPLOADER]
     with request.app[UPLOADS].slot(uploader, dqm.agent, dqm.run_number) as progress:
         check_room(request.app, request.content_length)
-        incoming = await request.app[STORAGE].open_incoming(with_md5=digests.wants_md5)
+        incoming = request.app[STORAGE].incoming_file(with_md5=digests.wants_md5)
         try:
             await _receive(request, incoming, progress)
             check_digests(digests, incoming.sha256, incoming.md5)
@@ -173,13 +171,7 @@ async def _store_and_answer(request: web.Request, outcome: dict[str, str]) -> we
 async def inspect_within_budget(app: web.Application, commit: Commit) -> FileRecord | None:
     """Queue a committed file and wait for its inspection up to the budget; None if it is
     still pending then (a full queue leaves it pending too: the sweeper queues it later)."""
-    settings, inspection_queue = app[SETTINGS], app[INSPECTION_QUEUE]
-    deadline = asyncio.get_running_loop().time() + settings.inspection_budget_seconds
-    try:
-        if not commit.duplicate:
-            await asyncio.wait_for(inspection_queue.put(commit.record),
-                                   settings.inspection_budget_seconds)
-        remaining = deadline - asyncio.get_running_loop().time()
-        return await inspection_queue.wait_inspected(commit.record.name, max(remaining, 0.0))
-    except TimeoutError:
-        return None
+    budget, inspection_queue = app[SETTINGS].inspection_budget_seconds, app[INSPECTION_QUEUE]
+    if commit.duplicate:  # the stored copy: inspected already, or queued by its own upload
+        return await inspection_queue.wait_inspected(commit.record.name, budget)
+    return await inspection_queue.queue_and_wait(commit.record, budget)

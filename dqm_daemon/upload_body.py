@@ -121,7 +121,10 @@ class SocketBody:
         self._connection = connection
         self._first = first
         self._remaining = remaining
-        self._buffer = bytearray(buffer_bytes)
+        # No larger than the rest of the body (most DQM files are far smaller than a chunk),
+        # and allocated by the reading thread, not the event loop.
+        self._buffer_bytes = max(1, min(buffer_bytes, remaining))
+        self._buffer: bytearray | None = None
         self._read_timeout = read_timeout
 
     def _own(self) -> None:
@@ -136,7 +139,8 @@ class SocketBody:
             yield chunk, len(chunk)
         self._first = []
         self._own()
-        view = memoryview(self._buffer)
+        buffer = self._reading_buffer()
+        view = memoryview(buffer)
         fill_target = len(view) // 2
         while self._remaining > 0:
             # Gather at least half a buffer (or the rest of the body) before passing it on:
@@ -153,12 +157,17 @@ class SocketBody:
                                              "the end of the body; nothing was kept")
                 filled += got
                 self._remaining -= got
-            yield self._buffer, filled
+            yield buffer, filled
+
+    def _reading_buffer(self) -> bytearray:
+        if self._buffer is None:
+            self._buffer = bytearray(self._buffer_bytes)
+        return self._buffer
 
     def drain(self) -> None:
         """The body was refused part way: drop the rest of it for DRAIN_SECONDS at most."""
         deadline = time.monotonic() + DRAIN_SECONDS
-        view = memoryview(self._buffer)
+        view = memoryview(self._reading_buffer())
         with contextlib.suppress(OSError):  # a timeout or a reset: the client is gone
             while self._remaining > 0 and (left := deadline - time.monotonic()) > 0:
                 self._connection.settimeout(left)

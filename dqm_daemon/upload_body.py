@@ -3,10 +3,11 @@
 The event loop only reads the request's head. For the body, the handler takes the connection's
 socket over (`detach_body`): what aiohttp has already buffered is drained, the transport stops
 reading, and a thread reads the rest with `recv_into` into one reused buffer, finds the file's
-bytes (a raw body, or the multipart field `file`, without copying), hashes and writes them. That
-is the least work a receiver that proves integrity can do, and it leaves the event loop free for
-the status page, health checks and other agents. The connection is closed after the answer:
-aiohttp's parser never saw the body, so the connection cannot carry another request.
+bytes (a raw body, or the multipart field `file`, without copying), hashes and writes them, and
+fsyncs the file at the end. That is the least work a receiver that proves integrity can do, and
+it leaves the event loop free for the status page, health checks and other agents. The
+connection is closed after the answer: aiohttp's parser never saw the body, so the connection
+cannot carry another request.
 
 Bodies the loop must decode (chunked transfer, a Content-Encoding, TLS) take the same path in
 the thread, their chunks fetched from aiohttp's stream through the loop.
@@ -49,7 +50,7 @@ Chunks = Iterator[tuple[bytes | bytearray, int]]  # (buffer, how many bytes of i
 
 class BodySink:
     """Where the body's bytes go, in the upload's thread: the file's bytes are picked out of
-    the body, counted against the limits, hashed and written."""
+    the body, counted against the limits, hashed and written, and fsynced at the end."""
 
     def __init__(self, request: web.Request, incoming: IncomingFile, progress: UploadProgress,
                  settings: Settings, storage: Storage) -> None:
@@ -141,10 +142,11 @@ class SocketBody:
         self._own()
         buffer = self._reading_buffer()
         view = memoryview(buffer)
-        fill_target = len(view) // 2
+        # Gather the whole rest when it fits (then it is passed on in one piece), otherwise at
+        # least half a buffer before passing it on: fewer, larger hashes and writes than one
+        # per segment the network delivers. Never zero: every turn reads.
+        fill_target = len(view) if len(view) >= self._remaining else len(view) // 2
         while self._remaining > 0:
-            # Gather at least half a buffer (or the rest of the body) before passing it on:
-            # fewer, larger hashes and writes than one per segment the network delivers.
             filled = 0
             while filled < fill_target and self._remaining > 0:
                 try:

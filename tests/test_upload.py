@@ -284,6 +284,28 @@ async def test_body_read_from_the_socket_in_awkward_pieces(client, tmp_path, dat
     assert (data_dir / answer["filename"]).read_bytes() == content
 
 
+@pytest.mark.parametrize("held_back", [1, 2, 5000])
+async def test_a_client_pausing_before_its_last_bytes(client, one_histogram_file, data_dir,
+                                                     held_back):
+    """A client sends all but the last bytes of its body, pauses (the daemon has taken over
+    the socket by then, with that little left to read), then sends them: the upload is stored
+    and answered, not left spinning."""
+    head = (f"POST /rest/api/files HTTP/1.1\r\nHost: x\r\ntoken: {TOKEN}\r\nrunNumber: 9\r\n"
+            f"timeStamp: 1700000000\r\namoreAgent: EMC\r\n"
+            f"Content-Length: {len(one_histogram_file)}\r\n\r\n").encode()
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(head + one_histogram_file[:-held_back])
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    writer.write(one_histogram_file[-held_back:])
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    body = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert (data_dir / body["filename"]).read_bytes() == one_histogram_file
+
+
 async def test_keep_alive_client_uploads_twice(client, one_histogram_file, tmp_path):
     """A client that keeps its connection open is told to close it after an upload, and its
     next upload (on a new connection) works."""

@@ -108,7 +108,8 @@ class Server:
                 continue  # gone meanwhile
             fields = stat[stat.rindex(")") + 2:].split()
             children.setdefault(int(fields[1]), []).append(int(entry.name))
-            times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+            # Its own time and that of its children already gone (reaped).
+            times[int(entry.name)] = sum(map(int, fields[11:15])) / CLOCK_TICKS
         total, stack = 0.0, [self.process.pid]
         while stack:
             pid = stack.pop()

@@ -53,8 +53,8 @@ def start_writeback(descriptor: int, start: int, end: int) -> None:
 class IncomingFile:
     """One upload being written: a temporary file, its size so far and its running SHA-256.
 
-    All of its disk work (creating the file, writing, fsync) happens in the thread that reads
-    the upload's body, so an upload costs one hand-off to a thread rather than one per step."""
+    The file is created, written and fsynced by the thread that reads the upload's body, so
+    receiving a body costs one hand-off to a thread rather than one per step."""
 
     def __init__(self, path: Path, with_md5: bool = False) -> None:
         self.path = path

@@ -160,8 +160,9 @@ def _append_sync(upload: ResumableUpload, chunk: bytes, chunk_hasher: Any) -> No
         part.seek(upload.offset)
         part.write(chunk)
         if end // WRITEBACK_BYTES > upload.offset // WRITEBACK_BYTES:  # crossed a boundary
-            start_writeback(part.fileno(), end // WRITEBACK_BYTES * WRITEBACK_BYTES
-                            - WRITEBACK_BYTES, end)
+            part.flush()
+            start_writeback(part.fileno(), upload.offset // WRITEBACK_BYTES * WRITEBACK_BYTES,
+                            end)
     if upload.hasher is not None:
         upload.hasher.update(chunk)
     if chunk_hasher is not None:

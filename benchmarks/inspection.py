@@ -130,7 +130,7 @@ def main() -> None:
             probe_loop_while_serving([many, big, many, many], scratch_dir / "data"))
     figures = {
         "histograms_1000": {
-            kind: {"objects": len(result["objects"]),
+            kind: {"objects": result.get("object_count", len(result.get("objects", []))),
                    "median_seconds": statistics.median(durations), "runs_seconds": durations}
             for kind, (durations, result) in many_timings.items()
         } | {"target_seconds": 2.0},

@@ -338,12 +338,13 @@ class Catalog:
         location: str,
         reason: str | None,
         received: dict[str, str] | None,
-        objects: list[dict[str, Any]] | None,
+        objects_json: str | None,
+        object_count: int | None,
         inspection_ms: float,
         inspected_at: str,
     ) -> FileRecord:
-        """The check's verdict and listing; a sound file then awaits its analysis. Returns the
-        file's record as committed."""
+        """The check's verdict and listing (JSON text, stored as the child wrote it); a sound
+        file then awaits its analysis. Returns the file's record as committed."""
         analysis = PENDING if state == OK else None
 
         def update(connection: sqlite3.Connection) -> FileRecord:
@@ -351,9 +352,8 @@ class Catalog:
                 "UPDATE files SET state = ?, location = ?, reason = ?, received_json = ?,"
                 " objects_json = ?, object_count = ?, inspection_ms = ?, inspected_at = ?,"
                 " analysis = ? WHERE name = ?",
-                (state, location, reason, _as_json(received), _as_json(objects),
-                 len(objects) if objects is not None else None, inspection_ms, inspected_at,
-                 analysis, name),
+                (state, location, reason, _as_json(received), objects_json, object_count,
+                 inspection_ms, inspected_at, analysis, name),
             )
             row = connection.execute(
                 f"SELECT {_SUMMARY_COLUMNS} FROM files WHERE name = ?", (name,)).fetchone()

@@ -1,7 +1,8 @@
 """The inspection child process: `python -m dqm_daemon.inspection_child --memory-cap BYTES`.
 
 Reads one JSON job per line on stdin (`{"path": ...}` to check a file, with `"analyse": true` to
-analyse it, with `"previews": [...]` to read histograms for drawing), answers one JSON result per line on the original stdout. It caps its own address space first, so a hostile file that makes uproot
+analyse it, with `"previews": [...]` to read histograms for drawing), answers one JSON result per
+line on the original stdout (a check's listing as JSON text in `objects_json`). It caps its own address space first, so a hostile file that makes uproot
 allocate without bound fails here, not in the daemon.
 """
 
@@ -58,6 +59,11 @@ def main() -> None:
             result = analyse_file(job["path"])
         else:
             result = inspect_file(job["path"])
+            if "objects" in result:
+                # The daemon stores a check's listing as it is: it travels as JSON text, so the
+                # daemon neither parses nor re-encodes hundreds of entries per file.
+                objects = result.pop("objects")
+                result["objects_json"], result["object_count"] = json.dumps(objects), len(objects)
         results.write(json.dumps(finite(result), allow_nan=False) + "\n")
         results.flush()
 

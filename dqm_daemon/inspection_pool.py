@@ -84,8 +84,9 @@ class InspectorProcess:
         return process
 
     async def inspect(self, path: Path) -> dict[str, Any]:
-        """The child's result for `path`; an overrun or a crash is an invalid result, and the
-        child is replaced on the next call."""
+        """The child's check of `path` (a sound file's listing as JSON text in `objects_json`,
+        with `object_count`); an overrun or a crash is an invalid result, and the child is
+        replaced on the next call."""
         return await self.run_job({"path": str(path)})
 
     async def analyse(self, path: Path) -> dict[str, Any]:

@@ -216,7 +216,7 @@ class InspectionQueue:
         if result["state"] == INVALID and location == IN_DATA_DIR:
             await self._storage.quarantine(record.name)
             location = IN_QUARANTINE
-        objects = result.get("objects")
+        object_count = result.get("object_count")
         duration_ms = round(checked.seconds * 1000, 1)
         self._metrics.inspection_seconds.labels(result["state"]).observe(checked.seconds)
         inspected = await self._catalog.record_inspection(
@@ -225,7 +225,8 @@ class InspectionQueue:
             location=location,
             reason=result.get("reason"),
             received=result.get("received"),
-            objects=objects,
+            objects_json=result.get("objects_json"),
+            object_count=object_count,
             inspection_ms=duration_ms,
             inspected_at=pendulum.now("UTC").to_iso8601_string(),
         )
@@ -234,7 +235,7 @@ class InspectionQueue:
             file=record.name,
             state=result["state"],
             reason=result.get("reason"),
-            objects=len(objects) if objects is not None else None,
+            objects=object_count,
             duration_ms=duration_ms,
             child_peak_rss_kib=result.get("peak_rss_kib"),
         )

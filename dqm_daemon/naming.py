@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping
 
@@ -29,14 +30,16 @@ class DQMHeaders:
     agent: str
     data_status: int
 
-    @property
+    @functools.cached_property
     def filename(self) -> str:
         return dqm_filename(self.agent, self.run_number, self.timestamp)
 
 
 def dqm_filename(agent: str, run_number: int, timestamp: int) -> str:
-    local_time = pendulum.from_timestamp(timestamp, tz=_NAME_ZONE)
-    return f"{agent}histos_{run_number}_DQM_{local_time.format('YYYY_MM_DD_HH_mm_ss')}.root"
+    t = pendulum.from_timestamp(timestamp, tz=_NAME_ZONE)
+    # YYYY_MM_DD_HH_mm_ss, from the fields: half the time of pendulum's format(), per upload.
+    local_time = f"{t.year:04d}_{t.month:02d}_{t.day:02d}_{t.hour:02d}_{t.minute:02d}_{t.second:02d}"
+    return f"{agent}histos_{run_number}_DQM_{local_time}.root"
 
 
 def variant_filename(filename: str, variant: int) -> str:
@@ -49,7 +52,8 @@ def variant_filename(filename: str, variant: int) -> str:
 
 # Upper bounds (inclusive): what SQLite stores and pendulum renders (up to the year 9999).
 MAX_RUN_NUMBER = 2**63 - 1
-MAX_TIMESTAMP = 253402300799  # 9999-12-31 23:59:59 UTC
+# 9999-12-31 23:59:59 in Zurich (UTC+1 then): one second later the name's year has 5 digits.
+MAX_TIMESTAMP = 253402297199
 MAX_DATA_STATUS = 2**31 - 1
 
 

@@ -77,6 +77,7 @@ def test_no_token_is_refused():
         ("EMC", 123456, 140844, "EMChistos_123456_DQM_1970_01_02_16_07_24.root"),
         ("TPC", 1, 1688212800, "TPChistos_1_DQM_2023_07_01_14_00_00.root"),  # summer time
         ("TPC", 1, 1703980800, "TPChistos_1_DQM_2023_12_31_01_00_00.root"),  # winter time
+        ("TPC", 1, 253402297199, "TPChistos_1_DQM_9999_12_31_23_59_59.root"),  # the last one
     ],
 )
 def test_overwatch_file_names(agent, run, timestamp, expected):

@@ -1,4 +1,6 @@
-"""Request middlewares: log context, errors as JSON, token check. Outermost first."""
+"""Request middlewares: log context, errors as JSON, token check. Outermost first.
+
+Also the answer to requests no middleware sees: those aiohttp's parser refuses."""
 
 from __future__ import annotations
 
@@ -10,7 +12,13 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import structlog
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    BadStatusLine,
+    HttpProcessingError,
+    LineTooLong,
+)
+from aiohttp.web_protocol import RequestHandler
 
 log = structlog.get_logger(__name__)
 
@@ -85,6 +93,46 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     except Exception:
         log.exception("unhandled_error")
         return error_response(web.HTTPInternalServerError(text="Internal server error"))
+
+
+class _JsonRefusals(RequestHandler):
+    """aiohttp's connection handler, answering a request its parser refuses (before any
+    middleware runs) in the one JSON shape, without quoting what was sent: aiohttp's own answer
+    is plain text that echoes the offending bytes, a token among them."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; refuses once answering
+        if isinstance(exc, LineTooLong):
+            text = "A request line or header is too long"
+        elif isinstance(exc, BadHttpMethod | BadStatusLine):
+            text = "Not an HTTP request"
+        elif isinstance(exc, HttpProcessingError):
+            text = "Malformed HTTP request"
+        else:
+            text = "Internal server error"
+        response = web.json_response({"status": status, "message": text}, status=status)
+        response.force_close()
+        return response
+
+
+class _JsonRefusingServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        handler = super().__call__()
+        handler.__class__ = _JsonRefusals
+        return handler
+
+
+def refuse_malformed_requests_in_json(runner: web.AppRunner) -> None:
+    """Make the runner's connections answer requests aiohttp's parser refuses in JSON. aiohttp
+    has no hook for those (aio-libs/aiohttp#3287): its server and connection handler are
+    swapped for subclasses that differ only there. Call after `runner.setup()`, before the
+    site starts."""
+    assert runner.server is not None, "the runner is not set up"
+    runner.server.__class__ = _JsonRefusingServer
 
 
 def uploader_for_token(headers: Mapping[str, str], tokens: Mapping[str, str]) -> str:

@@ -15,6 +15,7 @@ from aiohttp import web
 from . import __version__
 from .app import create_app
 from .appkeys import INSPECTION_QUEUE, INSPECTORS, UPLOADS
+from .middlewares import refuse_malformed_requests_in_json
 from .settings import Settings
 from .systemd_notify import SystemdNotifier
 
@@ -66,6 +67,7 @@ async def serve(settings: Settings, environ: Mapping[str, str]) -> int:
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=FINAL_SHUTDOWN_SECONDS,
                            read_bufsize=settings.chunk_bytes)
     await runner.setup()  # catalog open, temporaries removed, workers and recovery started
+    refuse_malformed_requests_in_json(runner)
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()
     log.info("listening", host=settings.host, port=settings.port, version=__version__)

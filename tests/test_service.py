@@ -305,6 +305,41 @@ async def test_logs_of_a_whole_session(tmp_path, daemon):
     assert {"listening", "stopped"} <= {line["event"] for line in lines}
 
 
+async def test_requests_the_http_parser_refuses(daemon):
+    """Requests aiohttp's parser refuses before any handler runs (a control character in the
+    token's line, a line too long, not HTTP at all) are answered in the API's JSON shape and
+    logged as one JSON warning each (but for the one that is not HTTP at all: aiohttp keeps
+    what port scanners send out of the log); the token they carried is in neither."""
+    daemon.start()
+    refused = [
+        (b"POST /rest/api/files HTTP/1.1\r\nHost: x\r\ntoken: " + TOKEN.encode()
+         + b"\x7f\r\nContent-Length: 4\r\n\r\nroot", "Malformed HTTP request"),
+        (b"GET /rest/api/files HTTP/1.1\r\nHost: x\r\ntoken: " + TOKEN.encode() + b"x" * 9000
+         + b"\r\n\r\n", "A request line or header is too long"),
+        (TOKEN.encode() + b"\r\n\r\n", "Not an HTTP request"),
+    ]
+    for request, message in refused:
+        reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+        writer.write(request)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] == b"400", answer[:300]
+        assert b"application/json" in head
+        assert json.loads(body) == {"status": 400, "message": message}
+        assert TOKEN.encode() not in answer
+    daemon.process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(daemon.process.wait, 30) == 0
+    text = daemon.log_path.read_text()
+    assert TOKEN not in text
+    lines = [json.loads(line) for line in text.splitlines()]  # every line is JSON
+    warnings = [line for line in lines if line["event"] == "http_request_refused"]
+    assert [line["refused_request"]["error"] for line in warnings] == [
+        "BadHttpMessage", "LineTooLong"]
+    assert all(line["level"] == "warning" for line in warnings)
+
+
 def test_console_logs_on_a_terminal(tmp_path):
     """On a terminal the logs are readable console lines, not JSON."""
     port = DaemonProcess(tmp_path / "d", tmp_path / "log").port

@@ -9,6 +9,7 @@ import hmac
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from http import HTTPStatus
 
 import structlog
 from aiohttp import web
@@ -112,8 +113,8 @@ class _JsonRefusals(RequestHandler):
             text = "Not an HTTP request"
         elif isinstance(exc, HttpProcessingError):
             text = "Malformed HTTP request"
-        else:
-            text = "Internal server error"
+        else:  # a failure past every middleware: the status says it all, no traceback
+            text = HTTPStatus(status).phrase
         response = web.json_response({"status": status, "message": text}, status=status)
         response.force_close()
         return response

@@ -2,8 +2,9 @@
 
 Reads one JSON job per line on stdin (`{"path": ...}` to check a file, with `"analyse": true` to
 analyse it, with `"previews": [...]` to read histograms for drawing), answers one JSON result per
-line on the original stdout (a check's listing as JSON text in `objects_json`). It caps its own address space first, so a hostile file that makes uproot
-allocate without bound fails here, not in the daemon.
+line on the original stdout (a check's listing as JSON text in `objects_json`). It caps its own
+address space first, so a hostile file that makes uproot allocate without bound fails here, not
+in the daemon.
 """
 
 from __future__ import annotations

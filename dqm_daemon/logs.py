@@ -58,10 +58,14 @@ def configure_logging(level: int = logging.INFO) -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
         cache_logger_on_first_use=True,
     )
+    # On the logger, not the handler: the record is rewritten before any handler sees it.
+    refusals = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _RefusedRequestsWithoutTheirBytes) for f in refusals.filters):
+        refusals.addFilter(_RefusedRequestsWithoutTheirBytes())
     handler = logging.StreamHandler(sys.stdout)
-    handler.addFilter(_RefusedRequestsWithoutTheirBytes())
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[
+            structlog.contextvars.merge_contextvars,
             structlog.stdlib.add_logger_name,
             structlog.stdlib.ExtraAdder(allow=["refused_request"]),
             structlog.processors.add_log_level,

@@ -114,7 +114,7 @@ class _JsonRefusals(RequestHandler):
         elif isinstance(exc, HttpProcessingError):
             text = "Malformed HTTP request"
         else:  # a failure past every middleware: the status says it all, no traceback
-            text = HTTPStatus(status).phrase
+            text = HTTPStatus(status).phrase if status in HTTPStatus else "Request failed"
         response = web.json_response({"status": status, "message": text}, status=status)
         response.force_close()
         return response

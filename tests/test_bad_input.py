@@ -63,6 +63,7 @@ async def test_listing_and_download_need_a_token(client):
         ("runNumber", str(2**63), "runNumber must be at most 9223372036854775807"),
         ("timeStamp", "1000000000000", "timeStamp must be at most 253402297199"),
         # The last second of the year 9999 in UTC is already the year 10000 in Zurich.
+        ("timeStamp", "253402297200", "timeStamp must be at most 253402297199"),
         ("timeStamp", "253402300799", "timeStamp must be at most 253402297199"),
         ("dataStatus", str(2**40), "dataStatus must be at most 2147483647"),
     ],

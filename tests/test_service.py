@@ -335,9 +335,10 @@ async def test_requests_the_http_parser_refuses(daemon):
     assert TOKEN not in text
     lines = [json.loads(line) for line in text.splitlines()]  # every line is JSON
     warnings = [line for line in lines if line["event"] == "http_request_refused"]
-    assert [line["refused_request"]["error"] for line in warnings] == [
-        "BadHttpMessage", "LineTooLong"]
-    assert all(line["level"] == "warning" for line in warnings)
+    # (aiohttp's C parser calls the first one BadHttpMessage, its Python one InvalidHeader)
+    assert len(warnings) == 2 and warnings[1]["refused_request"]["error"] == "LineTooLong"
+    assert all((line["level"], line["refused_request"]["status"], line["refused_request"]["remote"])
+               == ("warning", 400, "127.0.0.1") for line in warnings)
 
 
 def test_console_logs_on_a_terminal(tmp_path):

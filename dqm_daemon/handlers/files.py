@@ -11,7 +11,7 @@ from pendulum.parsing.exceptions import ParserError
 
 from ..appkeys import CATALOG, STORAGE
 from ..catalog import IN_DATA_DIR, INVALID
-from ..naming import MAX_RUN_NUMBER, MAX_TIMESTAMP, bounded_integer
+from ..naming import MAX_RUN_NUMBER, bounded_integer
 
 
 def _run_query(request: web.Request) -> int | None:
@@ -21,13 +21,17 @@ def _run_query(request: web.Request) -> int | None:
     return bounded_integer(raw, "Query parameter run", MAX_RUN_NUMBER)
 
 
+# `since` only filters: any time up to the end of the year 9999 (UTC), as its ISO form allows.
+MAX_SINCE = 253402300799
+
+
 def _since_query(request: web.Request) -> int | None:
     """`since`: unix seconds or an ISO 8601 time, compared with the files' timeStamp."""
     raw = request.query.get("since")
     if raw is None:
         return None
     if raw.lstrip("-").isdigit():
-        return bounded_integer(raw, "Query parameter since", MAX_TIMESTAMP, -MAX_TIMESTAMP)
+        return bounded_integer(raw, "Query parameter since", MAX_SINCE, -MAX_SINCE)
     try:
         return int(pendulum.parse(raw).timestamp())
     except (ValueError, TypeError, ParserError):

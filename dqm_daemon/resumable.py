@@ -67,9 +67,12 @@ class FinishedUpload:
 
 
 class ResumableUploads:
-    def __init__(self, directory: Path, expiry_seconds: float) -> None:
+    def __init__(self, directory: Path, expiry_seconds: float,
+                 unstarted_expiry_seconds: float | None = None) -> None:
         self.directory = directory
         self.expiry_seconds = expiry_seconds
+        self.unstarted_expiry_seconds = min(expiry_seconds,
+                                            unstarted_expiry_seconds or expiry_seconds)
         self._uploads: dict[str, ResumableUpload] = {}
         # The answers of recently finished uploads, for a client that lost the last one.
         self._finished: OrderedDict[str, dict[str, str]] = OrderedDict()
@@ -178,7 +181,8 @@ class ResumableUploads:
         for upload in list(self._uploads.values()):
             # Checked right before each removal: a PATCH may have started meanwhile.
             idle = time.time() - upload.last_activity
-            if idle <= self.expiry_seconds or upload.lock.locked():
+            limit = self.expiry_seconds if upload.offset else self.unstarted_expiry_seconds
+            if idle <= limit or upload.lock.locked():
                 continue
             await self.terminate(upload)
             expired += 1

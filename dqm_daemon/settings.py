@@ -68,6 +68,9 @@ class Settings:
     default_agent_interval_seconds: float = 300.0
     # An unfinished resumable upload untouched this long is removed.
     resumable_expiry_seconds: float = 86400.0
+    # ... and one that never received a byte (its creation's answer lost, or a client gone),
+    # which holds its whole length against the disk reserve, this long (if shorter).
+    resumable_unstarted_expiry_seconds: float = 3600.0
     # How often expired resumable uploads are looked for.
     resumable_sweep_seconds: float = 60.0
     # On SIGTERM, uploads in flight get this long to finish (systemd's TimeoutStopSec is longer).
@@ -85,7 +88,7 @@ class Settings:
                         "inspection_backlog_warning", "silent_after_intervals",
                         "inspection_sweep_seconds", "silent_minimum_seconds",
                         "shutdown_grace_seconds", "resumable_expiry_seconds",
-                        "resumable_sweep_seconds",
+                        "resumable_unstarted_expiry_seconds", "resumable_sweep_seconds",
                         "default_agent_interval_seconds", "page_refresh_seconds")
         if self.pages_basic_auth and ":" not in self.pages_basic_auth:
             raise SettingsError("pages_basic_auth: expected \"user:password\"")

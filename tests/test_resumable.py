@@ -182,6 +182,31 @@ async def test_unfinished_uploads_expire_and_count_against_the_reserve(tmp_path,
     assert list((daemon.data_dir / ".resumable").iterdir()) == []
 
 
+async def test_an_upload_that_never_started_expires_sooner(tmp_path, daemon):
+    """A creation whose client never sends a byte (its answer lost, say) holds its whole length
+    against the disk reserve: it goes after `resumable_unstarted_expiry_seconds`, while an
+    upload under way keeps its day."""
+    config = tmp_path / "config.toml"
+    config.write_text("resumable_expiry_seconds = 3600\nresumable_unstarted_expiry_seconds = 1\n"
+                      "resumable_sweep_seconds = 0.3\n")
+    daemon.extra_args = ["--config", str(config)]
+    daemon.start()
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    async with aiohttp.ClientSession() as session:
+        never_started = await _create(session, daemon.url, len(content))
+        under_way = await _create(session, daemon.url, len(content))
+        async with await _patch(session, under_way, 0, content[:100]) as answer:
+            assert answer.status == 204
+        await asyncio.sleep(2.0)
+        async with session.head(never_started, headers=TUS) as answer:
+            assert answer.status == 404
+        async with session.head(under_way, headers=TUS) as answer:
+            assert (answer.status, answer.headers["Upload-Offset"]) == (200, "100")
+        async with await _patch(session, under_way, 100, content[100:]) as answer:
+            assert answer.status == 204, await answer.text()
+            assert answer.headers["DQM-State"] == "ok"
+
+
 async def test_bad_requests_and_leftovers(tmp_path, daemon):
     """Errors under the tus endpoint carry Tus-Resumable; a bad Upload-Length or an empty
     upload is refused; unreadable leftovers of an earlier run do not stop the daemon."""

@@ -47,6 +47,8 @@ class InspectionQueue:
         self._waiters: defaultdict[str, list[asyncio.Future[FileRecord]]] = defaultdict(list)
         # Names queued or being inspected: a file is never queued twice at once.
         self._queued: set[str] = set()
+        # Of those, the ones queued by their own upload right after it cataloged them.
+        self._fresh: set[str] = set()
         # Verdicts being recorded while the workers' children go on with the next files.
         self._recordings: set[asyncio.Task[None]] = set()
         self.running_workers = 0
@@ -62,16 +64,20 @@ class InspectionQueue:
     def depth(self) -> int:
         return self._jobs.qsize()
 
-    async def put(self, record: FileRecord) -> None:
+    async def put(self, record: FileRecord, *, fresh: bool = False) -> None:
         """Queue a file the catalog already holds as pending (waits while the queue is full;
-        a file not queued in the end stays pending and the sweeper queues it)."""
+        a file not queued in the end stays pending and the sweeper queues it). `fresh`: its
+        upload cataloged it just now (see `_check`)."""
         if record.name in self._queued:
             return
         self._queued.add(record.name)
+        if fresh:
+            self._fresh.add(record.name)
         try:
             await self._jobs.put(record)
         except BaseException:
             self._queued.discard(record.name)
+            self._fresh.discard(record.name)
             raise
 
     async def run_sweeper(self, interval_seconds: float) -> None:
@@ -103,7 +109,7 @@ class InspectionQueue:
         verdict = self._expect(record.name)  # before queueing: the verdict cannot be missed
         try:
             async with asyncio.timeout(timeout):
-                await self.put(record)
+                await self.put(record, fresh=True)
                 return await verdict
         except TimeoutError:
             return None
@@ -180,18 +186,28 @@ class InspectionQueue:
 
     def _job_done(self, record: FileRecord) -> None:
         self._queued.discard(record.name)
+        self._fresh.discard(record.name)
         self._jobs.task_done()
 
     async def _check(self, record: FileRecord, inspector: InspectorProcess,
                      ) -> FileRecord | _Checked:
-        """The child's verdict on a pending file; the catalog's record if it is pending no more."""
-        current = await self._catalog.get(record.name)
-        if current is None or current.state != PENDING:
-            return current or record  # inspected meanwhile (queued by a POST and the sweeper)
+        """The child's verdict on a pending file; the catalog's record if it is pending no more.
+
+        A file queued by its own upload right after the commit is known to be pending and in
+        the data directory (while it is queued nobody else can queue or check it). A file
+        queued from the catalog (the sweeper, at start-up or later) may have been checked since
+        the catalog was read, or left half-way into quarantine by a crash: it is looked up."""
         started = time.perf_counter()
-        location = await asyncio.to_thread(
-            self._storage.current_location, record.name, record.location
-        )
+        if record.name in self._fresh:
+            location = record.location
+        else:
+            current = await self._catalog.get(record.name)
+            if current is None or current.state != PENDING:
+                return current or record  # checked meanwhile (queued by a POST and the sweeper)
+            started = time.perf_counter()
+            location = await asyncio.to_thread(
+                self._storage.current_location, record.name, record.location
+            )
         result: dict[str, Any] = await inspector.inspect(
             self._storage.path_of(record.name, location)
         )

@@ -120,7 +120,8 @@ class InspectorProcess:
         try:
             process.stdin.write(json.dumps(job).encode() + b"\n")
             await process.stdin.drain()
-            line = await asyncio.wait_for(process.stdout.readline(), self._time_limit_seconds)
+            async with asyncio.timeout(self._time_limit_seconds):  # unlike wait_for, no extra task
+                line = await process.stdout.readline()
         except TimeoutError:
             await self._kill(process)
             return {"state": INVALID,

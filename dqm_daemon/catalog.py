@@ -272,7 +272,8 @@ class Catalog:
     async def add(self, record: FileRecord, *, uploaded: bool = True) -> None:
         """Insert a new file; an uploaded one (not adopted from disk) also counts as activity
         of its agent and run."""
-        row = dataclasses.asdict(record)
+        # Shallow (asdict copies every value deeply): the values are written at once.
+        row = {field.name: getattr(record, field.name) for field in dataclasses.fields(record)}
         for column in _JSON_COLUMNS:
             value = row.pop(column.removesuffix("_json"))
             row[column] = json.dumps(value) if value is not None else None

@@ -114,13 +114,22 @@ class _JsonRefusals(RequestHandler):
         elif isinstance(exc, HttpProcessingError):
             text = "Malformed HTTP request"
         else:  # a failure past every middleware: the status says it all, no traceback
-            text = HTTPStatus(status).phrase if status in HTTPStatus else "Request failed"
+            text = _status_phrase(status)
         response = web.json_response({"status": status, "message": text}, status=status)
         response.force_close()
         return response
 
 
+def _status_phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:  # not a status the standard library knows
+        return "Request failed"
+
+
 class _JsonRefusingServer(web.Server):
+    """aiohttp's server, its connections handled by `_JsonRefusals`."""
+
     def __call__(self) -> RequestHandler:
         handler = super().__call__()
         handler.__class__ = _JsonRefusals

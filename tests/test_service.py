@@ -18,15 +18,18 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from dqm_daemon.app import create_app
+from dqm_daemon.middlewares import refuse_malformed_requests_in_json
 
 from .conftest import (
     TOKEN,
     DaemonProcess,
     analysis_of,
     dqm_headers,
+    free_port,
     make_settings,
     multipart_file,
 )
@@ -339,6 +342,33 @@ async def test_requests_the_http_parser_refuses(daemon):
     assert len(warnings) == 2 and warnings[1]["refused_request"]["error"] == "LineTooLong"
     assert all((line["level"], line["refused_request"]["status"], line["refused_request"]["remote"])
                == ("warning", 400, "127.0.0.1") for line in warnings)
+
+
+async def test_a_failure_past_every_middleware_is_answered_in_json():
+    """What escapes every middleware (here a handler's timeout, which aiohttp answers 504) gets
+    the JSON shape with the status's phrase, no traceback: the connection handler's own answer
+    path, on a real socket."""
+    app = web.Application()
+
+    async def times_out(request: web.Request) -> web.Response:
+        raise TimeoutError
+
+    app.router.add_get("/", times_out)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    refuse_malformed_requests_in_json(runner)
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    finally:
+        await runner.cleanup()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == b"504", answer[:300]
+    assert json.loads(body) == {"status": 504, "message": "Gateway Timeout"}
 
 
 def test_console_logs_on_a_terminal(tmp_path):

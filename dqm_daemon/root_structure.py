@@ -80,26 +80,37 @@ class _Record:
 
     def string(self, offset: int) -> tuple[str, int]:
         """A ROOT TString at `offset`; returns it and the offset after it."""
-        (length,) = self.unpack(_U8, offset)
+        data = self.data
+        if offset >= len(data):
+            raise StructureError(
+                f"a record at byte {self.file_offset + offset} runs past its end")
+        length = data[offset]
         offset += 1
         if length == 255:
             (length,) = self.unpack(_I32, offset)
             offset += 4
         end = offset + length
-        if length < 0 or end > len(self.data):
+        if length < 0 or end > len(data):
             raise StructureError(f"a name at byte {self.file_offset + offset} runs past its end")
-        return bytes(self.data[offset:end]).decode("utf-8", "replace"), end
+        return str(data[offset:end], "utf-8", "replace"), end
 
 
 class _File:
     """Positioned reads of an open file, never past its end: only the records the walk needs
-    are read, so a file of any size is checked in bounded memory. A sound file's records do not
-    overlap, so reading much more than the file holds means a hostile file points many records
-    at the same bytes: that stops the check."""
+    are read, so a file of any size is checked in bounded memory (a file of up to
+    WHOLE_FILE_BYTES is read at once, and its records are views of that copy: one read instead
+    of one per key). A sound file's records do not overlap, so reading much more than the file
+    holds means a hostile file points many records at the same bytes: that stops the check."""
 
     def __init__(self, descriptor: int, size: int) -> None:
         self.descriptor, self.size = descriptor, size
         self._read_budget = 2 * size + READ_BUDGET_SLACK_BYTES
+        self._whole: memoryview | None = None
+        if size <= WHOLE_FILE_BYTES:
+            data = os.pread(descriptor, size, 0)
+            if len(data) != size:
+                raise StructureError("the file could not be read whole")
+            self._whole = memoryview(data)
 
     def record(self, offset: int, length: int) -> _Record:
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -107,10 +118,16 @@ class _File:
         self._read_budget -= length
         if self._read_budget < 0:
             raise StructureError("records overlap: more bytes read than the file holds")
+        if self._whole is not None:
+            return _Record(self._whole[offset:offset + length], offset)
         data = os.pread(self.descriptor, length, offset)
         if len(data) != length:
             raise StructureError(f"a record at byte {offset} could not be read whole")
         return _Record(memoryview(data), offset)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """The bytes of a record, as `record` checks and counts them."""
+        return bytes(self.record(offset, length).data)
 
     def head(self, offset: int, length: int) -> _Record:
         """Up to `length` bytes at `offset`, fewer near the end of the file."""
@@ -122,13 +139,16 @@ _U8, _I32 = struct.Struct(">B"), struct.Struct(">i")
 _FILE_SMALL = struct.Struct(">4siiiiiii")
 _FILE_LARGE = struct.Struct(">4siiqqiii")
 _KEY_START = struct.Struct(">ihiIhh")  # fNbytes, fVersion, fObjLen, fDatime, fKeyLen, fCycle
-_SEEKS_SMALL, _SEEKS_LARGE = struct.Struct(">ii"), struct.Struct(">qq")
+# The same with fSeekKey and fSeekPdir, 32-bit (fVersion <= 1000) and 64-bit.
+_KEY_SMALL, _KEY_LARGE = struct.Struct(">ihiIhhii"), struct.Struct(">ihiIhhqq")
 _DIR_START = struct.Struct(">hIIii")  # fVersion, fDatimeC, fDatimeM, fNbytesKeys, fNbytesName
 _DIR_SEEKS_SMALL, _DIR_SEEKS_LARGE = struct.Struct(">iii"), struct.Struct(">qqq")
 # Enough for any key header's fixed part and a directory record.
 RECORD_HEAD_BYTES = 64
 # Reads allowed beyond twice the file's size (small files' headers overlap a little).
 READ_BUDGET_SLACK_BYTES = 1024 * 1024
+# Files up to this size are read whole before the walk (most DQM files are far smaller).
+WHOLE_FILE_BYTES = 4 * 1024 * 1024
 
 
 def read_structure(path: Path, max_entries: int) -> Structure:
@@ -153,12 +173,16 @@ def read_structure(path: Path, max_entries: int) -> Structure:
 
 
 def _read_key(record: _Record, offset: int) -> _Key:
-    nbytes, version, obj_len, _, key_len, cycle = record.unpack(_KEY_START, offset)
-    position = offset + _KEY_START.size
-    seeks = _SEEKS_LARGE if version > 1000 else _SEEKS_SMALL
-    seek_key, _ = record.unpack(seeks, position)
-    position += seeks.size
-    class_name, position = record.string(position)
+    data = record.data
+    if offset < 0 or offset + _KEY_SMALL.size > len(data):
+        raise StructureError(f"a record at byte {record.file_offset + offset} runs past its end")
+    fields = _KEY_SMALL.unpack_from(data, offset)
+    layout = _KEY_SMALL
+    if fields[1] > 1000:  # fVersion: 64-bit seeks
+        layout = _KEY_LARGE
+        fields = record.unpack(_KEY_LARGE, offset)
+    nbytes, _, obj_len, _, key_len, cycle, seek_key, _ = fields
+    class_name, position = record.string(offset + layout.size)
     name, position = record.string(position)
     title, _ = record.string(position)
     if nbytes < key_len or key_len < _KEY_START.size or obj_len < 0:
@@ -226,7 +250,7 @@ def _check_payload(root_file: _File, key: _Key, file_offset: int, path: str) -> 
     while offset < stored:  # each block: its 9-byte header only (all of it for LZ4)
         if offset + BLOCK_HEADER_BYTES > stored:
             raise StructureError(f"{path}: a compressed block header is cut short")
-        header = bytes(root_file.record(file_offset + offset, BLOCK_HEADER_BYTES).data)
+        header = root_file.read(file_offset + offset, BLOCK_HEADER_BYTES)
         algorithm = header[:2]
         compressed = int.from_bytes(header[3:6], "little")
         uncompressed = int.from_bytes(header[6:9], "little")

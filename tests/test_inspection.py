@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import zlib
 from pathlib import Path
 
@@ -9,9 +10,11 @@ import numpy as np
 import pytest
 import uproot
 
+from dqm_daemon import inspection, root_structure
 from dqm_daemon.findings import compare_with_previous
 from dqm_daemon.inspection import analyse_file, inspect_file
 
+from . import hostile
 from .rootfiles import histogram, profile, th1f, write_one_histogram_file
 
 RNG = np.random.default_rng(2026)
@@ -286,3 +289,31 @@ def test_a_directory_that_contains_itself_is_invalid(tmp_path):
     result = inspect_file(path)
     assert result["state"] == "invalid"
     assert "contains itself" in result["reason"]
+
+
+def _structure_or_reason(path: Path) -> object:
+    try:
+        structure = root_structure.read_structure(path, inspection.MAX_LISTED_OBJECTS)
+    except root_structure.StructureError as exc:
+        return str(exc)
+    return [(entry.path, entry.class_name, entry.title) for entry in structure.entries]
+
+
+def test_read_whole_or_record_by_record_the_check_says_the_same(tmp_path, every_class_file,
+                                                               monkeypatch):
+    """Small files are read at once and large ones a record at a time: on sound files and on
+    200 hostile mutations both ways list the same objects or give the same reason."""
+    layout = hostile.layout_of(every_class_file)
+    rng = random.Random(6)
+    paths = [every_class_file]
+    for index in range(200):
+        _, content = hostile.mutate(layout, rng)
+        paths.append(tmp_path / f"mutant-{index}.root")
+        paths[-1].write_bytes(content)
+    whole = [_structure_or_reason(path) for path in paths]
+    monkeypatch.setattr(root_structure, "WHOLE_FILE_BYTES", 0)
+    by_record = [_structure_or_reason(path) for path in paths]
+    assert by_record == whole
+    assert isinstance(whole[0], list) and len(whole[0]) > 10  # the sound file is listed
+    reasons = [outcome for outcome in whole if isinstance(outcome, str)]
+    assert len(reasons) > 50  # most mutants are refused, for a reason both ways agree on

@@ -2,7 +2,8 @@
 
 Reads one JSON job per line on stdin (`{"path": ...}` to check a file, with `"analyse": true` to
 analyse it, with `"previews": [...]` to read histograms for drawing), answers one JSON result per
-line on the original stdout (a check's listing as JSON text in `objects_json`). It caps its own
+line on the original stdout (a sound file's check: the result, then its listing on the next
+line). It caps its own
 address space first, so a hostile file that makes uproot allocate without bound fails here, not
 in the daemon.
 """
@@ -19,6 +20,8 @@ import sys
 from typing import Any
 
 READY = {"ready": True}
+# In a check's result: the next line is the listing, as JSON text.
+LISTING_FOLLOWS = "listing_follows"
 
 
 def finite(value: Any) -> Any:
@@ -61,10 +64,15 @@ def main() -> None:
         else:
             result = inspect_file(job["path"])
             if "objects" in result:
-                # The daemon stores a check's listing as it is: it travels as JSON text, so the
-                # daemon neither parses nor re-encodes hundreds of entries per file.
+                # The daemon stores a check's listing as it is: it travels as JSON text on a
+                # line of its own after the result, so the daemon neither parses nor
+                # re-encodes hundreds of entries per file (nor unescapes them from a string).
                 objects = result.pop("objects")
-                result["objects_json"], result["object_count"] = json.dumps(objects), len(objects)
+                result[LISTING_FOLLOWS], result["object_count"] = True, len(objects)
+                results.write(json.dumps(finite(result), allow_nan=False) + "\n")
+                results.write(json.dumps(objects) + "\n")
+                results.flush()
+                continue
         results.write(json.dumps(finite(result), allow_nan=False) + "\n")
         results.flush()
 

@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 
 from .inspection import INVALID
+from .inspection_child import LISTING_FOLLOWS
 from .settings import TOKEN_ENV_VAR
 
 log = structlog.get_logger(__name__)
@@ -121,20 +122,32 @@ class InspectorProcess:
             process.stdin.write(json.dumps(job).encode() + b"\n")
             await process.stdin.drain()
             async with asyncio.timeout(self._time_limit_seconds):  # unlike wait_for, no extra task
-                line = await process.stdout.readline()
+                return await self._read_result(process.stdout)
         except TimeoutError:
             await self._kill(process)
             return {"state": INVALID,
                     "reason": f"inspection took longer than the limit of {self._time_limit_seconds:g} s"}
-        except (ConnectionError, ValueError):  # broken pipe, or an over-long line
-            line = b""
-        if not line:
+        except (ConnectionError, ValueError):  # broken pipe, an over-long line, or no answer
             await self._reap(process)
             return {"state": INVALID,
                     "reason": f"inspection crashed ({describe_exit(process.returncode)})"}
+
+    @staticmethod
+    async def _read_result(output: asyncio.StreamReader) -> dict[str, Any]:
+        line = await output.readline()
+        if not line:
+            raise ConnectionError("the child closed its output")
         if len(line) > LARGE_RESULT_BYTES:  # parsing megabytes would stall the event loop
-            return await asyncio.to_thread(json.loads, line)
-        return json.loads(line)
+            result = await asyncio.to_thread(json.loads, line)
+        else:
+            result = json.loads(line)
+        if result.pop(LISTING_FOLLOWS, False):
+            # A sound file's listing, as JSON text on a line of its own: stored as it is.
+            listing = await output.readline()
+            if not listing:
+                raise ConnectionError("the child closed its output")
+            result["objects_json"] = listing.rstrip(b"\n").decode()
+        return result
 
     @staticmethod
     async def _reap(process: asyncio.subprocess.Process) -> None:

@@ -1,17 +1,27 @@
 """An inspection child that misbehaves on purpose, by the file's agent name:
 CRASH… dies of SIGSEGV, HANG… never answers, SLOW… takes two seconds, ENVCHECK… reports
-whether the token variable reached it. Others inspect normally.
+whether the token variable reached it, HALF… exits between a sound file's result and its
+listing. Others inspect normally.
 It runs the real child's loop, so the daemon's handling of it is the real one."""
 
+import json
 import os
 import signal
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from dqm_daemon import inspection, inspection_child
 
 real_inspect_file = inspection.inspect_file
+exit_before_the_listing = False
+
+
+def dumps_then_exit_before_the_listing(value, *args, **kwargs):
+    if exit_before_the_listing and isinstance(value, list):  # the listing's line
+        sys.exit(3)  # the result line before it is flushed as the child exits
+    return json.dumps(value, *args, **kwargs)
 
 
 def misbehaving_inspect_file(path):
@@ -22,6 +32,9 @@ def misbehaving_inspect_file(path):
         time.sleep(3600)
     if name.startswith("SLOW"):
         time.sleep(2)
+    if name.startswith("HALF"):
+        global exit_before_the_listing
+        exit_before_the_listing = True
     if name.startswith("ENVCHECK"):
         present = "DQM_DAEMON_TOKEN" in os.environ
         return {"state": "invalid", "reason": f"token in environment: {present}"}
@@ -29,6 +42,8 @@ def misbehaving_inspect_file(path):
 
 
 inspection.inspect_file = misbehaving_inspect_file
+inspection_child.json = SimpleNamespace(loads=json.loads,
+                                        dumps=dumps_then_exit_before_the_listing)
 
 if __name__ == "__main__":
     sys.exit(inspection_child.main())

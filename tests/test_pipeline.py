@@ -142,6 +142,18 @@ async def test_crashing_child_marks_file_invalid_and_is_replaced(faulty_client, 
     assert faulty_client.server.app[INSPECTORS][0].pid != first_pid
 
 
+async def test_a_child_gone_between_result_and_listing_is_a_crash(faulty_client,
+                                                                  one_histogram_file):
+    """A sound file's listing follows its result on a line of its own: a child that exits in
+    between has crashed on that file, and the next file gets a new child."""
+    response, body = await upload(faulty_client, one_histogram_file, agent="HALF")
+    assert response.status == 400
+    assert body["reason"] == "inspection crashed (exit status 3)"
+    response, body = await upload(faulty_client, one_histogram_file, agent="EMC")
+    assert response.status == 200, body
+    assert body["received"] == {"test": "Obj name: test, Obj IsA() Name: TH1F"}
+
+
 async def test_hanging_child_times_out_while_daemon_answers(faulty_client, one_histogram_file):
     """A file whose inspection overruns the limit ends invalid; meanwhile the daemon answers."""
     hanging = asyncio.create_task(upload(faulty_client, one_histogram_file, agent="HANG"))

@@ -6,6 +6,7 @@ Nothing else in the package reads the environment or the config file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -137,8 +138,8 @@ class Settings:
 def _check_positive(settings: Settings, *names: str) -> None:
     for name in names:
         value = getattr(settings, name)
-        if value <= 0:
-            raise SettingsError(f"{name}: {value!r} must be greater than zero")
+        if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
+            raise SettingsError(f"{name}: {value!r} must be a finite number greater than zero")
 
 
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Settings)}
@@ -156,8 +157,9 @@ def _coerce(key: str, value: Any) -> Any:
             raise SettingsError(f"{key}: expected an integer, got {value!r}")
         return value
     if kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SettingsError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
+                value):
+            raise SettingsError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if kind == "str":
         if not isinstance(value, str):

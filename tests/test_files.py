@@ -64,7 +64,10 @@ async def test_listing_is_sorted_and_filtered(client, one_histogram_file):
 
 
 @pytest.mark.parametrize(("query", "fragment"), [({"run": "x"}, "run must be an integer"),
-                                                 ({"since": "last week"}, "since must be")])
+                                                 ({"since": "last week"}, "since must be"),
+                                                 ({"since": "P1D"}, "since must be"),
+                                                 ({"since": "2020-01-01/2020-02-01"},
+                                                  "since must be")])
 async def test_listing_bad_filters(client, query, fragment):
     """A malformed filter is answered 400 naming it."""
     response = await client.get("/rest/api/files", headers=AUTH, params=query)

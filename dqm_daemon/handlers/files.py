@@ -33,7 +33,10 @@ def _since_query(request: web.Request) -> int | None:
     if raw.lstrip("-").isdigit():
         return bounded_integer(raw, "Query parameter since", MAX_SINCE, -MAX_SINCE)
     try:
-        return int(pendulum.parse(raw).timestamp())
+        moment = pendulum.parse(raw)
+        if not isinstance(moment, pendulum.DateTime):  # a duration ("P1D"), an interval
+            raise ValueError(raw)
+        return int(moment.timestamp())
     except (ValueError, TypeError, ParserError):
         raise web.HTTPBadRequest(
             text=f"Query parameter since must be unix seconds or an ISO 8601 time, got {raw!r}"

@@ -97,6 +97,21 @@ async def test_download_range_and_etag(client, one_histogram_file):
     etag = full.headers["ETag"]
     cached = await client.get(url, headers={**AUTH, "If-None-Match": etag})
     assert cached.status == 304
+    tail = await client.get(url, headers={**AUTH, "Range": "bytes=-10"})
+    assert tail.status == 206
+    assert await tail.read() == one_histogram_file[-10:]
+
+
+@pytest.mark.parametrize("requested", ["bytes=999999-", "bytes=5-2", "bytes=abc"])
+async def test_a_range_the_file_cannot_satisfy_is_a_json_416(client, one_histogram_file,
+                                                            requested):
+    """A Range past the end, reversed or malformed: 416 with the file's size, in JSON."""
+    body = await upload(client, one_histogram_file)
+    response = await client.get(f"/rest/api/files/{body['filename']}",
+                                headers={**AUTH, "Range": requested})
+    assert response.status == 416
+    assert response.headers["Content-Range"] == f"bytes */{len(one_histogram_file)}"
+    assert "does not fit a file of" in (await response.json())["message"]
 
 
 @pytest.mark.parametrize(

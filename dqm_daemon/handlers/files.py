@@ -6,7 +6,7 @@ import asyncio
 import json
 
 import pendulum
-from aiohttp import web
+from aiohttp import hdrs, web
 from pendulum.parsing.exceptions import ParserError
 
 from ..appkeys import CATALOG, STORAGE
@@ -76,6 +76,7 @@ async def download_file(request: web.Request) -> web.FileResponse:
     record = await request.app[CATALOG].get(name)
     if record is None or record.location != IN_DATA_DIR or record.state == INVALID:
         raise web.HTTPNotFound(text=f"No such file: {name}")
+    _refuse_unsatisfiable_range(request, record.size)
     path = request.app[STORAGE].path_of(record.name, record.location)
     return web.FileResponse(
         path,
@@ -84,3 +85,23 @@ async def download_file(request: web.Request) -> web.FileResponse:
             "Content-Disposition": f'attachment; filename="{record.name}"',
         },
     )
+
+
+def _refuse_unsatisfiable_range(request: web.Request, size: int) -> None:
+    """A Range the file cannot satisfy (malformed, reversed, or starting past the end) is
+    answered 416 here, in the API's JSON, rather than by FileResponse with an empty body.
+    With If-Range, FileResponse decides (the Range may not apply at all)."""
+    if hdrs.RANGE not in request.headers or hdrs.IF_RANGE in request.headers:
+        return
+    try:
+        requested = request.http_range
+    except ValueError:
+        requested = None
+    if requested is not None and (
+            (requested.start is None and requested.stop is None)  # no range after all
+            or (requested.start is not None and requested.start < 0)  # the last N bytes
+            or ((requested.start or 0) < size)):
+        return
+    raise web.HTTPRequestRangeNotSatisfiable(
+        text=f"Range {request.headers[hdrs.RANGE]!r} does not fit a file of {size} bytes",
+        headers={hdrs.CONTENT_RANGE: f"bytes */{size}"})

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,9 @@ DIRECTORY_CLASSES = ("TDirectory", "TDirectoryFile")
 LIST_CLASSES = ("TList", "TObjArray", "THashList", "TMap", "TClonesArray")
 PROFILE_CLASSES = ("TProfile", "TProfile2D", "TProfile3D")
 AXIS_NAMES = ("x", "y", "z")
+# A reason longer than this is cut (a hostile file's object names can be megabytes long).
+MAX_REASON_CHARS = 300
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class InvalidFile(Exception):
@@ -52,7 +56,7 @@ def inspect_file(path: Path) -> dict[str, Any]:
         objects = [_listed(entry) for entry in structure.entries]
         truncated = structure.truncated
     except (InvalidFile, StructureError) as exc:
-        result: dict[str, Any] = {"state": INVALID, "reason": str(exc)}
+        result: dict[str, Any] = {"state": INVALID, "reason": readable(str(exc))}
     except MemoryError:
         result = {"state": INVALID, "reason": "inspection exceeded the memory cap"}
     except Exception as exc:  # uproot raises many kinds on hostile input; all mean "not sound"
@@ -109,7 +113,14 @@ def short_reason(exc: BaseException) -> str:
     # uproot's messages run over several lines and end with the file path: keep the gist.
     lines = [line.strip() for line in str(exc).splitlines()]
     gist = " ".join(line for line in lines if line and not line.startswith(("in file", "in object")))
-    return f"{type(exc).__name__}: {gist[:200]}" if gist else type(exc).__name__
+    return readable(f"{type(exc).__name__}: {gist[:200]}" if gist else type(exc).__name__)
+
+
+def readable(reason: str) -> str:
+    """A reason quotes names from the file, which may hold control characters or run long; it is
+    shown in pages, JSON answers and a response header: printable, and short."""
+    reason = _UNPRINTABLE.sub("?", reason)
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[:MAX_REASON_CHARS - 1] + "…"
 
 
 def _read_objects(path: Path) -> tuple[list[dict[str, Any]], bool]:

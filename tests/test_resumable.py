@@ -12,9 +12,10 @@ import random
 
 import aiohttp
 import pytest
+import uproot
 
 from .conftest import TOKEN
-from .rootfiles import write_dqm_file, write_one_histogram_file
+from .rootfiles import th1f, write_dqm_file, write_one_histogram_file
 from .test_client import DroppingProxy, run_client
 
 TUS = {"Tus-Resumable": "1.0.0", "token": TOKEN}
@@ -229,3 +230,30 @@ async def test_bad_requests_and_leftovers(tmp_path, daemon):
                     "timeStamp": "1"}) as answer:
                 assert answer.status == 400, length
                 assert fragment in (await answer.json())["message"]
+
+
+async def test_a_reason_quoting_control_characters_still_reaches_the_client(tmp_path, daemon):
+    """A failed check's reason quotes the file's own object names: names holding CR, LF, NUL
+    or ESC do not stop the final PATCH, nor a later HEAD, from answering with the reason."""
+    path = tmp_path / "hostile.root"
+    with uproot.recreate(path) as root_file:
+        root_file["t\r\nX-Injected: 1\x00\x1b"] = th1f("t", "t", [1, 2, 3, 4])
+    content = bytearray(path.read_bytes())
+    block = content.index(b"ZL")  # the histogram's compression block: an unknown algorithm
+    content[block:block + 2] = b"XX"
+    daemon.start()
+    async with aiohttp.ClientSession() as session:
+        location = await _create(session, daemon.url, len(content))
+        async with await _patch(session, location, 0, bytes(content)) as answer:
+            assert answer.status == 204
+            assert answer.headers["DQM-State"] == "invalid"
+            reason = answer.headers["DQM-Reason"]
+        assert reason == "t??X-Injected: 1??: unknown compression b'XX'"
+        assert "X-Injected" not in answer.headers
+        async with session.head(location, headers=TUS) as answer:
+            assert (answer.status, answer.headers["DQM-Reason"]) == (200, reason)
+        async with session.post(f"{daemon.url}/rest/api/files", data=bytes(content), headers={
+                "token": TOKEN, "runNumber": "32", "timeStamp": "1"}) as answer:
+            assert answer.status == 400
+            assert (await answer.json())["reason"] == reason
+

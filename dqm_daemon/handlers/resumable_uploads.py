@@ -9,6 +9,7 @@ import base64
 import binascii
 import errno
 import hashlib
+import re
 from typing import Any
 
 import structlog
@@ -32,6 +33,7 @@ UPLOADS_PREFIX = "/rest/api/uploads"
 CHECKSUMS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "md5": hashlib.md5}
 DQM_METADATA = ("runNumber", "timeStamp", "amoreAgent", "dataStatus")
 OFFSET_CONTENT_TYPE = "application/offset+octet-stream"
+_NOT_HEADER_TEXT = re.compile(r"[^\x20-\x7e]")
 
 
 class HTTPLocked(web.HTTPClientError):
@@ -93,8 +95,8 @@ def _upload(request: web.Request) -> ResumableUpload:
 def _file_headers(record: FileRecord) -> dict[str, str]:
     headers = {"DQM-Filename": record.name, "DQM-Sha256": record.sha256, "DQM-State": record.state,
                "DQM-Info": f"/rest/api/files/{record.name}/info"}
-    if record.reason:
-        headers["DQM-Reason"] = record.reason.encode("ascii", "replace").decode()
+    if record.reason:  # a header carries printable ASCII only (a reason quotes the file)
+        headers["DQM-Reason"] = _NOT_HEADER_TEXT.sub("?", record.reason)
     return headers
 
 

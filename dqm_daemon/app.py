@@ -150,7 +150,8 @@ def create_app(
     )
     app[INGEST] = Ingest(catalog, storage)
     app[RESUMABLE] = ResumableUploads(settings.resumable_dir, settings.resumable_expiry_seconds,
-                                      settings.resumable_unstarted_expiry_seconds)
+                                      settings.resumable_unstarted_expiry_seconds,
+                                      settings.max_unfinished_resumable_uploads)
     app[UPLOADS] = uploads
     app[UPLOAD_THREADS] = ThreadPoolExecutor(max_workers=settings.max_concurrent_uploads,
                                              thread_name_prefix="upload-body")

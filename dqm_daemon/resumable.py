@@ -51,6 +51,10 @@ class ResumableUpload:
                 "expected_sha256": self.expected_sha256.hex() if self.expected_sha256 else None}
 
 
+class TooManyUnfinished(Exception):
+    """As many unfinished uploads as allowed exist already."""
+
+
 class FinishedUpload:
     """A complete resumable upload, shaped like an IncomingFile for `Ingest.commit`."""
 
@@ -68,8 +72,10 @@ class FinishedUpload:
 
 class ResumableUploads:
     def __init__(self, directory: Path, expiry_seconds: float,
-                 unstarted_expiry_seconds: float | None = None) -> None:
+                 unstarted_expiry_seconds: float | None = None,
+                 max_unfinished: int = 1000) -> None:
         self.directory = directory
+        self.max_unfinished = max_unfinished
         self.expiry_seconds = expiry_seconds
         self.unstarted_expiry_seconds = min(expiry_seconds,
                                             unstarted_expiry_seconds or expiry_seconds)
@@ -133,6 +139,10 @@ class ResumableUploads:
 
     async def create(self, length: int, dqm: DQMHeaders, uploader: str,
                      expected_sha256: bytes | None) -> ResumableUpload:
+        """A new unfinished upload. It counts (in `reserved_bytes` and against the limit) from
+        this call on, before its files exist: creations running at once each see the others'."""
+        if len(self._uploads) >= self.max_unfinished:
+            raise TooManyUnfinished(self.max_unfinished)
         upload_id = uuid.uuid4().hex
         upload = ResumableUpload(upload_id=upload_id, length=length, offset=0, dqm=dqm,
                                  uploader=uploader, expected_sha256=expected_sha256,
@@ -145,8 +155,12 @@ class ResumableUploads:
             self._save(upload)
             fsync_directory(self.directory)
 
-        await asyncio.to_thread(create_files)
         self._uploads[upload_id] = upload
+        try:
+            await asyncio.to_thread(create_files)
+        except BaseException:
+            self._uploads.pop(upload_id, None)
+            raise
         return upload
 
     async def record_progress(self, upload: ResumableUpload) -> None:

@@ -72,6 +72,8 @@ class Settings:
     # ... and one that never received a byte (its creation's answer lost, or a client gone),
     # which holds its whole length against the disk reserve, this long (if shorter).
     resumable_unstarted_expiry_seconds: float = 3600.0
+    # Unfinished resumable uploads at most; one more creation is answered 503 with Retry-After.
+    max_unfinished_resumable_uploads: int = 1000
     # How often expired resumable uploads are looked for.
     resumable_sweep_seconds: float = 60.0
     # On SIGTERM, uploads in flight get this long to finish (systemd's TimeoutStopSec is longer).
@@ -90,6 +92,7 @@ class Settings:
                         "inspection_sweep_seconds", "silent_minimum_seconds",
                         "shutdown_grace_seconds", "resumable_expiry_seconds",
                         "resumable_unstarted_expiry_seconds", "resumable_sweep_seconds",
+                        "max_unfinished_resumable_uploads",
                         "default_agent_interval_seconds", "page_refresh_seconds")
         if self.pages_basic_auth and ":" not in self.pages_basic_auth:
             raise SettingsError("pages_basic_auth: expected \"user:password\"")

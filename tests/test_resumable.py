@@ -257,3 +257,61 @@ async def test_a_reason_quoting_control_characters_still_reaches_the_client(tmp_
             assert answer.status == 400
             assert (await answer.json())["reason"] == reason
 
+
+
+async def test_creations_at_once_reserve_no_more_than_the_disk_has(tmp_path, daemon):
+    """Four creations at the same moment, each for 60% of what is free above the reserve: one
+    is given the room, the others 507 (each sees the others' reservations)."""
+    config = tmp_path / "config.toml"
+    config.write_text("max_upload_bytes = 1152921504606846976\n")
+    daemon.extra_args = ["--config", str(config)]
+    daemon.start()
+    free = __import__("shutil").disk_usage(daemon.data_dir).free
+    length = int((free - 1024**3) * 0.6)
+    async with aiohttp.ClientSession() as session:
+
+        async def create() -> int:
+            async with session.post(f"{daemon.url}/rest/api/uploads/", headers={
+                    **TUS, "Upload-Length": str(length), "runNumber": "33",
+                    "timeStamp": "1"}) as answer:
+                return answer.status
+
+        assert sorted(await asyncio.gather(*(create() for _ in range(4)))) == [201, 507, 507, 507]
+
+
+async def test_unfinished_uploads_are_limited_and_shown_while_they_stream(tmp_path, daemon):
+    """Past `max_unfinished_resumable_uploads` a creation gets 503 with Retry-After, until one
+    is finished or terminated; a PATCH streaming shows its bytes on the status page."""
+    config = tmp_path / "config.toml"
+    config.write_text("max_unfinished_resumable_uploads = 2\n")
+    daemon.extra_args = ["--config", str(config)]
+    daemon.start()
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    async with aiohttp.ClientSession() as session:
+        first = await _create(session, daemon.url, len(content))
+        await _create(session, daemon.url, len(content))
+        async with session.post(f"{daemon.url}/rest/api/uploads/", headers={
+                **TUS, "Upload-Length": "10", "runNumber": "31", "timeStamp": "1"}) as answer:
+            assert answer.status == 503
+            assert answer.headers["Retry-After"] == "5"
+            assert answer.headers["Tus-Resumable"] == "1.0.0"
+            assert "Too many unfinished resumable uploads (2)" in (await answer.json())["message"]
+        release = asyncio.Event()
+
+        async def half_then_rest():
+            yield content[:1000]
+            await release.wait()
+            yield content[1000:]
+
+        streaming = asyncio.create_task(_patch(session, first, 0, half_then_rest()))
+        for _ in range(100):
+            async with session.get(f"{daemon.url}/status.json") as answer:
+                uploads = (await answer.json())["uploads"]
+            if uploads and uploads[0]["received_bytes"]:
+                break
+            await asyncio.sleep(0.05)
+        assert [upload["received_bytes"] for upload in uploads] == [1000]
+        release.set()
+        async with await streaming as answer:
+            assert answer.status == 204 and answer.headers["DQM-State"] == "ok"
+        await _create(session, daemon.url, len(content))  # the finished one made room

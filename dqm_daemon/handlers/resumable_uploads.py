@@ -21,8 +21,9 @@ from ..catalog import FileRecord
 from ..digests import ExpectedDigests, check_digests, expected_digests
 from ..middlewares import UPLOADER
 from ..naming import bounded_integer, parse_dqm_headers
-from ..resumable import ResumableUpload
+from ..resumable import ResumableUpload, TooManyUnfinished
 from ..storage import WRITEBACK_BYTES, start_writeback
+from ..upload_body import run_to_the_end
 from .upload import check_room, inspect_within_budget
 
 log = structlog.get_logger(__name__)
@@ -122,7 +123,15 @@ async def create(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text="Content-MD5 is not supported for resumable uploads: "
                                  "send Repr-Digest: sha-256=:…: at creation", headers=TUS)
     check_room(request.app, length)
-    upload = await request.app[RESUMABLE].create(length, dqm, request[UPLOADER], digests.sha256)
+    try:  # no await in between: the room checked is the room reserved
+        upload = await request.app[RESUMABLE].create(length, dqm, request[UPLOADER],
+                                                     digests.sha256)
+    except TooManyUnfinished as exc:
+        raise web.HTTPServiceUnavailable(
+            text=f"Too many unfinished resumable uploads ({exc}); finish or terminate some, "
+            "or retry later",
+            headers={**TUS, "Retry-After": str(request.app[SETTINGS].retry_after_seconds)},
+        ) from None
     log.info("resumable_upload_created", upload_id=upload.upload_id, length=length,
              agent=dqm.agent, run=dqm.run_number)
     return web.Response(status=201, headers={
@@ -194,7 +203,8 @@ async def patch(request: web.Request) -> web.Response:
         checksum = _chunk_checksum(request)
         start = upload.offset
         settings = request.app[SETTINGS]
-        with request.app[UPLOADS].slot(upload.uploader, upload.dqm.agent, upload.dqm.run_number):
+        with request.app[UPLOADS].slot(upload.uploader, upload.dqm.agent,
+                                       upload.dqm.run_number) as progress:
             try:
                 while chunk := await asyncio.wait_for(
                         request.content.read(settings.chunk_bytes),
@@ -205,16 +215,22 @@ async def patch(request: web.Request) -> web.Response:
                             max_size=upload.length, actual_size=upload.offset + len(chunk),
                             text="More bytes than Upload-Length", headers=TUS)
                     try:
-                        await asyncio.to_thread(_append_sync, upload, chunk,
-                                                checksum[0] if checksum else None)
+                        # Awaited to its end even when cancelled: nothing may truncate the
+                        # file under a write still going on.
+                        await run_to_the_end(asyncio.ensure_future(asyncio.to_thread(
+                            _append_sync, upload, chunk, checksum[0] if checksum else None)),
+                            abort=lambda: None)
                     except OSError as exc:
                         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                             raise
+                        if checksum is not None:  # what it did not vouch for is not kept
+                            await asyncio.to_thread(_truncate_sync, upload, start)
                         await request.app[RESUMABLE].record_progress(upload)
                         raise web.HTTPInsufficientStorage(
                             text=f"The receiver's disk is full; the upload stands at offset "
                             f"{upload.offset}", headers=TUS) from None
                     request.app[METRICS].received_bytes.inc(len(chunk))
+                    progress.received_bytes += len(chunk)
             except (TimeoutError, ConnectionError, HttpProcessingError,
                     asyncio.CancelledError) as exc:
                 # Keep what arrived (that is the point of resuming), unless a checksum must

@@ -17,6 +17,7 @@ from pathlib import Path
 import pendulum
 import structlog
 
+from .cancellation import run_to_the_end
 from .catalog import IN_DATA_DIR, Catalog, FileRecord
 from .naming import DEFAULT_AGENT, DQMHeaders, headers_from_filename, variant_filename
 from .storage import IncomingFile, Storage, sha256_of_file
@@ -24,6 +25,8 @@ from .storage import IncomingFile, Storage, sha256_of_file
 log = structlog.get_logger(__name__)
 
 ADOPTED_UPLOADER = "adopted"
+# Read at a time when hashing a file already on disk.
+HASH_CHUNK_BYTES = 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +77,12 @@ class Ingest:
                 del self._naming_lock_users[name], self._naming_locks[name]
 
     async def commit(self, incoming: IncomingFile, dqm: DQMHeaders, uploader: str) -> Commit:
-        """Store a finished, fsynced upload under its DQM name and catalog it as pending."""
+        """Store a finished, fsynced upload under its DQM name and catalog it as pending. Once
+        begun it runs to its end even if the upload is cancelled (a shutdown): a file placed but
+        not cataloged, or a row whose file was taken back, is never left behind."""
+        return await run_to_the_end(self._commit(incoming, dqm, uploader))
+
+    async def _commit(self, incoming: IncomingFile, dqm: DQMHeaders, uploader: str) -> Commit:
         async with self._naming_lock(dqm.filename):
             for variant in itertools.count(1):
                 name = variant_filename(dqm.filename, variant)
@@ -86,11 +94,22 @@ class Ingest:
                     continue
                 if await self._storage.link_into_place(incoming, name):
                     break
-                # A file of that name is on disk but not cataloged: never overwrite it.
+                # On disk but not cataloged: left by a crash between placing and cataloging
+                # (the agent retries), or copied in by hand. The same bytes are this file,
+                # cataloged now, as this upload; other bytes are never overwritten.
+                try:
+                    on_disk = await asyncio.to_thread(
+                        sha256_of_file, self._storage.path_of(name, IN_DATA_DIR),
+                        HASH_CHUNK_BYTES)
+                except FileNotFoundError:
+                    continue  # removed meanwhile (by hand): on to the next name
+                if on_disk == incoming.sha256:
+                    await incoming.discard()
+                    break
             record = new_record(name, incoming.size, incoming.sha256, dqm, uploader)
             try:
                 await self._catalog.add(record)
-            except BaseException:
+            except Exception:
                 # Not cataloged means not acknowledged: take the file back out, so no
                 # uncataloged copy is left for a later adoption to trip over.
                 await self._storage.remove_placed(name)
@@ -107,18 +126,21 @@ class Ingest:
         adopted = 0
         for path in unknown:
             try:
-                await self._adopt(path, chunk_bytes)
-                adopted += 1
+                adopted += await self._adopt(path, chunk_bytes)
             except Exception:
                 # One unreadable file must not stop the others from being adopted.
                 log.exception("file_adoption_failed", file=path.name)
         return adopted
 
-    async def _adopt(self, path: Path, chunk_bytes: int) -> None:
+    async def _adopt(self, path: Path, chunk_bytes: int) -> bool:
         dqm = headers_from_filename(path.name) or DQMHeaders(0, 0, DEFAULT_AGENT, 0)
         sha256 = await asyncio.to_thread(sha256_of_file, path, chunk_bytes)
         size = (await asyncio.to_thread(path.stat)).st_size
-        await self._catalog.add(
-            new_record(path.name, size, sha256, dqm, ADOPTED_UPLOADER), uploaded=False
-        )
+        async with self._naming_lock(dqm.filename):  # as an upload of that name would
+            if await self._catalog.get(path.name) is not None:
+                return False  # an upload of these very bytes cataloged it meanwhile
+            await self._catalog.add(
+                new_record(path.name, size, sha256, dqm, ADOPTED_UPLOADER), uploaded=False
+            )
         log.info("file_adopted", file=path.name)
+        return True

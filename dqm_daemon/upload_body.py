@@ -22,11 +22,12 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Executor
 
 from aiohttp import web
 
+from .cancellation import run_to_the_end
 from .multipart_body import (
     MalformedMultipart,
     MultipartField,
@@ -131,9 +132,11 @@ class SocketBody:
     def _own(self) -> None:
         """In the reading thread: blocking reads, the read timeout as SO_RCVTIMEO."""
         seconds, fraction = divmod(self._read_timeout, 1)
+        # At least a microsecond: a timeout of zero would mean none at all.
+        microseconds = max(int(fraction * 1_000_000), 0 if seconds else 1)
         self._connection.setblocking(True)
         self._connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                                    struct.pack("ll", int(seconds), int(fraction * 1_000_000)))
+                                    struct.pack("ll", int(seconds), microseconds))
 
     def chunks(self) -> Chunks:
         for chunk in self._first:
@@ -309,15 +312,3 @@ def _yield_to_the_event_loop() -> None:
         thread = threading.get_native_id()
         if os.getpriority(os.PRIO_PROCESS, thread) < UPLOAD_THREAD_NICENESS:
             os.setpriority(os.PRIO_PROCESS, thread, UPLOAD_THREAD_NICENESS)
-
-
-async def run_to_the_end(work: asyncio.Future[None], abort: Callable[[], None]) -> None:
-    """Await a thread's work; when cancelled, stop it and wait until it has really stopped
-    (the file it writes must not be removed under it)."""
-    try:
-        await asyncio.shield(work)
-    except asyncio.CancelledError:
-        abort()
-        with contextlib.suppress(Exception):  # its outcome no longer matters
-            await asyncio.shield(work)
-        raise

@@ -35,7 +35,7 @@ def _since_query(request: web.Request) -> int | None:
     try:
         moment = pendulum.parse(raw)
         if not isinstance(moment, pendulum.DateTime):  # a duration ("P1D"), an interval
-            raise ValueError(raw)
+            raise TypeError(raw)
         return int(moment.timestamp())
     except (ValueError, TypeError, ParserError):
         raise web.HTTPBadRequest(

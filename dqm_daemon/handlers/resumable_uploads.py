@@ -17,13 +17,13 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ..appkeys import INGEST, METRICS, RESUMABLE, SETTINGS, UPLOADS
+from ..cancellation import run_to_the_end
 from ..catalog import FileRecord
 from ..digests import ExpectedDigests, check_digests, expected_digests
 from ..middlewares import UPLOADER
 from ..naming import bounded_integer, parse_dqm_headers
 from ..resumable import ResumableUpload, TooManyUnfinished
 from ..storage import WRITEBACK_BYTES, start_writeback
-from ..upload_body import run_to_the_end
 from .upload import check_room, inspect_within_budget
 
 log = structlog.get_logger(__name__)
@@ -217,9 +217,8 @@ async def patch(request: web.Request) -> web.Response:
                     try:
                         # Awaited to its end even when cancelled: nothing may truncate the
                         # file under a write still going on.
-                        await run_to_the_end(asyncio.ensure_future(asyncio.to_thread(
-                            _append_sync, upload, chunk, checksum[0] if checksum else None)),
-                            abort=lambda: None)
+                        await run_to_the_end(asyncio.to_thread(
+                            _append_sync, upload, chunk, checksum[0] if checksum else None))
                     except OSError as exc:
                         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                             raise

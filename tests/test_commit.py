@@ -1,0 +1,76 @@
+"""Committing an upload under its DQM name: what a crash or a shutdown half-way must not leave."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+from dqm_daemon.appkeys import INSPECTION_QUEUE
+from dqm_daemon.catalog import Catalog
+from dqm_daemon.ingest import Ingest
+from dqm_daemon.naming import DQMHeaders, dqm_filename
+from dqm_daemon.storage import Storage
+
+from .conftest import dqm_headers, make_settings, multipart_file
+from .rootfiles import write_dqm_file, write_one_histogram_file
+
+
+async def test_a_commit_cancelled_at_any_point_leaves_file_and_row_together(tmp_path):
+    """A shutdown may cancel an upload inside its commit, at any await: afterwards the file is
+    either in the data directory and cataloged, or neither (never a row without its file, which
+    would make every retry a 'duplicate' of a missing file)."""
+    settings = make_settings(tmp_path / "data")
+    storage = Storage(settings)
+    storage.prepare()
+    catalog = Catalog(settings.catalog_path)
+    await catalog.open()
+    ingest = Ingest(catalog, storage)
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    committed = 0
+    try:
+        for turn in range(40):
+            incoming = storage.incoming_file()
+            await asyncio.to_thread(lambda incoming=incoming: (incoming.write_now(content),
+                                                                incoming.finish_now()))
+            dqm = DQMHeaders(run_number=turn, timestamp=1_700_000_000, agent="CUT",
+                             data_status=0)
+            commit = asyncio.create_task(ingest.commit(incoming, dqm, "test"))
+            for _ in range(turn):  # cancelled after a different number of loop turns each time
+                await asyncio.sleep(0)
+            commit.cancel()
+            await asyncio.gather(commit, return_exceptions=True)
+            await incoming.discard()  # as the cancelled upload's handler does
+            await asyncio.sleep(0.05)  # anything still running in a thread is done by now
+            on_disk = (storage.data_dir / dqm.filename).exists()
+            assert on_disk == (await catalog.get(dqm.filename) is not None), turn
+            committed += on_disk
+        assert list(storage.incoming_dir.iterdir()) == []
+        assert 0 < committed < 40  # cancelled before it began, and after
+    finally:
+        await catalog.close()
+
+
+async def test_a_file_placed_but_not_cataloged_is_the_retried_uploads_own(client, data_dir,
+                                                                          tmp_path):
+    """A crash between placing a file and cataloging it leaves it uncataloged; the agent, never
+    answered, retries: the same bytes are taken as that file (no second copy under a variant
+    name), while other bytes under a taken name are never overwritten."""
+    content = write_dqm_file(tmp_path / "a.root").read_bytes()
+    other = write_one_histogram_file(tmp_path / "b.root").read_bytes()
+    # Start-up adoption is over: what is placed from here on is left to the uploads.
+    await asyncio.wait_for(client.server.app[INSPECTION_QUEUE].recovery_queued.wait(), 30)
+    for run, placed in ((601, content), (602, other)):
+        name = dqm_filename("EMC", run, 1_700_000_000)
+        data_dir.joinpath(name).write_bytes(placed)  # what the interrupted commit left
+        response = await client.post("/rest/api/files", data=multipart_file(content),
+                                     headers=dqm_headers(run=run, timestamp=1_700_000_000))
+        body = await response.json()
+        assert response.status == 200, body
+        if placed == content:
+            assert body["filename"] == name  # cataloged as this upload, no variant
+            assert sorted(path.name for path in data_dir.glob(f"EMChistos_{run}_*")) == [name]
+        else:
+            assert body["filename"] == name.replace(".root", ".v2.root")
+            assert (data_dir / name).read_bytes() == other  # never overwritten
+        assert (data_dir / body["filename"]).read_bytes() == content
+        assert body["sha256"] == hashlib.sha256(content).hexdigest()

@@ -44,7 +44,10 @@ class InspectionQueue:
         self._storage = storage
         self._metrics = metrics
         self._jobs: asyncio.Queue[FileRecord] = asyncio.Queue(maxsize=max_jobs)
-        self._waiters: defaultdict[str, list[asyncio.Future[FileRecord]]] = defaultdict(list)
+        self._waiters: defaultdict[str, list[asyncio.Future[FileRecord | None]]] = defaultdict(
+            list)
+        # Shutting down: nobody waits for a verdict any more (see `stop_waiting`).
+        self._stopped_waiting = False
         # Names queued or being inspected: a file is never queued twice at once.
         self._queued: set[str] = set()
         # Of those, the ones queued by their own upload right after it cataloged them.
@@ -106,6 +109,8 @@ class InspectionQueue:
         """Queue a file just cataloged as pending and return its record once inspected; None
         if that takes longer than `timeout` (the inspection goes on; a file the full queue
         did not take in time stays pending, and the sweeper queues it)."""
+        if self._stopped_waiting:
+            return None  # pending in the catalog: checked at the next start
         verdict = self._expect(record.name)  # before queueing: the verdict cannot be missed
         try:
             async with asyncio.timeout(timeout):
@@ -131,12 +136,23 @@ class InspectionQueue:
         finally:
             self._forget(name, verdict)
 
-    def _expect(self, name: str) -> asyncio.Future[FileRecord]:
-        verdict: asyncio.Future[FileRecord] = asyncio.get_running_loop().create_future()
+    def stop_waiting(self) -> None:
+        """Shutting down: whoever waits for a verdict has None at once (their upload answers
+        202, its file pending and checked at the next start), and so has whoever asks later."""
+        self._stopped_waiting = True
+        for verdicts in self._waiters.values():
+            for verdict in verdicts:
+                if not verdict.done():
+                    verdict.set_result(None)
+
+    def _expect(self, name: str) -> asyncio.Future[FileRecord | None]:
+        verdict: asyncio.Future[FileRecord | None] = asyncio.get_running_loop().create_future()
+        if self._stopped_waiting:
+            verdict.set_result(None)
         self._waiters[name].append(verdict)
         return verdict
 
-    def _forget(self, name: str, verdict: asyncio.Future[FileRecord]) -> None:
+    def _forget(self, name: str, verdict: asyncio.Future[FileRecord | None]) -> None:
         waiters = self._waiters.get(name, [])
         if verdict in waiters:
             waiters.remove(verdict)

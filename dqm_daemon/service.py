@@ -85,6 +85,8 @@ async def serve(settings: Settings, environ: Mapping[str, str]) -> int:
     app[UPLOADS].close()
     if not await app[UPLOADS].wait_idle(settings.shutdown_grace_seconds):
         log.warning("shutdown_grace_expired", uploads_dropped=len(app[UPLOADS]))
+    # Uploads received but still waiting for their check answer now: 202, pending.
+    app[INSPECTION_QUEUE].stop_waiting()
     # Then close connections (cancelling uploads still running: their temporaries are
     # removed), stop the workers (what they had not inspected stays pending in the catalog)
     # and close the catalog.

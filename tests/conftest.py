@@ -90,6 +90,7 @@ class DaemonProcess:
         self.log_path = log_path
         self.extra_args = extra_args or []
         self.extra_env: dict[str, str] = {}
+        self.command = [sys.executable, "-m", "dqm_daemon"]  # or tests/faulty_daemon.py
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
@@ -98,7 +99,7 @@ class DaemonProcess:
         environment = dict(os.environ, DQM_DAEMON_TOKEN=TOKEN, **self.extra_env)
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "dqm_daemon", "serve", "--port", str(self.port),
+                [*self.command, "serve", "--port", str(self.port),
                  "--data-dir", str(self.data_dir), *self.extra_args],
                 stdout=log_file, stderr=subprocess.STDOUT, env=environment,
                 start_new_session=True,  # its own process group, as under a terminal or systemd

@@ -225,6 +225,45 @@ async def test_sigterm_lets_upload_in_flight_finish(tmp_path, daemon, framing):
             assert (await response.json())["files"] == [body["filename"]]
 
 
+async def test_sigterm_answers_an_upload_waiting_for_its_check(tmp_path, daemon):
+    """An upload received whole but still waiting for its check when SIGTERM comes is answered
+    202 (kept, pending), not cut off; the next start checks it."""
+    config = tmp_path / "config.toml"
+    config.write_text("inspection_budget_seconds = 60\ninspection_time_limit_seconds = 120\n")
+    daemon.extra_args = ["--config", str(config)]
+    daemon.command = [sys.executable, str(Path(__file__).with_name("faulty_daemon.py"))]
+    daemon.start()
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    async with aiohttp.ClientSession() as session:
+        upload = asyncio.create_task(session.post(
+            f"{daemon.url}/rest/api/files", data=content,
+            headers={"token": TOKEN, "runNumber": "8", "timeStamp": "1", "amoreAgent": "HANG"}))
+        for _ in range(200):  # received and cataloged: its check hangs
+            if list(daemon.data_dir.glob("HANGhistos_8_*.root")):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        daemon.process.send_signal(signal.SIGTERM)
+        response = await upload
+        body = await response.json()
+        assert response.status == 202, body
+        assert body["state"] == "pending"
+        assert response.headers["Location"] == f"/rest/api/files/{body['filename']}/info"
+    assert await asyncio.to_thread(daemon.process.wait, 30) == 0
+    assert time.monotonic() - started < 10
+    daemon.command = [sys.executable, "-m", "dqm_daemon"]  # real children from here on
+    daemon.extra_args = []
+    daemon.start()
+    async with aiohttp.ClientSession(headers={"token": TOKEN}) as session:
+        for _ in range(200):
+            async with session.get(f"{daemon.url}{response.headers['Location']}") as answer:
+                if (await answer.json())["state"] != "pending":
+                    break
+            await asyncio.sleep(0.05)
+        assert (await answer.json())["state"] == "ok"
+
+
 @pytest.mark.parametrize("framing", ["chunked", "content-length"])
 async def test_sigterm_grace_runs_out_and_nothing_partial_is_left(tmp_path, daemon, framing):
     """An upload that outlasts the grace period is dropped whole: no partial file anywhere,

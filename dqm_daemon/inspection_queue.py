@@ -136,6 +136,15 @@ class InspectionQueue:
         finally:
             self._forget(name, verdict)
 
+    async def wait_verdicts_delivered(self, timeout: float) -> bool:
+        """Shutting down: wait (up to `timeout`) until no upload waits for its verdict."""
+        deadline = time.monotonic() + timeout
+        while self._waiters:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
     def stop_waiting(self) -> None:
         """Shutting down: whoever waits for a verdict has None at once (their upload answers
         202, its file pending and checked at the next start), and so has whoever asks later."""

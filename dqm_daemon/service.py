@@ -83,9 +83,12 @@ async def serve(settings: Settings, environ: Mapping[str, str]) -> int:
     # (aiohttp's own shutdown stops reading at once) for up to the grace period.
     await site.stop()
     app[UPLOADS].close()
+    grace_ends = loop.time() + settings.shutdown_grace_seconds
     if not await app[UPLOADS].wait_idle(settings.shutdown_grace_seconds):
         log.warning("shutdown_grace_expired", uploads_dropped=len(app[UPLOADS]))
-    # Uploads received but still waiting for their check answer now: 202, pending.
+    # Uploads received whole wait for their check within the same grace; those still waiting
+    # then are answered 202, pending (the next start checks them).
+    await app[INSPECTION_QUEUE].wait_verdicts_delivered(max(0.0, grace_ends - loop.time()))
     app[INSPECTION_QUEUE].stop_waiting()
     # Then close connections (cancelling uploads still running: their temporaries are
     # removed), stop the workers (what they had not inspected stays pending in the catalog)

@@ -226,10 +226,11 @@ async def test_sigterm_lets_upload_in_flight_finish(tmp_path, daemon, framing):
 
 
 async def test_sigterm_answers_an_upload_waiting_for_its_check(tmp_path, daemon):
-    """An upload received whole but still waiting for its check when SIGTERM comes is answered
-    202 (kept, pending), not cut off; the next start checks it."""
+    """An upload received whole but still waiting for its check when the grace period after
+    SIGTERM ends is answered 202 (kept, pending), not cut off; the next start checks it."""
     config = tmp_path / "config.toml"
-    config.write_text("inspection_budget_seconds = 60\ninspection_time_limit_seconds = 120\n")
+    config.write_text("inspection_budget_seconds = 60\ninspection_time_limit_seconds = 120\n"
+                      "shutdown_grace_seconds = 2\n")
     daemon.extra_args = ["--config", str(config)]
     daemon.command = [sys.executable, str(Path(__file__).with_name("faulty_daemon.py"))]
     daemon.start()

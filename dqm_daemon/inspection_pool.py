@@ -65,15 +65,20 @@ class InspectorProcess:
         # One BLAS thread: the child needs no parallel linear algebra, and idle BLAS threads
         # reserve address space that would count against the memory cap.
         environment = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
-        # The child parses untrusted files: it gets no secret it does not need.
+        # The child parses untrusted files: it gets no secret it does not need (nor where
+        # systemd keeps the daemon's credentials).
         environment.pop(TOKEN_ENV_VAR, None)
-        process = await asyncio.create_subprocess_exec(
-            *self._command, "--memory-cap", str(self._memory_cap_bytes),
-            "--nice", str(self._niceness),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            env=environment, limit=RESULT_LINE_LIMIT,
-            start_new_session=True,  # out of the terminal's process group: Ctrl-C is the daemon's
-        )
+        environment.pop("CREDENTIALS_DIRECTORY", None)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *self._command, "--memory-cap", str(self._memory_cap_bytes),
+                "--nice", str(self._niceness),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                env=environment, limit=RESULT_LINE_LIMIT,
+                start_new_session=True,  # out of the terminal's group: Ctrl-C is the daemon's
+            )
+        except OSError as exc:  # no interpreter (an upgrade under way), no processes, no fds
+            raise ChildStartFailed(f"inspection child cannot be started: {exc}") from None
         try:
             ready = await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT_SECONDS)
         except TimeoutError:

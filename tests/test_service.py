@@ -459,11 +459,13 @@ async def test_healthz_503_when_disk_below_reserve(aiohttp_client, data_dir):
     assert "free disk below the reserve" in (await response.json())["problems"][0]
 
 
+@pytest.mark.parametrize("command", [("/bin/false",), ("/nonexistent/python",)])
 async def test_healthz_503_when_inspection_cannot_run(aiohttp_client, data_dir,
-                                                     one_histogram_file):
-    """/healthz answers 503 when the inspection worker cannot start its child."""
+                                                     one_histogram_file, command):
+    """/healthz answers 503 when the inspection worker cannot start its child: one that exits
+    at once, or one that cannot even be executed."""
     settings = make_settings(data_dir, inspection_workers=1, inspection_budget_seconds=0.3)
-    client = await aiohttp_client(create_app(settings, inspection_command=("/bin/false",)))
+    client = await aiohttp_client(create_app(settings, inspection_command=command))
     await client.post("/rest/api/files", data=one_histogram_file, headers=dqm_headers())
     for _ in range(100):
         response = await client.get("/healthz")

@@ -58,13 +58,17 @@ def record_upload(connection: sqlite3.Connection, agent: str, run: int, name: st
         (agent, run, received_at, received_at, name, started_at, ended_at),
     )
     previous = connection.execute(
-        "SELECT last_received_at, interval_seconds FROM agents WHERE agent = ?", (agent,)
+        "SELECT last_received_at, last_run, interval_seconds FROM agents WHERE agent = ?",
+        (agent,),
     ).fetchone()
     interval = None
     if previous is not None:
-        latest = max(_seconds_between(previous["last_received_at"], received_at), 0.0)
-        old = previous["interval_seconds"]
-        interval = latest if old is None else old + INTERVAL_SMOOTHING * (latest - old)
+        interval = old = previous["interval_seconds"]
+        # The pause between two runs is no interval of sending: an agent's usual interval
+        # comes from files of one run only (else it would not count as silent for hours).
+        if previous["last_run"] == run:
+            latest = max(_seconds_between(previous["last_received_at"], received_at), 0.0)
+            interval = latest if old is None else old + INTERVAL_SMOOTHING * (latest - old)
     connection.execute(
         "INSERT INTO agents VALUES (?, ?, ?, ?, 1, ?)"
         " ON CONFLICT (agent) DO UPDATE SET last_run = excluded.last_run,"

@@ -11,10 +11,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 # Upload durations from a small file on loopback to many GiB over a slow link.
 UPLOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 INSPECTION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# Agent names come from the clients, and every label value is a series kept for the process's
+# life: this many distinct agents get a label of their own, any further ones share OTHER_AGENTS.
+MAX_AGENT_LABELS = 500
+OTHER_AGENTS = "(other)"
 
 
 class Metrics:
     def __init__(self) -> None:
+        self._agent_labels: set[str] = set()
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
         self.uploads = Counter(
@@ -43,3 +48,12 @@ class Metrics:
         self.last_upload = Gauge(
             "dqm_last_upload_timestamp_seconds", "When each agent's last file arrived (unix)",
             ["agent"], registry=registry)
+
+    def agent_label(self, agent: str) -> str:
+        """The `agent` label for an agent's series (bounded: see MAX_AGENT_LABELS)."""
+        if agent in self._agent_labels:
+            return agent
+        if len(self._agent_labels) < MAX_AGENT_LABELS:
+            self._agent_labels.add(agent)
+            return agent
+        return OTHER_AGENTS

@@ -21,6 +21,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from dqm_daemon import metrics as metrics_module
 from dqm_daemon.app import create_app
 from dqm_daemon.middlewares import refuse_malformed_requests_in_json
 
@@ -504,6 +505,20 @@ async def test_metrics(client, one_histogram_file):
     assert samples[("dqm_uploads_in_flight", ())] == 0
     assert samples[("dqm_free_disk_bytes", ())] > 0
     assert samples[("dqm_last_upload_timestamp_seconds", (("agent", "EMC"),))] > time.time() - 60
+
+
+async def test_metrics_agent_labels_are_bounded(client, one_histogram_file, monkeypatch):
+    """Agent names come from the clients: past MAX_AGENT_LABELS distinct ones, further agents
+    share one label rather than each adding series for the daemon's whole life."""
+    monkeypatch.setattr(metrics_module, "MAX_AGENT_LABELS", 3)  # "unknown" is not among them
+    for agent in ("A1", "A2", "A3", "A4", "A5"):
+        await client.post("/rest/api/files", data=b"", headers=dqm_headers(agent=agent))
+    response = await client.get("/metrics")
+    labels = {family_sample.labels["agent"]
+              for family in text_string_to_metric_families(await response.text())
+              if family.name == "dqm_uploads"
+              for family_sample in family.samples if family_sample.name == "dqm_uploads_total"}
+    assert labels == {"A1", "A2", "A3", metrics_module.OTHER_AGENTS}
 
 
 # --- configuration -------------------------------------------------------------------------

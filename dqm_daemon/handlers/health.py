@@ -44,8 +44,12 @@ async def metrics(request: web.Request) -> web.Response:
     registry.free_disk.set(app[STORAGE].free_bytes())
     for state, count in (await app[CATALOG].view(activity.count_by_state)).items():
         registry.files.labels(state).set(count)
+    latest: dict[str, float] = {}  # by label: agents past the label limit share one
     for agent in await app[CATALOG].view(activity.agents_board):
-        registry.last_upload.labels(agent["agent"]).set(
-            activity.unix_seconds(agent["last_received_at"]))
+        label = registry.agent_label(agent["agent"])
+        latest[label] = max(latest.get(label, 0.0),
+                            activity.unix_seconds(agent["last_received_at"]))
+    for label, seconds in latest.items():
+        registry.last_upload.labels(label).set(seconds)
     body = generate_latest(registry.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

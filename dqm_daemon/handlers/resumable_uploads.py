@@ -272,7 +272,7 @@ async def _complete(request: web.Request, upload: ResumableUpload) -> dict[str, 
         "Upload-Offset": str(upload.length), "Upload-Length": str(upload.length), **file_headers})
     app[RESUMABLE].forget(upload)
     result = "duplicate" if commit.duplicate else (inspected.state if inspected else "pending")
-    app[METRICS].uploads.labels(result, upload.dqm.agent).inc()
+    app[METRICS].uploads.labels(result, app[METRICS].agent_label(upload.dqm.agent)).inc()
     log.info("resumable_upload_finished", upload_id=upload.upload_id,
              file=commit.record.name, duplicate=commit.duplicate)
     return file_headers

@@ -118,7 +118,7 @@ async def post_file(request: web.Request) -> web.Response:
     try:
         return await _store_and_answer(request, outcome)
     finally:
-        metrics.uploads.labels(outcome["result"], outcome["agent"]).inc()
+        metrics.uploads.labels(outcome["result"], metrics.agent_label(outcome["agent"])).inc()
         metrics.upload_seconds.observe(time.perf_counter() - started)
 
 

@@ -149,7 +149,12 @@ class Storage:
         return True
 
     def free_bytes(self) -> int:
-        stats = os.statvfs(self.data_dir)
+        """Free space in the data directory; 0 when it cannot be known (the directory is gone
+        or unreadable): no room is promised then, and the write probe says why."""
+        try:
+            stats = os.statvfs(self.data_dir)
+        except OSError:
+            return 0
         return stats.f_bavail * stats.f_frsize
 
     def path_of(self, name: str, location: str) -> Path:

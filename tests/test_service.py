@@ -452,6 +452,19 @@ async def test_healthz_503_when_data_dir_not_writable(client, data_dir):
     assert body["problems"] == ["data directory not writable"]
 
 
+async def test_a_vanished_data_directory_is_reported_not_a_500(client, data_dir):
+    """The data directory removed under the daemon (an unmounted disk, say): /healthz says what
+    is wrong with 503, the status page and the metrics still answer, uploads get 507."""
+    shutil.rmtree(data_dir)
+    response = await client.get("/healthz")
+    assert response.status == 503
+    assert "data directory not writable" in (await response.json())["problems"]
+    assert (await client.get("/status.json")).status == 200
+    assert (await client.get("/metrics")).status == 200
+    response = await client.post("/rest/api/files", data=b"x" * 100, headers=dqm_headers())
+    assert response.status == 507
+
+
 async def test_healthz_503_when_disk_below_reserve(aiohttp_client, data_dir):
     """/healthz answers 503 when free disk is under the reserve."""
     client = await aiohttp_client(create_app(make_settings(data_dir, disk_reserve_bytes=1 << 60)))

@@ -64,21 +64,28 @@ CREATE INDEX IF NOT EXISTS files_by_received ON files (received_at);
 # Columns added since the first catalogs were written: added to an older catalog on opening.
 _LATER_COLUMNS = {"analysis": "TEXT", "analysis_reason": "TEXT", "analysed_at": "TEXT",
                   "analysis_ms": "REAL"}
-_LATER_INDEXES = """
-CREATE INDEX IF NOT EXISTS files_by_analysis ON files (analysis, timestamp, received_at);
-"""
+_LATER_INDEX = (
+    "CREATE INDEX IF NOT EXISTS files_by_analysis ON files (analysis, timestamp, received_at)")
 
 
 def _add_later_columns(connection: sqlite3.Connection) -> None:
+    """Bring an older catalog up to date, in one transaction: a crash half-way leaves it as it
+    was, and the next start does the whole upgrade again."""
     present = {row["name"] for row in connection.execute("PRAGMA table_info(files)")}
-    for column, kind in _LATER_COLUMNS.items():
-        if column not in present:
-            connection.execute(f"ALTER TABLE files ADD COLUMN {column} {kind}")
-    if "analysis" not in present:
-        # Sound files of an older catalog were summarised when inspected: they count as
-        # analysed, so the next file of their run is compared with them.
-        connection.execute("UPDATE files SET analysis = 'done' WHERE state = 'ok'")
-    connection.executescript(_LATER_INDEXES)
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        for column, kind in _LATER_COLUMNS.items():
+            if column not in present:
+                connection.execute(f"ALTER TABLE files ADD COLUMN {column} {kind}")
+        if "analysis" not in present:
+            # Sound files of an older catalog were summarised when inspected: they count as
+            # analysed, so the next file of their run is compared with them.
+            connection.execute("UPDATE files SET analysis = 'done' WHERE state = 'ok'")
+        connection.execute(_LATER_INDEX)
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
 
 
 @dataclasses.dataclass(frozen=True)

@@ -354,6 +354,18 @@ async def test_a_catalog_of_an_earlier_version_is_upgraded(tmp_path):
             "INSERT INTO files VALUES ('b.root', 'quarantine', 1, 'y', 'EMC', 1, 2, 0, 't', 'u',"
             " 'invalid', 'bad', NULL, NULL, NULL, NULL, NULL, NULL);")
     old.close()
+    # An upgrade that fails half-way (here a trigger refuses its UPDATE; a crash would do the
+    # same) leaves the catalog as it was, so the next start upgrades it whole.
+    with sqlite3.connect(path) as old:
+        old.execute("CREATE TRIGGER refuse BEFORE UPDATE ON files BEGIN"
+                    " SELECT RAISE(ABORT, 'refused'); END")
+    old.close()
+    with pytest.raises(sqlite3.IntegrityError):
+        await Catalog(path).open()
+    with sqlite3.connect(path) as old:
+        assert "analysis" not in {row[1] for row in old.execute("PRAGMA table_info(files)")}
+        old.execute("DROP TRIGGER refuse")
+    old.close()
     catalog = Catalog(path)
     await catalog.open()
     try:

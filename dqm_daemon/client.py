@@ -108,8 +108,10 @@ async def _file_body(path: Path, progress: Progress, offset: int = 0) -> AsyncIt
 
 
 def _retry_delay(attempt: int, options: UploadOptions, retry_after: str | None) -> float:
+    """Retry-After when the server gives one (capped: a proxy may ask for a day), otherwise
+    exponential backoff."""
     if retry_after and retry_after.strip().isdigit():
-        return float(retry_after)
+        return min(float(retry_after), options.max_backoff_seconds)
     return min(options.backoff_seconds * 2**attempt, options.max_backoff_seconds)
 
 
@@ -272,6 +274,14 @@ async def upload_all(paths: list[Path], options: UploadOptions, as_json: bool,
                 err.write(f"{exc}\n")
                 result = {"file": str(path), "status": None, "message": str(exc)}
                 exit_code = max(exit_code, EXIT_GAVE_UP)
+            except OSError as exc:
+                if isinstance(exc, aiohttp.ClientError):
+                    raise  # the network's, not the file's (retried until GaveUp)
+                # Removed or unreadable since the command started: the others still go.
+                message = f"cannot be read: {exc.strerror or exc}"
+                err.write(f"{path}: {message}\n")
+                result = {"file": str(path), "status": None, "message": message}
+                exit_code = max(exit_code, EXIT_USAGE)
             else:
                 result = {"file": str(path), "status": answer["status"],
                           "filename": answer["filename"], "sha256": answer["sha256"],

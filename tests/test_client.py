@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import os
 import random
@@ -13,6 +14,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+
+from dqm_daemon import client as client_module
+from dqm_daemon.client import EXIT_USAGE, UploadOptions, upload_all
 
 from .conftest import TOKEN, dqm_headers
 from .rootfiles import write_dqm_file, write_one_histogram_file
@@ -229,3 +233,30 @@ async def test_progress_bar_on_a_terminal(tmp_path, daemon):
     assert process.returncode == 0
     assert b"\r" in screen and b"MB/s ETA" in screen and b"100.0%" in screen
     assert b"big.root ->" in stdout
+
+
+async def test_a_file_gone_before_its_turn_does_not_stop_the_others(tmp_path, daemon):
+    """A file removed after the command started is reported (exit status 2, "no such file")
+    and the files after it are still uploaded."""
+    daemon.start()
+    kept = write_one_histogram_file(tmp_path / "kept.root")
+    options = UploadOptions(url=daemon.url, token=TOKEN, run=44, agent="EMC",
+                            timestamp=1_700_000_000, data_status=0)
+    out, err = io.StringIO(), io.StringIO()
+    code = await upload_all([tmp_path / "gone.root", kept], options, True, out, err)
+    assert code == EXIT_USAGE
+    results = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert results[0]["status"] is None and "cannot be read" in results[0]["message"]
+    assert results[1]["status"] == 200
+    assert "gone.root: cannot be read" in err.getvalue()
+    assert [path.name for path in stored_dqm_files(daemon.data_dir)] == [results[1]["filename"]]
+
+
+def test_retry_after_is_honoured_up_to_the_longest_backoff():
+    """A server's Retry-After is followed, but a day's wait is cut to the longest backoff."""
+    options = UploadOptions(url="", token="", run=1, agent="EMC", timestamp=1, data_status=0,
+                            max_backoff_seconds=60)
+    assert client_module._retry_delay(0, options, "5") == 5
+    assert client_module._retry_delay(0, options, "86400") == 60
+    assert client_module._retry_delay(3, options, None) == 8
+

@@ -97,8 +97,11 @@ async def inspection_workers(app: web.Application) -> AsyncIterator[None]:
     workers.append(asyncio.create_task(app[ANALYST].run(), name="analyst"))
 
     async def recover_then_sweep() -> None:
-        adopted = await app[INGEST].adopt_unknown_files(app[SETTINGS].chunk_bytes)
-        log.info("startup_recovery", adopted_files=adopted)
+        try:
+            adopted = await app[INGEST].adopt_unknown_files(app[SETTINGS].chunk_bytes)
+            log.info("startup_recovery", adopted_files=adopted)
+        except Exception:  # the files stay where they are: adopted at the next start
+            log.exception("startup_adoption_failed")
         await queue.run_sweeper(app[SETTINGS].inspection_sweep_seconds)
 
     sweeper = asyncio.create_task(recover_then_sweep(), name="inspection-sweeper")

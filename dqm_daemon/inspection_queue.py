@@ -114,7 +114,16 @@ class InspectionQueue:
         verdict = self._expect(record.name)  # before queueing: the verdict cannot be missed
         try:
             async with asyncio.timeout(timeout):
-                await self.put(record, fresh=True)
+                if self._jobs.full():
+                    # Waiting for room, a shutdown's `stop_waiting` must still answer it.
+                    putting = asyncio.ensure_future(self.put(record, fresh=True))
+                    try:
+                        await asyncio.wait((putting, verdict),
+                                           return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        putting.cancel()  # not queued after all: pending, for the sweeper
+                else:
+                    await self.put(record, fresh=True)
                 return await verdict
         except TimeoutError:
             return None

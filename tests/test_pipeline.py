@@ -401,3 +401,35 @@ async def test_writes_sharing_a_commit_fail_alone(tmp_path):
         assert other.execute("SELECT count(*) FROM files").fetchone()[0] == 20
         assert other.execute("SELECT count(*) FROM agent_runs").fetchone()[0] == 20
     other.close()
+
+
+async def test_shutdown_answers_an_upload_waiting_for_room_in_the_queue(tmp_path):
+    """An upload waiting for room in a full inspection queue when the daemon stops waiting for
+    verdicts is answered at once (pending), and is not queued: the sweeper queues it later."""
+    from dqm_daemon.catalog import Catalog
+    from dqm_daemon.ingest import new_record
+    from dqm_daemon.inspection_queue import InspectionQueue
+    from dqm_daemon.metrics import Metrics
+    from dqm_daemon.naming import DQMHeaders
+    from dqm_daemon.storage import Storage
+
+    settings = make_settings(tmp_path / "data")
+    storage = Storage(settings)
+    storage.prepare()
+    catalog = Catalog(settings.catalog_path)
+    await catalog.open()
+    try:
+        queue = InspectionQueue(catalog, storage, Metrics(), max_jobs=1)  # and no worker
+        first, second = (new_record(f"f{run}.root", 1, "x", DQMHeaders(run, 1, "EMC", 0), "u")
+                         for run in (1, 2))
+        await queue.put(first)
+        waiting = asyncio.create_task(queue.queue_and_wait(second, timeout=60))
+        await asyncio.sleep(0.05)  # it waits for room
+        assert not await queue.wait_verdicts_delivered(0.2)
+        assert not waiting.done()
+        queue.stop_waiting()
+        assert await asyncio.wait_for(waiting, 2) is None
+        assert queue.depth == 1  # the first file only: the second stays pending
+    finally:
+        await catalog.close()
+

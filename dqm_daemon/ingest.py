@@ -84,6 +84,7 @@ class Ingest:
 
     async def _commit(self, incoming: IncomingFile, dqm: DQMHeaders, uploader: str) -> Commit:
         async with self._naming_lock(dqm.filename):
+            placed_here = False  # False: the same bytes were on disk under the name already
             for variant in itertools.count(1):
                 name = variant_filename(dqm.filename, variant)
                 existing = await self._catalog.get(name)
@@ -93,6 +94,7 @@ class Ingest:
                         return Commit(existing, duplicate=True)
                     continue
                 if await self._storage.link_into_place(incoming, name):
+                    placed_here = True
                     break
                 # On disk but not cataloged: left by a crash between placing and cataloging
                 # (the agent retries), or copied in by hand. The same bytes are this file,
@@ -104,16 +106,18 @@ class Ingest:
                 except FileNotFoundError:
                     continue  # removed meanwhile (by hand): on to the next name
                 if on_disk == incoming.sha256:
-                    await incoming.discard()
                     break
             record = new_record(name, incoming.size, incoming.sha256, dqm, uploader)
             try:
                 await self._catalog.add(record)
             except Exception:
-                # Not cataloged means not acknowledged: take the file back out, so no
-                # uncataloged copy is left for a later adoption to trip over.
-                await self._storage.remove_placed(name)
+                # Not cataloged means not acknowledged: take back out a file this upload
+                # placed (one that was there before stays, for adoption or a retry).
+                if placed_here:
+                    await self._storage.remove_placed(name)
                 raise
+            if not placed_here:
+                await incoming.discard()
         return Commit(record, duplicate=False)
 
     async def adopt_unknown_files(self, chunk_bytes: int) -> int:

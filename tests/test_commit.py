@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import sqlite3
+
+import pytest
 
 from dqm_daemon.appkeys import INSPECTION_QUEUE
 from dqm_daemon.catalog import Catalog
@@ -46,6 +49,39 @@ async def test_a_commit_cancelled_at_any_point_leaves_file_and_row_together(tmp_
             committed += on_disk
         assert list(storage.incoming_dir.iterdir()) == []
         assert 0 < committed < 40  # cancelled before it began, and after
+    finally:
+        await catalog.close()
+
+
+async def test_a_failed_catalog_write_removes_only_what_the_upload_placed(tmp_path):
+    """When cataloging fails the upload is not acknowledged: a file it placed is taken back out,
+    but a file that was under the name before it (the same bytes, left by a crash or copied in
+    by hand) stays for adoption or the next retry."""
+    settings = make_settings(tmp_path / "data")
+    storage = Storage(settings)
+    storage.prepare()
+    catalog = Catalog(settings.catalog_path)
+    await catalog.open()
+    ingest = Ingest(catalog, storage)
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    with sqlite3.connect(settings.catalog_path) as refusing:
+        refusing.execute("CREATE TRIGGER refuse BEFORE INSERT ON files BEGIN"
+                         " SELECT RAISE(ABORT, 'refused'); END")
+    refusing.close()
+    try:
+        for run, there_before in ((1, True), (2, False)):
+            dqm = DQMHeaders(run_number=run, timestamp=1_700_000_000, agent="FAIL",
+                             data_status=0)
+            if there_before:
+                (storage.data_dir / dqm.filename).write_bytes(content)
+            incoming = storage.incoming_file()
+            await asyncio.to_thread(lambda incoming=incoming: (incoming.write_now(content),
+                                                                incoming.finish_now()))
+            with pytest.raises(sqlite3.IntegrityError):
+                await ingest.commit(incoming, dqm, "test")
+            await incoming.discard()  # as the failed upload's handler does
+            assert (storage.data_dir / dqm.filename).exists() == there_before
+        assert list(storage.incoming_dir.iterdir()) == []
     finally:
         await catalog.close()
 

@@ -29,6 +29,10 @@ LARGE_RESULT_BYTES = 256 * 1024
 EXIT_GRACE_SECONDS = 5.0
 
 
+def _line_text(line: bytes) -> str:
+    return line.rstrip(b"\n").decode()
+
+
 class ChildStartFailed(RuntimeError):
     """The child could not start: a fault of the daemon's machine, not of any file."""
 
@@ -83,6 +87,10 @@ class InspectorProcess:
             ready = await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT_SECONDS)
         except TimeoutError:
             ready = b""
+        except BaseException:  # cancelled (a shutdown during its start): it must not outlive us
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            raise
         if not ready.startswith(b'{"ready"'):
             await self._reap(process)
             raise ChildStartFailed(f"inspection child did not start ({describe_exit(process.returncode)})")
@@ -151,7 +159,9 @@ class InspectorProcess:
             listing = await output.readline()
             if not listing:
                 raise ConnectionError("the child closed its output")
-            result["objects_json"] = listing.rstrip(b"\n").decode()
+            result["objects_json"] = (await asyncio.to_thread(_line_text, listing)
+                                      if len(listing) > LARGE_RESULT_BYTES
+                                      else _line_text(listing))
         return result
 
     @staticmethod

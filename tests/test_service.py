@@ -287,6 +287,19 @@ async def test_sigterm_grace_runs_out_and_nothing_partial_is_left(tmp_path, daem
     assert list(daemon.data_dir.glob("*.root")) == []
 
 
+async def test_stopped_while_its_check_children_start_it_leaves_none_behind(daemon):
+    """SIGTERM at once after start-up, while the check children still import: they are stopped
+    with the daemon (an orphan would later die writing to a closed pipe, a traceback in the
+    daemon's log), and every line logged is JSON."""
+    daemon.start()
+    daemon.process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(daemon.process.wait, 30) == 0
+    await asyncio.sleep(3)  # longer than a child takes to start
+    lines = daemon.log_path.read_text().splitlines()
+    assert [line for line in lines if not line.startswith("{")] == []
+    assert json.loads(lines[-1])["event"] == "stopped"
+
+
 async def test_second_signal_exits_at_once_without_partial_files(tmp_path, daemon):
     """A second SIGTERM ends the daemon at once; the half upload never shows under a name and
     its temporary is gone after the next start."""

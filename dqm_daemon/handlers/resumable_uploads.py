@@ -20,6 +20,7 @@ from ..appkeys import INGEST, METRICS, RESUMABLE, SETTINGS, UPLOADS
 from ..cancellation import run_to_the_end
 from ..catalog import FileRecord
 from ..digests import ExpectedDigests, check_digests, expected_digests
+from ..ingest import Commit
 from ..middlewares import UPLOADER
 from ..naming import bounded_integer, parse_dqm_headers
 from ..resumable import ResumableUpload, TooManyUnfinished
@@ -249,13 +250,16 @@ async def patch(request: web.Request) -> web.Response:
                                            headers=TUS)
             await request.app[RESUMABLE].record_progress(upload)
             headers = {**TUS, "Upload-Offset": str(upload.offset)}
-            if upload.offset == upload.length:  # committed within the slot, like a POST
-                headers.update(await _complete(request, upload))
+            # The last byte arrived: committed within the slot, like a POST...
+            commit = (await _commit_finished(request, upload)
+                      if upload.offset == upload.length else None)
+        if commit is not None:  # ...and its check awaited outside it, like a POST
+            headers.update(await _answer_finished(request, upload, commit))
     return web.Response(status=204, headers=headers)
 
 
-async def _complete(request: web.Request, upload: ResumableUpload) -> dict[str, str]:
-    """The last byte arrived: commit and inspect exactly as a POST would."""
+async def _commit_finished(request: web.Request, upload: ResumableUpload) -> Commit:
+    """Commit a complete upload exactly as a POST's file."""
     app = request.app
     finished = await app[RESUMABLE].finish(upload, app[SETTINGS].chunk_bytes)
     try:
@@ -266,6 +270,13 @@ async def _complete(request: web.Request, upload: ResumableUpload) -> dict[str, 
         await asyncio.shield(finished.discard())
         raise
     await finished.discard()  # the sidecar (the part file was linked into place or discarded)
+    return commit
+
+
+async def _answer_finished(request: web.Request, upload: ResumableUpload,
+                           commit: Commit) -> dict[str, str]:
+    """Wait for the committed file's check, as a POST does; remember the answer for HEAD."""
+    app = request.app
     inspected = await inspect_within_budget(app, commit)
     file_headers = _file_headers(inspected or commit.record)
     app[RESUMABLE].remember_finished(upload.upload_id, {

@@ -121,7 +121,7 @@ class InspectionQueue:
                         await asyncio.wait((putting, verdict),
                                            return_when=asyncio.FIRST_COMPLETED)
                     finally:
-                        putting.cancel()  # not queued after all: pending, for the sweeper
+                        putting.cancel()  # if still waiting: not queued, pending for the sweeper
                 else:
                     await self.put(record, fresh=True)
                 return await verdict

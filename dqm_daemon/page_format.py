@@ -77,7 +77,12 @@ def state_tag(state: str) -> Markup:
 
 
 def preview_svg(preview: dict[str, Any]) -> Markup:
-    return draw(preview)
+    """The preview drawn; a short note instead if its numbers cannot be drawn (one hostile
+    histogram must not take its file's page down)."""
+    try:
+        return draw(preview)
+    except (ArithmeticError, ValueError, TypeError, KeyError, IndexError):
+        return Markup('<p class="quiet">this histogram cannot be drawn</p>')
 
 
 FILTERS = {

@@ -12,6 +12,9 @@ import uproot
 
 from .inspection import INVALID, OK, short_reason
 
+# Bin values beyond this are drawn at it: scales computed from them stay finite.
+MAX_DRAWN_VALUE = 1e150
+
 
 def _coarsen(values: np.ndarray, axis: int, max_bins: int, average: bool) -> np.ndarray:
     """Merge neighbouring bins along `axis` until at most `max_bins` remain."""
@@ -35,17 +38,27 @@ def _axis_title(histogram: Any, index: int) -> str:
 
 
 def histogram_preview(histogram: Any, max_bins: int) -> dict[str, Any] | None:
-    """Drawable contents of a 1D or 2D histogram; None for anything else."""
+    """Drawable contents of a 1D or 2D histogram (a 2D one on a grid of at most half
+    `max_bins` a side); None for anything else. A file's numbers are not trusted: bins that
+    are not finite are drawn empty, values are clipped so no scale overflows, and an axis whose
+    range is not finite and increasing cannot be drawn (ValueError)."""
     dimensions = len(getattr(histogram, "axes", ()))
     if dimensions not in (1, 2):
         return None
+    if dimensions == 2:
+        max_bins = max(1, max_bins // 2)
     is_profile = histogram.classname.startswith("TProfile")
-    values = np.nan_to_num(np.asarray(histogram.values(flow=False), dtype=np.float64))
+    values = np.asarray(histogram.values(flow=False), dtype=np.float64)
+    values = np.clip(np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0),
+                     -MAX_DRAWN_VALUE, MAX_DRAWN_VALUE)
     axes = []
     for index in range(dimensions):
         edges = histogram.axes[index].edges()
+        low, high = float(edges[0]), float(edges[-1])
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ValueError(f"axis {index + 1} runs from {low} to {high}: nothing to draw")
         values = _coarsen(values, index, max_bins, average=is_profile)
-        axes.append({"low": float(edges[0]), "high": float(edges[-1]),
+        axes.append({"low": low, "high": high,
                      "bins": int(values.shape[index]), "title": _axis_title(histogram, index)})
     return {
         "title": str(histogram.title),

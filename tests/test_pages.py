@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 
+import numpy as np
 import pytest
 import uproot
 
@@ -182,3 +184,55 @@ async def test_a_failed_analysis_is_shown_to_the_crew(client, tmp_path):
     assert "analysis failed" in status
     listing = await (await client.get("/rest/api/files", headers={"token": TOKEN})).json()
     assert body["filename"] in listing["files"]
+
+
+def _th1(name: str, counts: list[float], low: float = 0.0, high: float = 1.0):
+    from uproot.writing.identify import to_TAxis, to_TH1x
+
+    values = np.asarray([0.0, *counts, 0.0])
+    return to_TH1x(name, name, values, fEntries=4.0, fTsumw=1.0, fTsumw2=1.0, fTsumwx=0.5,
+                   fTsumwx2=0.5, fSumw2=np.zeros(len(values)),
+                   fXaxis=to_TAxis("xaxis", "x", len(counts), low, high))
+
+
+def _th2(name: str, counts: np.ndarray):
+    from uproot.writing.identify import to_TAxis, to_TH2x
+
+    values = np.zeros((counts.shape[0] + 2, counts.shape[1] + 2))
+    values[1:-1, 1:-1] = counts
+    return to_TH2x(name, name, values.T.reshape(-1), fEntries=1.0, fTsumw=1.0, fTsumw2=1.0,
+                   fTsumwx=0.5, fTsumwx2=0.5, fTsumwy=0.5, fTsumwy2=0.5, fTsumwxy=0.1,
+                   fSumw2=np.zeros(values.size),
+                   fXaxis=to_TAxis("xaxis", "x", counts.shape[0], 0.0, 1.0),
+                   fYaxis=to_TAxis("yaxis", "y", counts.shape[1], 0.0, 1.0))
+
+
+async def test_hostile_numbers_in_histograms_do_not_break_the_file_page(client, tmp_path):
+    """Infinite bins in 1D and 2D histograms, an axis starting at NaN, a bin at 1e308: the
+    file page still answers, draws what can be drawn with finite coordinates only, and says
+    which histogram cannot be drawn."""
+    from .test_pipeline import analysed, upload
+
+    corners = np.ones((6, 6))
+    corners[2, 2], corners[3, 3] = np.inf, -np.inf
+    path = tmp_path / "hostile.root"
+    with uproot.recreate(path) as root_file:
+        root_file["inf1d"] = _th1("inf1d", [1.0, np.inf, 3.0, -np.inf])
+        root_file["huge"] = _th1("huge", [1.0, 1e308, -1e308, 2.0])
+        root_file["inf2d"] = _th2("inf2d", corners)
+        root_file["nanaxis"] = _th1("nanaxis", [1.0, 2.0, 3.0], low=float("nan"))
+    response, body = await upload(client, path.read_bytes())
+    assert response.status == 200, body
+    await analysed(client, body["filename"])
+    page = await client.get(f"/files/{body['filename']}")
+    text = await page.text()
+    assert page.status == 200
+    svgs = re.findall(r"<svg.*?</svg>", text, flags=re.S)
+    assert len(svgs) == 3  # inf1d, huge, inf2d
+    drawn = " ".join(svgs)
+    coordinates = re.findall(r'\b(?:x|y|x1|y1|x2|y2|width|height|points)="([^"]*)"', drawn)
+    assert coordinates and all(re.fullmatch(r"[-0-9., ]+", value) for value in coordinates)
+    assert not re.search(r">[^<]*\b(nan|inf)\b", drawn)  # nor a tick label
+    assert "nothing to draw" in text  # the NaN axis, named
+    twin = await (await client.get(f"/files/{body['filename']}.json")).json()
+    assert set(twin["previews"]) == {"inf1d", "huge", "inf2d", "nanaxis"}

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -73,7 +74,10 @@ def page(template: str, build: DataBuilder) -> Callable[[web.Request], Awaitable
     async def handler(request: web.Request) -> web.Response:
         data = await build(request)
         context = {"data": data, "refresh_seconds": request.app[SETTINGS].page_refresh_seconds}
-        return aiohttp_jinja2.render_template(template, request, context)
+        # Rendered in a thread: a file page drawing many histograms takes a while, and the
+        # event loop serves uploads and health checks meanwhile.
+        text = await asyncio.to_thread(aiohttp_jinja2.render_string, template, request, context)
+        return web.Response(text=text, content_type="text/html")
 
     return handler
 

@@ -140,11 +140,10 @@ def _read_objects(path: Path) -> tuple[list[dict[str, Any]], bool]:
 
 def _walk(directory: Any, prefix: str, objects: list[dict[str, Any]]) -> bool:
     """Append an entry per key (highest cycle), depth first; True if the listing was cut short."""
-    for name in directory.keys(recursive=False, cycle=False):
+    for key in _newest_keys(directory):
         if len(objects) >= MAX_LISTED_OBJECTS:
             return True
-        key = directory.key(name)
-        path = f"{prefix}{name}"
+        path = f"{prefix}{key.fName}"
         entry: dict[str, Any] = {"path": path, "class": key.fClassName, "title": key.fTitle}
         objects.append(entry)
         try:
@@ -175,6 +174,17 @@ def _walk(directory: Any, prefix: str, objects: list[dict[str, Any]]) -> bool:
     return False
 
 
+def _newest_keys(directory: Any) -> list[Any]:
+    """Each name's key of the highest cycle, in the directory's order, from its list of keys:
+    not looked up by name, as a name holding '/' or ';' would be read as a path or a cycle
+    (and one such object would fail the whole file's analysis)."""
+    newest: dict[str, Any] = {}
+    for key in directory._keys:  # uproot's list of the directory's keys, in file order
+        if key.fName not in newest or abs(key.fCycle) > abs(newest[key.fName].fCycle):
+            newest[key.fName] = key
+    return list(newest.values())
+
+
 def _check_decompresses(key: Any, path: str) -> None:
     try:
         key.get_uncompressed_chunk_cursor()
@@ -199,7 +209,9 @@ def describe(payload: Any, class_name: str) -> dict[str, Any]:
 def _member(item: Any) -> dict[str, Any]:
     has_name = getattr(item, "has_member", lambda _: False)("fName")
     name = item.member("fName") if has_name else None
-    return {"name": name, "class": getattr(item, "classname", type(item).__name__)}
+    # Cut like a reason: names inside a compressed list can be megabytes each.
+    return {"name": readable(str(name)) if name is not None else None,
+            "class": readable(str(getattr(item, "classname", type(item).__name__)))}
 
 
 def _finite(value: float) -> float | None:

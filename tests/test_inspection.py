@@ -317,3 +317,30 @@ def test_read_whole_or_record_by_record_the_check_says_the_same(tmp_path, every_
     assert isinstance(whole[0], list) and len(whole[0]) > 10  # the sound file is listed
     reasons = [outcome for outcome in whole if isinstance(outcome, str)]
     assert len(reasons) > 50  # most mutants are refused, for a reason both ways agree on
+
+
+def test_names_holding_slash_or_semicolon_and_long_member_names(tmp_path):
+    """An object named with '/' or ';7' (read by a lookup as a path or a cycle) is analysed like
+    any other, the rest of its file too; list members' names, megabytes once decompressed,
+    are cut to a readable length."""
+    path = tmp_path / "names.root"
+    with uproot.recreate(path) as root_file:
+        root_file["good"] = th1f("good", "good", [1, 2, 3])
+        root_file["hAAAA"] = th1f("hAAAA", "slash", [1, 2, 3])
+        root_file["hBBBB"] = th1f("hBBBB", "cycle", [1, 2, 3])
+    content = path.read_bytes().replace(b"hAAAA", b"h/AAA").replace(b"hBBBB", b"hB;77")
+    path.write_bytes(content)
+    result = analyse_file(path)
+    assert result["state"] == "ok", result
+    found = by_path(result)
+    assert set(found) == {"good", "h/AAA", "hB;77"}
+    assert all(entry["interpreted"] and entry["entries"] == 6 for entry in found.values())
+
+    long_name = "m" * 100_000
+    listed = tmp_path / "list.root"
+    with uproot.recreate(listed) as root_file:
+        root_file["members"] = uproot.writing.identify.to_TList(
+            [th1f(long_name, "t", [1]) for _ in range(3)])
+    (entry,) = analyse_file(listed)["objects"]
+    assert entry["member_count"] == 3
+    assert all(len(member["name"]) <= inspection.MAX_REASON_CHARS for member in entry["members"])

@@ -1,5 +1,6 @@
 """What changed since the previous file of the same agent and run: objects that disappeared or
-appeared, histograms that became empty, entries that went backwards."""
+appeared, objects whose class changed, histograms that became empty, entries that went
+backwards."""
 
 from __future__ import annotations
 
@@ -32,6 +33,17 @@ def compare_with_previous(
     if appeared:
         findings.append(_finding("objects_appeared", appeared, previous_file))
     in_both = sorted(before.keys() & now.keys())
+    class_changed = [path for path in in_both
+                     if before[path].get("class") != now[path].get("class")]
+    if class_changed:
+        findings.append(_finding(
+            "class_changed", class_changed, previous_file,
+            classes={path: [before[path].get("class"), now[path].get("class")]
+                     for path in class_changed[:MAX_LISTED_PATHS]},
+        ))
+    # Contents are compared only between objects of one class (a histogram's entries and a
+    # tree's say different things).
+    in_both = [path for path in in_both if path not in class_changed]
     became_empty = [path for path in in_both
                     if now[path].get("empty") is True and before[path].get("empty") is False]
     if became_empty:

@@ -231,6 +231,18 @@ def test_findings_against_previous_file():
     assert compare_with_previous("prev.root", after, after) == []
 
 
+def test_a_class_change_is_a_finding_and_its_contents_are_not_compared():
+    """An object whose class changed (a histogram replaced by a tree) is reported as such, and
+    its entries are not compared across classes."""
+    before = [{"path": "occ", "class": "TH1F", "entries": 5000, "empty": False},
+              {"path": "hits", "class": "TH1F", "entries": 9, "empty": False}]
+    after = [{"path": "occ", "class": "TTree", "entries": 12},
+             {"path": "hits", "class": "TH1F", "entries": 3, "empty": False}]
+    findings = {f["kind"]: f for f in compare_with_previous("prev.root", before, after)}
+    assert findings["class_changed"]["classes"] == {"occ": ["TH1F", "TTree"]}
+    assert findings["entries_went_backwards"]["entries"] == {"hits": [9, 3]}
+
+
 def test_zlib_marker_helper_is_real(tmp_path):
     """The corruption helper really targets a zlib stream (guards the test above)."""
     sound = write_one_histogram_file(tmp_path / "s.root").read_bytes()

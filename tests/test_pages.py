@@ -186,11 +186,12 @@ async def test_a_failed_analysis_is_shown_to_the_crew(client, tmp_path):
     assert body["filename"] in listing["files"]
 
 
-def _th1(name: str, counts: list[float], low: float = 0.0, high: float = 1.0):
+def _th1(name: str, counts: list[float], low: float = 0.0, high: float = 1.0,
+         entries: float = 4.0):
     from uproot.writing.identify import to_TAxis, to_TH1x
 
     values = np.asarray([0.0, *counts, 0.0])
-    return to_TH1x(name, name, values, fEntries=4.0, fTsumw=1.0, fTsumw2=1.0, fTsumwx=0.5,
+    return to_TH1x(name, name, values, fEntries=entries, fTsumw=1.0, fTsumw2=1.0, fTsumwx=0.5,
                    fTsumwx2=0.5, fSumw2=np.zeros(len(values)),
                    fXaxis=to_TAxis("xaxis", "x", len(counts), low, high))
 
@@ -208,9 +209,9 @@ def _th2(name: str, counts: np.ndarray):
 
 
 async def test_hostile_numbers_in_histograms_do_not_break_the_file_page(client, tmp_path):
-    """Infinite bins in 1D and 2D histograms, an axis starting at NaN, a bin at 1e308: the
-    file page still answers, draws what can be drawn with finite coordinates only, and says
-    which histogram cannot be drawn."""
+    """Infinite bins in 1D and 2D histograms, an axis starting at NaN, a bin at 1e308, infinite
+    entries: the file page still answers, draws what can be drawn with finite coordinates only,
+    says which histogram cannot be drawn, and shows unknown entries as unknown, not 0."""
     from .test_pipeline import analysed, upload
 
     corners = np.ones((6, 6))
@@ -221,6 +222,7 @@ async def test_hostile_numbers_in_histograms_do_not_break_the_file_page(client, 
         root_file["huge"] = _th1("huge", [1.0, 1e308, -1e308, 2.0])
         root_file["inf2d"] = _th2("inf2d", corners)
         root_file["nanaxis"] = _th1("nanaxis", [1.0, 2.0, 3.0], low=float("nan"))
+        root_file["infentries"] = _th1("infentries", [1.0, 2.0], entries=float("inf"))
     response, body = await upload(client, path.read_bytes())
     assert response.status == 200, body
     await analysed(client, body["filename"])
@@ -228,11 +230,13 @@ async def test_hostile_numbers_in_histograms_do_not_break_the_file_page(client, 
     text = await page.text()
     assert page.status == 200
     svgs = re.findall(r"<svg.*?</svg>", text, flags=re.S)
-    assert len(svgs) == 3  # inf1d, huge, inf2d
+    assert len(svgs) == 4  # inf1d, huge, inf2d, infentries
     drawn = " ".join(svgs)
     coordinates = re.findall(r'\b(?:x|y|x1|y1|x2|y2|width|height|points)="([^"]*)"', drawn)
     assert coordinates and all(re.fullmatch(r"[-0-9., ]+", value) for value in coordinates)
     assert not re.search(r">[^<]*\b(nan|inf)\b", drawn)  # nor a tick label
     assert "nothing to draw" in text  # the NaN axis, named
+    infinite_row = re.search(r"<tr>(?:(?!</tr>).)*?>infentries<.*?</tr>", text, flags=re.S)
+    assert infinite_row and '<td class="num">—</td>' in infinite_row.group(0)
     twin = await (await client.get(f"/files/{body['filename']}.json")).json()
-    assert set(twin["previews"]) == {"inf1d", "huge", "inf2d", "nanaxis"}
+    assert set(twin["previews"]) == {"inf1d", "huge", "inf2d", "nanaxis", "infentries"}

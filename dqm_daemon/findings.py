@@ -10,6 +10,13 @@ from typing import Any
 MAX_LISTED_PATHS = 50
 
 
+def _kind(class_name: str | None) -> str | None:
+    """Histograms by dimension (TH1F and TH1D alike), any other class by its name."""
+    if class_name and len(class_name) == 4 and class_name[:3] in ("TH1", "TH2", "TH3"):
+        return class_name[:3]
+    return class_name
+
+
 def _finding(kind: str, paths: list[str], previous_file: str, **extra: Any) -> dict[str, Any]:
     return {
         "kind": kind,
@@ -41,9 +48,10 @@ def compare_with_previous(
             classes={path: [before[path].get("class"), now[path].get("class")]
                      for path in class_changed[:MAX_LISTED_PATHS]},
         ))
-    # Contents are compared only between objects of one class (a histogram's entries and a
-    # tree's say different things).
-    in_both = [path for path in in_both if path not in class_changed]
+    # Contents are compared only within one kind of object (a histogram's entries and a tree's
+    # say different things; a TH1F that became a TH1D is still a 1D histogram).
+    in_both = [path for path in in_both
+               if _kind(before[path].get("class")) == _kind(now[path].get("class"))]
     became_empty = [path for path in in_both
                     if now[path].get("empty") is True and before[path].get("empty") is False]
     if became_empty:

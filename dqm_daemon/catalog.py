@@ -135,6 +135,10 @@ _SUMMARY_COLUMNS = (
     " state, reason, received_json, object_count, findings_json, inspected_at, inspection_ms,"
     " analysis, analysis_reason, analysed_at, analysis_ms"
 )
+# The same without the top-level listing, for the pages and work lists, which never show it (a
+# file of many top-level objects has a long one, parsed for nothing on every status view).
+_PAGE_COLUMNS = ", ".join(column for column in _SUMMARY_COLUMNS.split(", ")
+                          if column != "received_json")
 
 
 def _as_json(value: Any) -> str | None:
@@ -305,7 +309,7 @@ class Catalog:
 
         def snapshot(connection: sqlite3.Connection) -> dict[str, Any]:
             rows = connection.execute(
-                f"SELECT {_SUMMARY_COLUMNS} FROM files ORDER BY received_at DESC LIMIT ?",
+                f"SELECT {_PAGE_COLUMNS} FROM files ORDER BY received_at DESC LIMIT ?",
                 (latest,),
             ).fetchall()
             pending_files, oldest_pending = activity.count_pending(connection)
@@ -399,10 +403,11 @@ class Catalog:
                                    (PENDING, limit))
 
     async def _records(self, condition: str, parameters: tuple[Any, ...]) -> list[FileRecord]:
-        """The summary rows `WHERE condition` (which may end with ORDER BY and LIMIT)."""
+        """The summary rows `WHERE condition` (which may end with ORDER BY and LIMIT), without
+        the top-level listing (`received` is None)."""
         rows = await self._read(
             lambda connection: connection.execute(
-                f"SELECT {_SUMMARY_COLUMNS} FROM files WHERE {condition}", parameters
+                f"SELECT {_PAGE_COLUMNS} FROM files WHERE {condition}", parameters
             ).fetchall()
         )
         return [FileRecord.from_row(row) for row in rows]

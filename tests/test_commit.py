@@ -18,72 +18,70 @@ from .conftest import dqm_headers, make_settings, multipart_file
 from .rootfiles import write_dqm_file, write_one_histogram_file
 
 
-async def test_a_commit_cancelled_at_any_point_leaves_file_and_row_together(tmp_path):
+@pytest.fixture
+async def committing(tmp_path):
+    """The real storage, catalog and commit of a data directory, without the HTTP around."""
+    settings = make_settings(tmp_path / "data")
+    storage = Storage(settings)
+    storage.prepare()
+    catalog = Catalog(settings.catalog_path)
+    await catalog.open()
+    yield storage, catalog, Ingest(catalog, storage)
+    await catalog.close()
+
+
+async def _incoming(storage: Storage, content: bytes):
+    incoming = storage.incoming_file()
+    await asyncio.to_thread(lambda: (incoming.write_now(content), incoming.finish_now()))
+    return incoming
+
+
+async def test_a_commit_cancelled_at_any_point_leaves_file_and_row_together(tmp_path,
+                                                                            committing):
     """A shutdown may cancel an upload inside its commit, at any await: afterwards the file is
     either in the data directory and cataloged, or neither (never a row without its file, which
     would make every retry a 'duplicate' of a missing file)."""
-    settings = make_settings(tmp_path / "data")
-    storage = Storage(settings)
-    storage.prepare()
-    catalog = Catalog(settings.catalog_path)
-    await catalog.open()
-    ingest = Ingest(catalog, storage)
+    storage, catalog, ingest = committing
     content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
     committed = 0
-    try:
-        for turn in range(40):
-            incoming = storage.incoming_file()
-            await asyncio.to_thread(lambda incoming=incoming: (incoming.write_now(content),
-                                                                incoming.finish_now()))
-            dqm = DQMHeaders(run_number=turn, timestamp=1_700_000_000, agent="CUT",
-                             data_status=0)
-            commit = asyncio.create_task(ingest.commit(incoming, dqm, "test"))
-            for _ in range(turn):  # cancelled after a different number of loop turns each time
-                await asyncio.sleep(0)
-            commit.cancel()
-            await asyncio.gather(commit, return_exceptions=True)
-            await incoming.discard()  # as the cancelled upload's handler does
-            await asyncio.sleep(0.05)  # anything still running in a thread is done by now
-            on_disk = (storage.data_dir / dqm.filename).exists()
-            assert on_disk == (await catalog.get(dqm.filename) is not None), turn
-            committed += on_disk
-        assert list(storage.incoming_dir.iterdir()) == []
-        assert 0 < committed < 40  # cancelled before it began, and after
-    finally:
-        await catalog.close()
+    for turn in range(40):
+        incoming = await _incoming(storage, content)
+        dqm = DQMHeaders(run_number=turn, timestamp=1_700_000_000, agent="CUT", data_status=0)
+        commit = asyncio.create_task(ingest.commit(incoming, dqm, "test"))
+        for _ in range(turn):  # cancelled after a different number of loop turns each time
+            await asyncio.sleep(0)
+        commit.cancel()
+        await asyncio.gather(commit, return_exceptions=True)
+        await incoming.discard()  # as the cancelled upload's handler does
+        await asyncio.sleep(0.05)  # anything still running in a thread is done by now
+        on_disk = (storage.data_dir / dqm.filename).exists()
+        assert on_disk == (await catalog.get(dqm.filename) is not None), turn
+        committed += on_disk
+    assert list(storage.incoming_dir.iterdir()) == []
+    assert 0 < committed < 40  # cancelled before it began, and after
 
 
-async def test_a_failed_catalog_write_removes_only_what_the_upload_placed(tmp_path):
+async def test_a_failed_catalog_write_removes_only_what_the_upload_placed(tmp_path,
+                                                                          committing):
     """When cataloging fails the upload is not acknowledged: a file it placed is taken back out,
     but a file that was under the name before it (the same bytes, left by a crash or copied in
     by hand) stays for adoption or the next retry."""
-    settings = make_settings(tmp_path / "data")
-    storage = Storage(settings)
-    storage.prepare()
-    catalog = Catalog(settings.catalog_path)
-    await catalog.open()
-    ingest = Ingest(catalog, storage)
+    storage, _, ingest = committing
     content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
-    with sqlite3.connect(settings.catalog_path) as refusing:
+    with sqlite3.connect(storage.data_dir / "catalog.sqlite3") as refusing:
         refusing.execute("CREATE TRIGGER refuse BEFORE INSERT ON files BEGIN"
                          " SELECT RAISE(ABORT, 'refused'); END")
     refusing.close()
-    try:
-        for run, there_before in ((1, True), (2, False)):
-            dqm = DQMHeaders(run_number=run, timestamp=1_700_000_000, agent="FAIL",
-                             data_status=0)
-            if there_before:
-                (storage.data_dir / dqm.filename).write_bytes(content)
-            incoming = storage.incoming_file()
-            await asyncio.to_thread(lambda incoming=incoming: (incoming.write_now(content),
-                                                                incoming.finish_now()))
-            with pytest.raises(sqlite3.IntegrityError):
-                await ingest.commit(incoming, dqm, "test")
-            await incoming.discard()  # as the failed upload's handler does
-            assert (storage.data_dir / dqm.filename).exists() == there_before
-        assert list(storage.incoming_dir.iterdir()) == []
-    finally:
-        await catalog.close()
+    for run, there_before in ((1, True), (2, False)):
+        dqm = DQMHeaders(run_number=run, timestamp=1_700_000_000, agent="FAIL", data_status=0)
+        if there_before:
+            (storage.data_dir / dqm.filename).write_bytes(content)
+        incoming = await _incoming(storage, content)
+        with pytest.raises(sqlite3.IntegrityError):
+            await ingest.commit(incoming, dqm, "test")
+        await incoming.discard()  # as the failed upload's handler does
+        assert (storage.data_dir / dqm.filename).exists() == there_before
+    assert list(storage.incoming_dir.iterdir()) == []
 
 
 async def test_a_file_placed_but_not_cataloged_is_the_retried_uploads_own(client, data_dir,

@@ -24,6 +24,7 @@ from .appkeys import (
     INSPECTION_QUEUE,
     INSPECTORS,
     METRICS,
+    PAGE_THREAD,
     PREVIEWER,
     RESUMABLE,
     SETTINGS,
@@ -68,6 +69,7 @@ async def storage_and_catalog(app: web.Application) -> AsyncIterator[None]:
     # Uploads have ended, or were cancelled and told their threads to stop; a thread may still
     # need the loop for its last read, so it is waited for off the loop.
     await asyncio.to_thread(app[UPLOAD_THREADS].shutdown, wait=True)
+    await asyncio.to_thread(app[PAGE_THREAD].shutdown, wait=True)
     await app[CATALOG].close()
 
 
@@ -158,6 +160,7 @@ def create_app(
     app[UPLOADS] = uploads
     app[UPLOAD_THREADS] = ThreadPoolExecutor(max_workers=settings.max_concurrent_uploads,
                                              thread_name_prefix="upload-body")
+    app[PAGE_THREAD] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="page")
     app[STARTED_MONOTONIC] = time.monotonic()
     app.cleanup_ctx.append(storage_and_catalog)
     app.cleanup_ctx.append(resumable_uploads)

@@ -31,4 +31,7 @@ INGEST = web.AppKey("ingest", Ingest)
 UPLOADS = web.AppKey("uploads", UploadsInProgress)
 # Each upload's body is read, hashed and written by one of these threads.
 UPLOAD_THREADS = web.AppKey("upload_threads", ThreadPoolExecutor)
+# Pages are rendered by this one thread: a heavy page never takes the threads that commit
+# uploads and probe health, and heavy pages wait their turn.
+PAGE_THREAD = web.AppKey("page_thread", ThreadPoolExecutor)
 STARTED_MONOTONIC = web.AppKey("started_monotonic", float)

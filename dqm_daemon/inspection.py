@@ -140,7 +140,7 @@ def _read_objects(path: Path) -> tuple[list[dict[str, Any]], bool]:
 
 def _walk(directory: Any, prefix: str, objects: list[dict[str, Any]]) -> bool:
     """Append an entry per key (highest cycle), depth first; True if the listing was cut short."""
-    for key in _newest_keys(directory):
+    for key in newest_keys(directory):
         if len(objects) >= MAX_LISTED_OBJECTS:
             return True
         path = f"{prefix}{key.fName}"
@@ -174,7 +174,7 @@ def _walk(directory: Any, prefix: str, objects: list[dict[str, Any]]) -> bool:
     return False
 
 
-def _newest_keys(directory: Any) -> list[Any]:
+def newest_keys(directory: Any) -> list[Any]:
     """Each name's key of the highest cycle, in the directory's order, from its list of keys:
     not looked up by name, as a name holding '/' or ';' would be read as a path or a cycle
     (and one such object would fail the whole file's analysis)."""

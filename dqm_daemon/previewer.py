@@ -42,13 +42,19 @@ class Previewer:
         if missing:
             result = await self._inspector.previews(
                 self._storage.path_of(record.name, record.location), missing, MAX_BINS)
-            for object_path, preview in result.get("previews", {}).items():
+            read = result.get("previews")
+            if read is None:  # the whole read failed (a crash, the time limit): said, and kept
+                read = {object_path: {"error": result.get("reason", "previews failed")}
+                        for object_path in missing}
+            for object_path, preview in read.items():
                 found[object_path] = preview
                 self._remember((record.sha256, object_path), preview)
         return {object_path: found[object_path] for object_path in object_paths
                 if object_path in found}
 
     def _remember(self, key: tuple[str, str], preview: dict[str, Any]) -> None:
+        if key in self._cache:  # read twice by page views at the same moment: counted once
+            self._cached_values -= self._cache.pop(key)[1]
         count = _value_count(preview) + 1
         self._cache[key] = (preview, count)
         self._cached_values += count

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import uproot
 
-from .inspection import INVALID, OK, short_reason
+from .inspection import DIRECTORY_CLASSES, INVALID, OK, newest_keys, short_reason
 
 # Bin values beyond this are drawn at it: scales computed from them stay finite.
 MAX_DRAWN_VALUE = 1e150
@@ -55,7 +55,8 @@ def histogram_preview(histogram: Any, max_bins: int) -> dict[str, Any] | None:
     for index in range(dimensions):
         edges = histogram.axes[index].edges()
         low, high = float(edges[0]), float(edges[-1])
-        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        if not (math.isfinite(low) and math.isfinite(high) and low < high
+                and math.isfinite(high - low)):
             raise ValueError(f"axis {index + 1} runs from {low} to {high}: nothing to draw")
         values = _coarsen(values, index, max_bins, average=is_profile)
         axes.append({"low": low, "high": high,
@@ -69,13 +70,29 @@ def histogram_preview(histogram: Any, max_bins: int) -> dict[str, Any] | None:
     }
 
 
+def _keys_by_path(directory: Any, prefix: str, wanted: set[str], found: dict[str, Any]) -> None:
+    """The keys of the wanted object paths, paths built as the analysis lists them (not looked
+    up by name: a name may hold '/' or ';', which a lookup reads as a path or a cycle)."""
+    for key in newest_keys(directory):
+        path = f"{prefix}{key.fName}"
+        if path in wanted and path not in found:
+            found[path] = key
+        if key.fClassName in DIRECTORY_CLASSES and any(
+                name.startswith(f"{path}/") for name in wanted):
+            _keys_by_path(key.get(), f"{path}/", wanted, found)
+
+
 def read_previews(path: str | Path, object_paths: list[str], max_bins: int) -> dict[str, Any]:
     previews: dict[str, Any] = {}
     try:
         with uproot.open(path, handler=uproot.source.file.MultithreadedFileSource) as root_file:
+            keys: dict[str, Any] = {}
+            _keys_by_path(root_file, "", set(object_paths), keys)
             for object_path in object_paths:
                 try:
-                    preview = histogram_preview(root_file[object_path], max_bins)
+                    if object_path not in keys:
+                        raise KeyError(f"no object {object_path!r} in the file")
+                    preview = histogram_preview(keys[object_path].get(), max_bins)
                 except Exception as exc:
                     previews[object_path] = {"error": short_reason(exc)}
                     continue

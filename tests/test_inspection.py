@@ -358,3 +358,32 @@ def test_names_holding_slash_or_semicolon_and_long_member_names(tmp_path):
     (entry,) = analyse_file(listed)["objects"]
     assert entry["member_count"] == 3
     assert all(len(member["name"]) <= inspection.MAX_REASON_CHARS for member in entry["members"])
+
+
+def test_previews_find_the_objects_the_listing_names(tmp_path):
+    """Previews read each object the listing names, even one named 'good;1' beside 'good' or
+    named with a '/', and refuse an axis whose span overflows (drawing it would give NaN)."""
+    from uproot.writing.identify import to_TAxis, to_TH1x
+
+    from dqm_daemon.page_format import preview_svg
+    from dqm_daemon.previews import read_previews
+
+    path = tmp_path / "names.root"
+    values = np.array([0.0, 1.0, 1.0, 0.0])
+    with uproot.recreate(path) as root_file:
+        root_file["good"] = th1f("good", "good", [1, 2, 3])
+        root_file["gXXXXX"] = th1f("gXXXXX", "cycle-like", [7, 7, 7, 7, 7])
+        root_file["hAAAA"] = th1f("hAAAA", "slash", [4, 4])
+        root_file["wide"] = to_TH1x(
+            "wide", "wide", values, fEntries=2.0, fTsumw=2.0, fTsumw2=2.0, fTsumwx=0.0,
+            fTsumwx2=0.0, fSumw2=values,
+            fXaxis=to_TAxis("xaxis", "x", 2, -1e308, 1e308, fXbins=np.array([-1e308, 0, 1e308])))
+    path.write_bytes(path.read_bytes().replace(b"gXXXXX", b"good;1").replace(b"hAAAA", b"h/AAA"))
+    listed = [entry["path"] for entry in analyse_file(path)["objects"]]
+    assert listed == ["good", "good;1", "h/AAA", "wide"]
+    previews = read_previews(path, listed, 100)["previews"]
+    assert previews["good"]["values"] == [1, 2, 3]
+    assert previews["good;1"]["values"] == [7, 7, 7, 7, 7]
+    assert previews["h/AAA"]["values"] == [4, 4]
+    assert "nothing to draw" in previews["wide"]["error"]
+    assert "nan" not in preview_svg(previews["good"])

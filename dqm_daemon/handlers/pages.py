@@ -11,7 +11,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from .. import activity
-from ..appkeys import CATALOG, PREVIEWER, SETTINGS
+from ..appkeys import CATALOG, PAGE_THREAD, PREVIEWER, SETTINGS
 from ..catalog import IN_DATA_DIR, OK, PENDING
 from ..naming import MAX_RUN_NUMBER, bounded_integer
 from ..status import file_summary, status_report
@@ -74,9 +74,10 @@ def page(template: str, build: DataBuilder) -> Callable[[web.Request], Awaitable
     async def handler(request: web.Request) -> web.Response:
         data = await build(request)
         context = {"data": data, "refresh_seconds": request.app[SETTINGS].page_refresh_seconds}
-        # Rendered in a thread: a file page drawing many histograms takes a while, and the
-        # event loop serves uploads and health checks meanwhile.
-        text = await asyncio.to_thread(aiohttp_jinja2.render_string, template, request, context)
+        # Rendered in the page thread: a file page drawing many histograms takes a while, and
+        # the event loop serves uploads and health checks meanwhile.
+        text = await asyncio.get_running_loop().run_in_executor(
+            request.app[PAGE_THREAD], aiohttp_jinja2.render_string, template, request, context)
         return web.Response(text=text, content_type="text/html")
 
     return handler

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from typing import Any
 
 import pendulum
 import structlog
@@ -111,3 +112,20 @@ class Analyst:
                  reason=result.get("reason"), findings=len(findings) if findings else 0,
                  duration_ms=round(duration_seconds * 1000, 1),
                  child_peak_rss_kib=result.get("peak_rss_kib"))
+        if analysis == DONE:
+            await self._compare_successor(record, objects)
+
+    async def _compare_successor(self, record: FileRecord, objects: list[dict[str, Any]]) -> None:
+        """A file analysed after its successor (it arrived late, or waited for its check) is
+        the one its successor must be compared with: the successor's findings are redone."""
+        successor = await self._catalog.next_analysed(record)
+        if successor is None:
+            return
+        name, successor_objects = successor
+        if len(successor_objects) > LARGE_OBJECT_LIST:
+            findings = await asyncio.to_thread(compare_with_previous, record.name, objects,
+                                               successor_objects)
+        else:
+            findings = compare_with_previous(record.name, objects, successor_objects)
+        await self._catalog.record_findings(name, findings)
+        log.info("findings_redone", file=name, previous_file=record.name, findings=len(findings))

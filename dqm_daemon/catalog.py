@@ -431,6 +431,29 @@ class Catalog:
 
         return await self._read(fetch)
 
+    async def next_analysed(self, record: FileRecord) -> tuple[str, list[dict[str, Any]]] | None:
+        """The name and objects of the earliest analysed file of the same agent and run sent
+        after `record`: analysed before it (it arrived late), it was compared with another."""
+
+        def fetch(connection: sqlite3.Connection) -> tuple[str, list[dict[str, Any]]] | None:
+            row = connection.execute(
+                "SELECT name, objects_json FROM files WHERE agent = ? AND run = ? AND state = ?"
+                " AND analysis = ? AND name != ?"
+                " AND (timestamp > ? OR (timestamp = ? AND received_at > ?))"
+                " ORDER BY timestamp, received_at LIMIT 1",
+                (record.agent, record.run, OK, DONE, record.name, record.timestamp,
+                 record.timestamp, record.received_at),
+            ).fetchone()
+            if row is None or row["objects_json"] is None:
+                return None
+            return row["name"], json.loads(row["objects_json"])
+
+        return await self._read(fetch)
+
+    async def record_findings(self, name: str, findings: list[dict[str, Any]]) -> None:
+        await self._run(lambda connection: connection.execute(
+            "UPDATE files SET findings_json = ? WHERE name = ?", (_as_json(findings), name)))
+
     async def dqm_files(
         self, *, run: int | None = None, agent: str | None = None, since: int | None = None
     ) -> list[FileRecord]:

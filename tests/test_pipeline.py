@@ -130,6 +130,31 @@ async def test_findings_against_previous_file_of_agent_and_run(client, tmp_path)
     assert findings["objects_disappeared"]["previous_file"] == first_body["filename"]
 
 
+async def test_a_file_analysed_late_becomes_its_successors_previous_file(client, tmp_path):
+    """Files analysed out of their agent's order (one arrived late): once the late one is
+    analysed, the file after it is compared with it, not with the one before both."""
+    paths = {}
+    for label, names in (("P", ["a"]), ("A", ["a", "b", "pad"]), ("B", ["a", "b"])):
+        paths[label] = tmp_path / f"{label}.root"
+        with uproot.recreate(paths[label]) as root_file:
+            for name in names:
+                root_file[name] = th1f(name, name, [1, 2])
+    filenames = {}
+    for label, timestamp in (("P", 5000), ("B", 5200), ("A", 5100)):  # A arrives last
+        _, body = await upload(client, paths[label].read_bytes(), timestamp=timestamp, run=7)
+        filenames[label] = body["filename"]
+        await analysed(client, body["filename"])
+    findings = {finding["kind"]: finding
+                for finding in (await info(client, filenames["B"]))["findings"]}
+    assert findings["objects_disappeared"]["objects"] == ["pad"]
+    assert findings["objects_disappeared"]["previous_file"] == filenames["A"]
+    assert "objects_appeared" not in findings
+    late = {finding["kind"]: finding
+            for finding in (await info(client, filenames["A"]))["findings"]}
+    assert late["objects_appeared"]["objects"] == ["b", "pad"]
+    assert late["objects_appeared"]["previous_file"] == filenames["P"]
+
+
 async def test_crashing_child_marks_file_invalid_and_is_replaced(faulty_client, one_histogram_file):
     """A child that dies on a file makes that file invalid; the next file is inspected fine."""
     response, body = await upload(faulty_client, one_histogram_file, agent="CRASH")

@@ -10,11 +10,11 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import datetime
 import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pendulum
 import structlog
 
 from .cancellation import run_to_the_end
@@ -35,8 +35,14 @@ class Commit:
     duplicate: bool  # True: the same file was already stored; nothing new was kept
 
 
+def iso_utc(moment: datetime.datetime) -> str:
+    """UTC, ISO 8601, always with microseconds: the catalog sorts these as text, and a time on
+    a whole second written without its fraction would sort after the rest of that second."""
+    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def utc_now() -> str:
-    return pendulum.now("UTC").to_iso8601_string()
+    return iso_utc(datetime.datetime.now(datetime.UTC))
 
 
 def new_record(name: str, size: int, sha256: str, dqm: DQMHeaders, uploader: str) -> FileRecord:

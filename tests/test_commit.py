@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import sqlite3
+from datetime import UTC, datetime
 
 import pytest
 
@@ -108,3 +109,15 @@ async def test_a_file_placed_but_not_cataloged_is_the_retried_uploads_own(client
             assert (data_dir / name).read_bytes() == other  # never overwritten
         assert (data_dir / body["filename"]).read_bytes() == content
         assert body["sha256"] == hashlib.sha256(content).hexdigest()
+
+
+def test_receipt_times_sort_as_text_in_time_order():
+    """The catalog orders files by `received_at` as text: every time has its microseconds, so a
+    time on a whole second does not sort after the later times of that second."""
+    from dqm_daemon.ingest import iso_utc, utc_now
+
+    second = datetime(2026, 11, 29, 15, 0, 0, tzinfo=UTC)
+    times = [iso_utc(second.replace(microsecond=micro)) for micro in (0, 1, 500_000, 999_999)]
+    assert times[0] == "2026-11-29T15:00:00.000000Z"
+    assert sorted(times) == times
+    assert datetime.fromisoformat(utc_now()).tzinfo == UTC  # and each reads back as UTC

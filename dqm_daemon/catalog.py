@@ -246,6 +246,9 @@ class _Lane:
                 connection.executescript(activity.SCHEMA)
             else:
                 connection.execute("PRAGMA query_only=ON")
+                # A first read opens the write-ahead log now. Opened later, after the data
+                # directory vanished (an unmounted disk), it never opens: every read fails.
+                connection.execute("SELECT count(*) FROM files").fetchone()
             return connection
 
         self.connection = await asyncio.get_running_loop().run_in_executor(self._thread, connect)

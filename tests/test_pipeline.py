@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import sqlite3
 import sys
@@ -426,6 +427,27 @@ async def test_writes_sharing_a_commit_fail_alone(tmp_path):
         assert other.execute("SELECT count(*) FROM files").fetchone()[0] == 20
         assert other.execute("SELECT count(*) FROM agent_runs").fetchone()[0] == 20
     other.close()
+
+
+async def test_the_catalog_still_reads_after_its_directory_vanished(tmp_path):
+    """The data directory removed under an open catalog (an unmounted disk) before anything
+    was read: reads still answer from the open files, and writes too (SQLite keeps them)."""
+    from dqm_daemon.catalog import Catalog
+    from dqm_daemon.ingest import new_record
+    from dqm_daemon.naming import DQMHeaders
+
+    directory = tmp_path / "data"
+    directory.mkdir()
+    catalog = Catalog(directory / "catalog.sqlite3")
+    await catalog.open()
+    try:
+        await catalog.add(new_record("a.root", 1, "x", DQMHeaders(1, 1, "EMC", 0), "u"))
+        shutil.rmtree(directory)
+        await catalog.add(new_record("b.root", 1, "y", DQMHeaders(2, 1, "EMC", 0), "u"))
+        assert (await catalog.get("a.root")).run == 1
+        assert (await catalog.get("b.root")).run == 2
+    finally:
+        await catalog.close()
 
 
 async def test_shutdown_answers_an_upload_waiting_for_room_in_the_queue(tmp_path):

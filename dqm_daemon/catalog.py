@@ -12,6 +12,7 @@ import dataclasses
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -145,6 +146,13 @@ def _as_json(value: Any) -> str | None:
     return json.dumps(value) if value is not None else None
 
 
+def is_fault(error: BaseException) -> bool:
+    """An error of the catalog itself (its disk, its file), not of one statement's values."""
+    return isinstance(error, sqlite3.DatabaseError) and not isinstance(
+        error, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.DataError,
+                sqlite3.NotSupportedError))
+
+
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
     if future.done():  # its caller was cancelled; the write happened all the same
         return
@@ -268,12 +276,42 @@ class Catalog:
         self._path = path
         self._writer = _Lane("catalog-writer")
         self._reader = _Lane("catalog-reader")
+        # The latest fault of the catalog itself: when (monotonic) and what.
+        self._last_fault: tuple[float, str] | None = None
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        return await self._writer.write(work)
+        try:
+            return await self._writer.write(work)
+        except Exception as exc:
+            self._note_fault(exc)
+            raise
 
     async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        return await self._reader.run(work)
+        try:
+            return await self._reader.run(work)
+        except Exception as exc:
+            self._note_fault(exc)
+            raise
+
+    async def _read_if_readable(self, work: Callable[[sqlite3.Connection], T]) -> T | None:
+        """`work`'s result, or None when a fault of the catalog stops it (kept for /healthz)."""
+        try:
+            return await self._read(work)
+        except Exception as exc:
+            if not is_fault(exc):
+                raise
+            return None
+
+    def _note_fault(self, error: Exception) -> None:
+        if is_fault(error):
+            self._last_fault = (time.monotonic(), str(error))
+
+    def recent_fault(self, within_seconds: float) -> str | None:
+        """What the catalog's latest fault said, if it came within the last `within_seconds`."""
+        if self._last_fault is None:
+            return None
+        when, what = self._last_fault
+        return what if time.monotonic() - when <= within_seconds else None
 
     async def open(self) -> None:
         await self._writer.connect(self._path, writer=True)  # creates the schema first
@@ -306,9 +344,15 @@ class Catalog:
         """Run a read-only query function (see `activity`) on the catalog's thread."""
         return await self._read(lambda connection: query(connection, *args))
 
-    async def status_snapshot(self, latest: int, runs: int, invalid_since: str) -> dict[str, Any]:
+    async def view_if_readable(self, query: Callable[..., T], *args: Any) -> T | None:
+        """`view`, or None when a fault of the catalog stops it (kept for /healthz)."""
+        return await self._read_if_readable(lambda connection: query(connection, *args))
+
+    async def status_snapshot(self, latest: int, runs: int,
+                              invalid_since: str) -> dict[str, Any] | None:
         """Everything the status page reads, in one trip to the reader thread: under load,
-        each trip waits its turn on a busy event loop."""
+        each trip waits its turn on a busy event loop. None when a fault of the catalog stops
+        it: the page still shows the live state, and the fault."""
 
         def snapshot(connection: sqlite3.Connection) -> dict[str, Any]:
             rows = connection.execute(
@@ -327,7 +371,7 @@ class Catalog:
                 "invalid_since": activity.count_invalid_since(connection, invalid_since),
             }
 
-        return await self._read(snapshot)
+        return await self._read_if_readable(snapshot)
 
     async def run_files(self, run: int, limit: int) -> list[FileRecord]:
         """One run's files by agent and time."""

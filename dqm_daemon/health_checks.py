@@ -7,11 +7,13 @@ import time
 
 from aiohttp import web
 
-from .appkeys import INSPECTION_QUEUE, INSPECTORS, SETTINGS, STORAGE
+from .appkeys import CATALOG, INSPECTION_QUEUE, INSPECTORS, SETTINGS, STORAGE
 
 # The queue is stuck when it holds jobs and no inspection started or finished for this long
 # beyond the inspection time limit.
 STUCK_MARGIN_SECONDS = 30.0
+# A fault of the catalog (its disk, its file) is reported this long after the latest one.
+CATALOG_FAULT_SECONDS = 60.0
 
 
 async def health_problems(app: web.Application) -> list[str]:
@@ -19,6 +21,8 @@ async def health_problems(app: web.Application) -> list[str]:
     problems = []
     if not await storage.writable():
         problems.append("data directory not writable")
+    if fault := app[CATALOG].recent_fault(CATALOG_FAULT_SECONDS):
+        problems.append(f"catalog failing: {fault}")
     if storage.free_bytes() < settings.disk_reserve_bytes:
         problems.append("free disk below the reserve: uploads are refused")
     workers = len(app[INSPECTORS])

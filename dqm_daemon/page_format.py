@@ -16,6 +16,11 @@ from .svg import draw
 STATE_MARKS = {"ok": ("✔", "tag-ok"), "pending": ("…", ""), "invalid": ("✖", "tag-bad")}
 
 
+def unknown(value: Any) -> Any:
+    """A count the catalog could not give, as a dash."""
+    return "—" if value is None else value
+
+
 def human_bytes(size: float | None) -> str:
     if size is None:
         return "—"
@@ -93,4 +98,5 @@ FILTERS = {
     "number": number,
     "state_tag": state_tag,
     "svg": preview_svg,
+    "unknown": unknown,
 }

@@ -61,7 +61,7 @@ def _banner(report: dict[str, Any], settings: Settings,
     if settings.disk_reserve_bytes <= disk["free_bytes"] < 2 * settings.disk_reserve_bytes:
         warnings.append("free disk low (under twice the reserve)")
     inspection = report["inspection"]
-    if inspection["pending_files"] > settings.inspection_backlog_warning:
+    if (inspection["pending_files"] or 0) > settings.inspection_backlog_warning:
         warnings.append(f"inspection backlog: {inspection['pending_files']} files waiting")
     elif (inspection["oldest_pending_seconds"] or 0) > BACKLOG_AGE_WARNING_SECONDS:
         warnings.append("inspection backlog: a file has waited over "
@@ -81,9 +81,15 @@ async def status_report(app: web.Application) -> dict[str, Any]:
     now = pendulum.now("UTC")
     invalid_since = now.subtract(seconds=INVALID_WINDOW_SECONDS).to_iso8601_string()
     snapshot = await catalog.status_snapshot(LATEST_FILES, RECENT_RUNS, invalid_since)
+    catalog_readable = snapshot is not None
+    if snapshot is None:  # the live state still shows; the banner says what failed
+        snapshot = dict.fromkeys(("pending_files", "oldest_pending_at", "awaiting_analysis",
+                                  "invalid_since"))
+        snapshot.update(latest_files=[], agents=[], runs=[])
     queue = app[INSPECTION_QUEUE]
     report: dict[str, Any] = {
         "generated_at": now.to_iso8601_string(),
+        "catalog_readable": catalog_readable,
         "version": __version__,
         "uptime_seconds": round(time.monotonic() - app[STARTED_MONOTONIC]),
         "disk": {"free_bytes": app[STORAGE].free_bytes(),

@@ -10,6 +10,7 @@ import pty
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -476,6 +477,39 @@ async def test_a_vanished_data_directory_is_reported_not_a_500(client, data_dir)
     assert (await client.get("/metrics")).status == 200
     response = await client.post("/rest/api/files", data=b"x" * 100, headers=dqm_headers())
     assert response.status == 507
+
+
+async def test_a_broken_catalog_is_reported_and_the_pages_still_answer(client, data_dir,
+                                                                      one_histogram_file):
+    """The catalog's file damaged under the daemon: the status page and its JSON still answer
+    with the live state and an ERROR banner saying what failed, /metrics answers, and
+    /healthz gives 503 with the same reason."""
+    response = await client.post("/rest/api/files", data=multipart_file(one_histogram_file),
+                                 headers=dqm_headers())
+    assert response.status == 200
+    path = data_dir / "catalog.sqlite3"
+    with sqlite3.connect(path) as other:  # everything into the main file, then overwrite it
+        other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    other.close()
+    with path.open("r+b") as catalog_file:
+        catalog_file.seek(100)  # past SQLite's header: the tables' pages
+        catalog_file.write(b"\xff" * (path.stat().st_size - 100))
+    response = await client.get("/status.json")
+    assert response.status == 200
+    report = await response.json()
+    assert report["catalog_readable"] is False
+    assert report["level"] == "ERROR"
+    assert "catalog failing: database disk image is malformed" in report["reasons"]
+    assert report["inspection"]["workers"] == 2 and report["latest_files"] == []
+    page = await client.get("/status")
+    assert page.status == 200
+    text = await page.text()
+    assert "catalog failing: database disk image is malformed" in text
+    assert "unknown: the catalog cannot be read" in text
+    assert (await client.get("/metrics")).status == 200
+    response = await client.get("/healthz")
+    assert response.status == 503
+    assert "catalog failing: database disk image is malformed" in (await response.json())["problems"]
 
 
 async def test_healthz_503_when_disk_below_reserve(aiohttp_client, data_dir):

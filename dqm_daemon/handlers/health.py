@@ -42,10 +42,12 @@ async def metrics(request: web.Request) -> web.Response:
     registry.queue_depth.set(app[INSPECTION_QUEUE].depth)
     registry.uploads_in_flight.set(len(app[UPLOADS]))
     registry.free_disk.set(app[STORAGE].free_bytes())
-    for state, count in (await app[CATALOG].view(activity.count_by_state)).items():
+    # When the catalog cannot be read, its gauges keep their last values: /healthz says why.
+    for state, count in (await app[CATALOG].view_if_readable(activity.count_by_state)
+                         or {}).items():
         registry.files.labels(state).set(count)
     latest: dict[str, float] = {}  # by label: agents past the label limit share one
-    for agent in await app[CATALOG].view(activity.agents_board):
+    for agent in await app[CATALOG].view_if_readable(activity.agents_board) or []:
         label = registry.agent_label(agent["agent"])
         latest[label] = max(latest.get(label, 0.0),
                             activity.unix_seconds(agent["last_received_at"]))

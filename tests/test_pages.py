@@ -240,3 +240,42 @@ async def test_hostile_numbers_in_histograms_do_not_break_the_file_page(client, 
     assert infinite_row and '<td class="num">—</td>' in infinite_row.group(0)
     twin = await (await client.get(f"/files/{body['filename']}.json")).json()
     assert set(twin["previews"]) == {"inf1d", "huge", "inf2d", "nanaxis", "infentries"}
+
+
+async def test_preview_cache_keeps_what_it_counts(tmp_path, monkeypatch):
+    """Page views at the same moment read the same previews twice; the cache counts them once,
+    so it keeps the latest files' previews (here: they still show after the files are gone,
+    read from memory) rather than drifting until it holds nothing."""
+    from dqm_daemon import previewer
+    from dqm_daemon.catalog import IN_DATA_DIR
+    from dqm_daemon.ingest import new_record
+    from dqm_daemon.inspection_pool import InspectorProcess
+    from dqm_daemon.naming import DQMHeaders
+    from dqm_daemon.storage import Storage
+
+    from .rootfiles import th1f
+
+    monkeypatch.setattr(previewer, "CACHED_VALUES", 1000)  # three files of 3 x 101 values
+    storage = Storage(make_settings(tmp_path / "data"))
+    storage.prepare()
+    paths = ["h0", "h1", "h2"]
+    records = []
+    for number in range(8):
+        name = f"file{number}.root"
+        with uproot.recreate(storage.path_of(name, IN_DATA_DIR)) as root_file:
+            for path in paths:
+                root_file[path] = th1f(path, path, [number] * 100)
+        records.append(new_record(name, 1, f"sha{number}", DQMHeaders(number, 1, "EMC", 0), "u"))
+    cache = previewer.Previewer(InspectorProcess(1 << 31, 20.0), storage)
+    try:
+        for record in records:  # two views of each file's page at once: both read it
+            first, second = await asyncio.gather(cache.previews(record, paths),
+                                                 cache.previews(record, paths))
+            assert first == second and all("values" in first[path] for path in paths)
+        for record in records:
+            storage.path_of(record.name, record.location).unlink()
+        for record in records[-3:]:
+            shown = await cache.previews(record, paths)
+            assert all(shown[path]["values"][0] == int(record.name[4]) for path in paths)
+    finally:
+        await cache.close()

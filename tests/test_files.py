@@ -178,3 +178,23 @@ async def test_restart_adopts_files_and_removes_temporaries(aiohttp_client, tmp_
     assert record.received == {"test": "Obj name: test, Obj IsA() Name: TH1F"}
     assert (data_dir / "quarantine" / not_root.name).exists()
     assert (await catalog.get(not_root.name)).state == "invalid"
+
+
+async def test_an_unreadable_file_does_not_stop_adoption(aiohttp_client, data_dir):
+    """A file in the data directory whose read fails (here with EIO, as a bad disk block would)
+    is left alone at start-up: the daemon starts and the files after it are adopted."""
+    data_dir.mkdir(parents=True)
+    unreadable = data_dir / "AAAhistos_41_DQM_2024_05_01_10_00_00.root"  # sorted first
+    unreadable.symlink_to("/proc/self/mem")  # a regular file whose read at 0 fails
+    with pytest.raises(OSError):
+        unreadable.read_bytes()
+    adopted = write_one_histogram_file(data_dir / "TPChistos_42_DQM_2024_05_01_10_00_00.root")
+    client = await aiohttp_client(create_app(make_settings(data_dir)))
+    catalog = client.server.app[CATALOG]
+    for _ in range(500):  # adoption goes on in the background
+        if await catalog.get(adopted.name):
+            break
+        await asyncio.sleep(0.01)
+    assert (await catalog.get(adopted.name)).uploader == "adopted"
+    assert await catalog.get(unreadable.name) is None
+    assert (await client.get("/healthz")).status == 200

@@ -9,6 +9,8 @@ import hashlib
 import io
 import json
 import random
+import sys
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -315,3 +317,37 @@ async def test_unfinished_uploads_are_limited_and_shown_while_they_stream(tmp_pa
         async with await streaming as answer:
             assert answer.status == 204 and answer.headers["DQM-State"] == "ok"
         await _create(session, daemon.url, len(content))  # the finished one made room
+
+
+async def test_a_finished_upload_frees_its_slot_while_its_check_runs(tmp_path, daemon):
+    """The final PATCH leaves its upload slot once the bytes are committed, as a POST does:
+    while its file is checked (two seconds here), another agent's upload is taken, not refused
+    for lack of a slot, and the status page shows no upload in progress."""
+    config = tmp_path / "config.toml"
+    config.write_text("max_concurrent_uploads = 1\ninspection_budget_seconds = 20\n")
+    daemon.extra_args = ["--config", str(config)]
+    daemon.command = [sys.executable, str(Path(__file__).with_name("faulty_daemon.py"))]
+    daemon.start()
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{daemon.url}/rest/api/uploads/", headers={
+                **TUS, "Upload-Length": str(len(content)),
+                "Upload-Metadata": _metadata(runNumber="31", timeStamp="1700000000",
+                                             amoreAgent="SLOW")}) as answer:
+            assert answer.status == 201
+            location = daemon.url + answer.headers["Location"]
+        finishing = asyncio.create_task(_patch(session, location, 0, content))
+        for _ in range(100):  # until the file is committed and waits for its check
+            async with session.get(f"{daemon.url}/status.json") as answer:
+                report = await answer.json()
+            if report["inspection"]["pending_files"]:
+                break
+            await asyncio.sleep(0.02)
+        assert report["inspection"]["pending_files"] == 1 and report["uploads"] == []
+        assert not finishing.done()
+        async with session.post(f"{daemon.url}/rest/api/files", data=content, headers={
+                "token": TOKEN, "runNumber": "32", "timeStamp": "1700000000",
+                "amoreAgent": "EMC", "dataStatus": "0"}) as answer:
+            assert answer.status == 200, await answer.text()
+        async with await finishing as answer:
+            assert answer.status == 204 and answer.headers["DQM-State"] == "ok"

@@ -148,9 +148,15 @@ def _check_positive(settings: Settings, *names: str) -> None:
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Settings)}
 
 
+# Settings whose values an error message never repeats.
+_SECRET_SETTINGS = frozenset({"pages_basic_auth"})
+
+
 def _coerce(key: str, value: Any) -> Any:
     """Check a config-file value against the field's declared type."""
     kind = _FIELD_TYPES[key]
+    if key in _SECRET_SETTINGS and not isinstance(value, str):
+        raise SettingsError(f"{key}: expected a string")
     if kind == "Path":
         if not isinstance(value, str):
             raise SettingsError(f"{key}: expected a path string, got {value!r}")
@@ -171,6 +177,14 @@ def _coerce(key: str, value: Any) -> Any:
     raise SettingsError(f"{key}: cannot be set here")  # pragma: no cover
 
 
+def check_token(token: str, where: str) -> None:
+    """A token an HTTP header can carry as it is: printable ASCII, no space at either end
+    (clients and servers strip those, so such a token could never match)."""
+    if token != token.strip(" \t") or not all(" " <= character <= "~" for character in token):
+        raise SettingsError(f"{where}: a token must be printable ASCII, without spaces at its "
+                            "ends (an HTTP header cannot carry it otherwise)")
+
+
 def _tokens_from_table(table: Any) -> dict[str, str]:
     """`[tokens]` maps an uploader name to its token; return token → name."""
     if not isinstance(table, dict):
@@ -179,6 +193,7 @@ def _tokens_from_table(table: Any) -> dict[str, str]:
     for uploader, token in table.items():
         if not isinstance(token, str) or not token.strip():
             raise SettingsError(f"tokens.{uploader}: expected a non-empty token string")
+        check_token(token, f"tokens.{uploader}")
         if token in tokens:
             raise SettingsError(f"tokens.{uploader}: same token as tokens.{tokens[token]}")
         tokens[token] = uploader
@@ -192,8 +207,8 @@ def _tokens_from_credentials(path: Path, known: Mapping[str, str]) -> dict[str, 
     try:
         with open(path, "rb") as credential_file:
             table = tomllib.load(credential_file)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise SettingsError(f"credential {path} is not readable TOML: {exc}") from exc
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"credential {path} is not readable UTF-8 TOML: {exc}") from exc
     tokens = _tokens_from_table(table)
     for token, uploader in tokens.items():
         if token in known:
@@ -218,8 +233,9 @@ def load_settings(
                 document = tomllib.load(config_file)
         except OSError as exc:
             raise SettingsError(f"cannot read config file {config_path}: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise SettingsError(f"config file {config_path} is not valid TOML: {exc}") from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"config file {config_path} is not valid UTF-8 TOML: "
+                                f"{exc}") from exc
         for key, value in document.items():
             if key == "tokens":
                 tokens.update(_tokens_from_table(value))
@@ -232,6 +248,7 @@ def load_settings(
         tokens.update(_tokens_from_credentials(Path(credentials) / CREDENTIAL_NAME, tokens))
     env_token = environ.get(TOKEN_ENV_VAR, "").strip()
     if env_token:
+        check_token(env_token, TOKEN_ENV_VAR)
         tokens.setdefault(env_token, ENV_TOKEN_UPLOADER)
     for key, value in overrides.items():
         if value is not None:

@@ -57,7 +57,10 @@ def test_redacted_settings_never_show_tokens():
         ("resumable_expiry_seconds = -inf\n", "resumable_expiry_seconds: expected a finite"),
         ("[tokens]\na = 'same'\nb = 'same'\n", "tokens.b: same token as tokens.a"),
         ("[tokens]\na = ''\n", "tokens.a: expected a non-empty token"),
-        ("port = \n", "is not valid TOML"),
+        ("port = \n", "is not valid UTF-8 TOML"),
+        ("[tokens]\na = 'emc-secret '\n", "tokens.a: a token must be printable ASCII, without"),
+        ("[tokens]\na = 'caf\u00e9'\n", "tokens.a: a token must be printable ASCII"),
+        ("pages_basic_auth = ['shift:hunter2']\n", "pages_basic_auth: expected a string$"),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(tmp_path, text, fragment):
@@ -66,6 +69,17 @@ def test_bad_config_is_refused_naming_the_key(tmp_path, text, fragment):
     config.write_text(text)
     with pytest.raises(SettingsError, match=fragment):
         load_settings(config, environ={})
+
+
+def test_a_config_that_is_not_utf8_is_refused_cleanly(tmp_path):
+    """A config saved in Latin-1 (a `ü` in a comment) is refused with a message, as bad TOML
+    is. A token variable a header cannot carry (not ASCII) is refused: it could never match."""
+    config = tmp_path / "config.toml"
+    config.write_bytes("# Z\u00fcrich\nport = 8080\n".encode("latin-1"))
+    with pytest.raises(SettingsError, match="is not valid UTF-8 TOML"):
+        load_settings(config, environ={})
+    with pytest.raises(SettingsError, match="DQM_DAEMON_TOKEN: a token must be printable"):
+        load_settings(None, environ={"DQM_DAEMON_TOKEN": "\u00e9t\u00e9"})
 
 
 def test_no_token_is_refused():

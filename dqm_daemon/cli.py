@@ -13,11 +13,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import structlog
 
 from . import __version__
-from .client import EXIT_USAGE, UploadOptions, upload_all
+from .client import EXIT_INTERRUPTED, EXIT_USAGE, UploadOptions, upload_all
 from .logs import configure_logging
 from .service import serve
 from .settings import TOKEN_ENV_VAR, Settings, SettingsError, load_settings
@@ -69,13 +70,21 @@ def _upload(arguments: argparse.Namespace) -> int:
     if arguments.token_file is not None:
         try:
             token = arguments.token_file.read_text().splitlines()[0].strip()
-        except (OSError, IndexError) as exc:
+        except (OSError, IndexError, ValueError) as exc:  # ValueError: not UTF-8
             print(f"dqm-daemon: cannot read a token from {arguments.token_file}: {exc}",
                   file=sys.stderr)
             return EXIT_USAGE
     if not token:
         print(f"dqm-daemon: no token: set {TOKEN_ENV_VAR} or pass --token-file",
               file=sys.stderr)
+        return EXIT_USAGE
+    url = urlsplit(arguments.url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        print(f"dqm-daemon: --url must be http://host:port or https://host:port, got "
+              f"{arguments.url!r}", file=sys.stderr)
+        return EXIT_USAGE
+    if arguments.retries < 0:
+        print("dqm-daemon: --retries must be 0 or more", file=sys.stderr)
         return EXIT_USAGE
     missing = [str(path) for path in arguments.files if not path.is_file()]
     if missing:
@@ -85,7 +94,11 @@ def _upload(arguments: argparse.Namespace) -> int:
                             agent=arguments.agent, timestamp=arguments.timestamp,
                             data_status=arguments.data_status, retries=arguments.retries,
                             resumable_threshold=arguments.resume_above)
-    return asyncio.run(upload_all(arguments.files, options, arguments.json))
+    try:
+        return asyncio.run(upload_all(arguments.files, options, arguments.json))
+    except KeyboardInterrupt:
+        print("dqm-daemon: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def main(argv: list[str] | None = None) -> int:

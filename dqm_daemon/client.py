@@ -1,8 +1,8 @@
 """The reference uploader: `dqm-daemon upload FILE... --url URL --run N --agent NAME`.
 
 Streams each file from disk with its SHA-256 as `Repr-Digest`, shows progress, retries network
-errors and 5xx/503 with backoff (honouring Retry-After) and stops at the first 4xx with the
-server's message. A retry sends the same name and digest, so it never stores a second copy.
+errors, 5xx, 408 and 429 with backoff (honouring Retry-After) and stops at any other 4xx, or a
+redirect, with the server's message. A retry sends the same name and digest, so it never stores a second copy.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import aiohttp
 CHUNK_BYTES = 1024 * 1024
 LOCKED_WAIT_SECONDS = 15
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_GAVE_UP = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report it
 
 
 class UploadRefused(Exception):
@@ -143,16 +144,18 @@ async def upload_file(session: aiohttp.ClientSession, path: Path, options: Uploa
         progress.restart()
         try:
             async with session.post(f"{options.url.rstrip('/')}/rest/api/files",
-                                    data=_file_body(path, progress), headers=headers) as answer:
+                                    data=_file_body(path, progress), headers=headers,
+                                    allow_redirects=False) as answer:
                 body = await _json_or_text(answer)
-                if answer.status in (200, 202) and isinstance(body, dict):
+                if answer.status in (200, 202) and isinstance(body, dict) and "filename" in body:
                     progress.done()
                     return body
+                _refuse_for_good(answer, body)
                 message = body.get("message", "") if isinstance(body, dict) else body
-                if 400 <= answer.status < 500:
-                    raise UploadRefused(answer.status, message)
                 last_problem = f"{answer.status}: {message}"
                 delay = _retry_delay(attempt, options, answer.headers.get("Retry-After"))
+        except aiohttp.ClientSSLError as exc:
+            raise GaveUp(f"{path.name}: TLS failed, retrying cannot help ({exc})") from None
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
             last_problem = f"{type(exc).__name__}: {exc}"
             delay = _retry_delay(attempt, options, None)
@@ -178,11 +181,13 @@ async def _resumable_upload(session: aiohttp.ClientSession, path: Path, options:
         try:
             if location is None:
                 async with session.post(f"{base}/rest/api/uploads/", headers={
-                        **headers, **TUS, "Upload-Length": str(size)}) as answer:
+                        **headers, **TUS, "Upload-Length": str(size)},
+                        allow_redirects=False) as answer:
                     if answer.status != 201:
                         await _refuse_or_retry(answer)
                     location = base + answer.headers["Location"]
-            async with session.head(location, headers={"token": options.token, **TUS}) as answer:
+            async with session.head(location, headers={"token": options.token, **TUS},
+                                    allow_redirects=False) as answer:
                 if answer.status == 404:
                     location = None  # expired: start a new upload (the daemon dedups)
                     raise aiohttp.ClientError("the unfinished upload expired")
@@ -198,7 +203,7 @@ async def _resumable_upload(session: aiohttp.ClientSession, path: Path, options:
             async with session.patch(location, data=_file_body(path, progress, offset), headers={
                     "token": options.token, **TUS, "Upload-Offset": str(offset),
                     "Content-Type": "application/offset+octet-stream",
-                    "Content-Length": str(size - offset)}) as answer:
+                    "Content-Length": str(size - offset)}, allow_redirects=False) as answer:
                 if answer.status != 204:
                     await _refuse_or_retry(answer)
                 if "DQM-Filename" in answer.headers:
@@ -208,6 +213,8 @@ async def _resumable_upload(session: aiohttp.ClientSession, path: Path, options:
             continue
         except UploadRefused:
             raise
+        except aiohttp.ClientSSLError as exc:
+            raise GaveUp(f"{path.name}: TLS failed, retrying cannot help ({exc})") from None
         except _RetryLater as exc:
             last_problem, delay = str(exc), _retry_delay(attempt, options, exc.retry_after)
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError) as exc:
@@ -236,13 +243,33 @@ async def _json_or_text(answer: aiohttp.ClientResponse) -> dict[str, Any] | str:
         return text.strip()[:300] or (answer.reason or "")
 
 
+# 4xx answers worth another try: the link stalled (408), slow down (429).
+RETRIED_REFUSALS = frozenset({408, 429})
+# And for a resumable upload: the offset moved (409), another request holds the upload (423),
+# a chunk was damaged (460): ask where it stands and go on.
+RETRIED_RESUMABLE_REFUSALS = RETRIED_REFUSALS | {409, 423, 460}
+
+
+def _refuse_for_good(answer: aiohttp.ClientResponse, body: dict[str, Any] | str,
+                     retried: frozenset[int] = RETRIED_REFUSALS) -> None:
+    """Raise UploadRefused for an answer another try cannot change: a 4xx (but `retried`), a
+    redirect (never followed: it would turn the upload into a GET, and could take the token
+    to another host), or a success that is not the daemon's."""
+    message = body.get("message", "") if isinstance(body, dict) else body
+    if 300 <= answer.status < 400:
+        raise UploadRefused(answer.status, f"redirected to {answer.headers.get('Location')!r};"
+                            " give the receiver's own address as --url")
+    if 400 <= answer.status < 500 and answer.status not in retried:
+        raise UploadRefused(answer.status, message)
+    if 200 <= answer.status < 300:
+        raise UploadRefused(answer.status, f"not an answer of dqm-daemon: {str(body)[:300]}")
+
+
 async def _refuse_or_retry(answer: aiohttp.ClientResponse) -> None:
-    """A 4xx refuses the file (409/423/460: the offset moved, another request holds the
-    upload, a chunk was damaged: ask again); the rest is worth another try."""
+    """Refuse the file for good (see `_refuse_for_good`), or raise _RetryLater."""
     body = await _json_or_text(answer)
     message = body.get("message", "") if isinstance(body, dict) else body
-    if 400 <= answer.status < 500 and answer.status not in (409, 423, 460):
-        raise UploadRefused(answer.status, message)
+    _refuse_for_good(answer, body, RETRIED_RESUMABLE_REFUSALS)
     # A PATCH cut off on our side may hold the upload until the daemon's read timeout.
     retry_after = str(LOCKED_WAIT_SECONDS) if answer.status == 423 else None
     raise _RetryLater(f"{answer.status}: {message}",

@@ -260,3 +260,120 @@ def test_retry_after_is_honoured_up_to_the_longest_backoff():
     assert client_module._retry_delay(0, options, "86400") == 60
     assert client_module._retry_delay(3, options, None) == 8
 
+
+
+class StallingProxy:
+    """A loopback TCP proxy that, once `stall_after` bytes went upstream, forwards nothing more
+    upstream for `stall_seconds` (a link that stalls), then goes on."""
+
+    def __init__(self, target_port: int, stall_after: int, stall_seconds: float) -> None:
+        self.target_port, self.stall_after, self.stall_seconds = (target_port, stall_after,
+                                                                  stall_seconds)
+        self.forwarded = 0
+        self.stalled = False
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _handle(self, client_reader, client_writer) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1",
+                                                                         self.target_port)
+
+        async def pump(reader, writer, upstream: bool):
+            try:
+                while data := await reader.read(65536):
+                    if upstream:
+                        self.forwarded += len(data)
+                        if not self.stalled and self.forwarded > self.stall_after:
+                            self.stalled = True
+                            await asyncio.sleep(self.stall_seconds)
+                    writer.write(data)
+                    await writer.drain()
+            finally:
+                writer.close()
+
+        await asyncio.gather(pump(client_reader, upstream_writer, True),
+                             pump(upstream_reader, client_writer, False),
+                             return_exceptions=True)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+@pytest.mark.parametrize("resume_above", ["1", "1000000000"])
+async def test_a_stalled_link_answered_408_is_retried(tmp_path, daemon, resume_above):
+    """The daemon gives up on an upload whose bytes stop coming (408, its read timeout); the
+    client sends again (resumes, on the resumable path) and the file is stored once."""
+    config = tmp_path / "config.toml"
+    config.write_text("read_timeout_seconds = 1\n")
+    daemon.extra_args = ["--config", str(config)]
+    daemon.start()
+    path = tmp_path / "big.root"
+    path.write_bytes(write_one_histogram_file(tmp_path / "h.root").read_bytes()
+                     + random.Random(5).randbytes(3 * 1024 * 1024))
+    proxy = StallingProxy(daemon.port, stall_after=1_000_000, stall_seconds=3.0)
+    port = await proxy.start()
+    try:
+        code, out, err = await run_client(str(path), "--url", f"http://127.0.0.1:{port}",
+                                          "--run", "13", "--json", "--resume-above",
+                                          resume_above)
+    finally:
+        await proxy.stop()
+    assert code == 0, err
+    assert "408: No data received for 1.0 s" in err
+    (answer,) = [json.loads(line) for line in out.splitlines()]
+    assert answer["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert [p.name for p in stored_dqm_files(daemon.data_dir)] == [answer["filename"]]
+
+
+async def test_a_redirect_is_refused_and_never_followed(tmp_path, unused_tcp_port_factory):
+    """A receiver address that redirects (a moved host, a proxy's login page) is not followed:
+    following would turn the upload into a GET and carry the token to the other host. The
+    client stops with the Location in its message, and the other host sees nothing."""
+    from aiohttp import web
+
+    seen = []
+
+    async def elsewhere(request):
+        seen.append((request.method, request.headers.get("token")))
+        return web.json_response({"files": []})
+
+    async def moved(request):
+        raise web.HTTPMovedPermanently(location=f"http://localhost:{other_port}{request.path}")
+
+    runners = []
+    ports = []
+    for handler in (elsewhere, moved):
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = unused_tcp_port_factory()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners.append(runner)
+        ports.append(port)
+    other_port, moved_port = ports
+    path = write_one_histogram_file(tmp_path / "h.root")
+    try:
+        for resume_above in ("1", "1000000000"):
+            code, out, err = await run_client(str(path), "--url", f"http://127.0.0.1:{moved_port}",
+                                              "--run", "14", "--resume-above", resume_above)
+            assert code == 1, err
+            assert f"refused (301): redirected to 'http://localhost:{other_port}/rest/api/" in err
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+    assert seen == []
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8080", "ftp://127.0.0.1/", "http://"])
+async def test_an_address_that_is_not_http_is_a_usage_error(tmp_path, url):
+    """A --url without http(s):// and a host is refused at once (exit 2), not retried."""
+    path = write_one_histogram_file(tmp_path / "h.root")
+    code, out, err = await run_client(str(path), "--url", url, "--run", "1")
+    assert code == EXIT_USAGE
+    assert "--url must be http://host:port or https://host:port" in err

@@ -66,10 +66,21 @@ async def serve(settings: Settings, environ: Mapping[str, str]) -> int:
     # A socket buffer of a whole chunk: uploads arrive in fewer, larger reads.
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=FINAL_SHUTDOWN_SECONDS,
                            read_bufsize=settings.chunk_bytes)
-    await runner.setup()  # catalog open, temporaries removed, workers and recovery started
-    refuse_malformed_requests_in_json(runner)
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
+    try:
+        await runner.setup()  # catalog open, temporaries removed, workers and recovery started
+        refuse_malformed_requests_in_json(runner)
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+    except Exception as exc:
+        # One clear line (the port taken, the data directory not a directory) rather than a
+        # traceback on stderr; anything else with its traceback, as a log line.
+        if isinstance(exc, OSError):
+            log.error("startup_failed", error=str(exc))
+        else:
+            log.exception("startup_failed")
+        await runner.cleanup()
+        notifier.close()
+        return 1
     log.info("listening", host=settings.host, port=settings.port, version=__version__)
     await app[INSPECTION_QUEUE].recovery_queued.wait()
     notifier.ready(status_line(app))

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -55,6 +56,32 @@ async def _upload(session: aiohttp.ClientSession, url: str, content, **header_va
         body = await response.json()
         assert response.status == 200, body
         return body
+
+
+def test_a_start_that_fails_says_why_in_one_log_line(tmp_path):
+    """The port taken by another program, or a data directory that is a file: the daemon logs
+    one `startup_failed` line saying why (what journald shows) and exits 1, no traceback."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    not_a_directory = tmp_path / "a-file"
+    not_a_directory.write_text("")
+    environment = dict(os.environ, DQM_DAEMON_TOKEN=TOKEN)
+    try:
+        for arguments, reason in (
+                (["--port", str(taken.getsockname()[1]), "--data-dir", str(tmp_path / "d")],
+                 "address already in use"),
+                (["--port", "1", "--data-dir", str(not_a_directory)], "File exists")):
+            finished = subprocess.run([sys.executable, "-m", "dqm_daemon", "serve", *arguments],
+                                      env=environment, capture_output=True, text=True,
+                                      timeout=60)
+            assert finished.returncode == 1
+            assert "Traceback" not in finished.stdout + finished.stderr
+            (failure,) = [json.loads(line) for line in finished.stdout.splitlines()
+                          if '"startup_failed"' in line]
+            assert failure["level"] == "error" and reason in failure["error"]
+    finally:
+        taken.close()
 
 
 async def test_config_tokens_name_uploaders_and_never_leak(tmp_path, daemon):

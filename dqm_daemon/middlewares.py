@@ -35,11 +35,15 @@ OPERATIONS_PATHS = ("/healthz", "/metrics")
 CLIENT_GONE = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
 
 
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bind a request id to every log line of the request and log one line when it ends."""
     structlog.contextvars.clear_contextvars()
-    request_id = uuid.uuid4().hex[:16]
+    request_id = new_request_id()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = time.perf_counter()
     status = 500

@@ -287,8 +287,29 @@ async def test_expect_continue_refuses_before_the_body(client, one_histogram_fil
     answer = await asyncio.wait_for(reader.readexactly(length), 5)
     assert b"Received token, but it is invalid!" in answer
     assert b"connection: close" in head.lower()
+    assert b"x-request-id:" in head.lower()
     writer.close()
     await writer.wait_closed()
+
+
+async def test_expect_continue_refusals_are_logged_and_counted(client):
+    """A refusal at `Expect: 100-continue` comes before any middleware; it still gets its log
+    line and request id, and (past the token check) counts as a rejected upload."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from structlog.testing import capture_logs
+
+    with capture_logs() as logs:
+        response = await client.post("/rest/api/files", data=b"x" * 1000, expect100=True,
+                                     headers=dqm_headers(runNumber="x", amoreAgent="EMC"))
+    assert response.status == 400
+    (line,) = [entry for entry in logs if entry["event"] == "request"]
+    assert (line["status"], line["path"], line["request_id"]) == (
+        400, "/rest/api/files", response.headers["X-Request-Id"])
+    metrics = await (await client.get("/metrics")).text()
+    rejected = [sample.value for family in text_string_to_metric_families(metrics)
+                for sample in family.samples if sample.name == "dqm_uploads_total"
+                and sample.labels == {"agent": "unknown", "result": "rejected"}]
+    assert rejected == [1.0]
 
 
 async def test_expect_continue_accepts_good_upload(client, one_histogram_file):

@@ -22,7 +22,7 @@ from ..appkeys import (
 from ..catalog import OK, FileRecord
 from ..digests import check_digests, expected_digests
 from ..ingest import Commit
-from ..middlewares import UPLOADER, error_response, uploader_for_token
+from ..middlewares import UPLOADER, error_response, new_request_id, uploader_for_token
 from ..naming import parse_dqm_headers
 from ..storage import IncomingFile
 from ..upload_body import receive_body
@@ -62,14 +62,26 @@ async def expect_continue(request: web.Request) -> web.Response | None:
     if request.version < (1, 1) or request.headers.get("Expect", "").lower() != "100-continue":
         return None
     settings = request.app[SETTINGS]
+    started = time.perf_counter()
+    agent = None  # known once the token is
     try:
         uploader_for_token(request.headers, settings.tokens)
-        parse_dqm_headers(request.headers)
+        agent = "unknown"
+        agent = parse_dqm_headers(request.headers).agent
         expected_digests(request.headers)
         check_room(request.app, request.content_length)
     except web.HTTPException as exc:
         response = error_response(exc)
         response.force_close()
+        # No middleware sees this answer: it gets its request id, log line and count here.
+        request_id = new_request_id()
+        response.headers["X-Request-Id"] = request_id
+        log.info("request", request_id=request_id, method=request.method, path=request.path,
+                 status=response.status, expect="100-continue",
+                 duration_ms=round((time.perf_counter() - started) * 1000, 1))
+        if agent is not None:  # past the token check, as post_file counts
+            metrics = request.app[METRICS]
+            metrics.uploads.labels("rejected", metrics.agent_label(agent)).inc()
         return response
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     request.writer.output_size = 0  # the interim answer is not part of the response body

@@ -153,7 +153,8 @@ WHOLE_FILE_BYTES = 4 * 1024 * 1024
 
 def read_structure(path: Path, max_entries: int) -> Structure:
     """Every key of the file in the order uproot lists them (highest cycle of each name,
-    directories depth first), each payload's framing checked. Raises StructureError."""
+    directories depth first; the first `max_entries`), each payload's framing checked (all
+    of them). Raises StructureError."""
     with open(path, "rb") as stored:
         root_file = _File(stored.fileno(), os.fstat(stored.fileno()).st_size)
         header = root_file.head(0, _FILE_LARGE.size)
@@ -184,9 +185,12 @@ def _read_key(record: _Record, offset: int) -> _Key:
     nbytes, _, obj_len, _, key_len, cycle, seek_key, _ = fields
     class_name, position = record.string(offset + layout.size)
     name, position = record.string(position)
-    title, _ = record.string(position)
+    title, position = record.string(position)
     if nbytes < key_len or key_len < _KEY_START.size or obj_len < 0:
         raise StructureError(f"key {name!r} declares impossible sizes")
+    if position - offset != key_len:  # ROOT and uproot step over the strings, not fKeylen
+        raise StructureError(f"key {name!r}: its header holds {position - offset} bytes, "
+                             f"not the {key_len} it declares")
     return _Key(nbytes, obj_len, key_len, cycle, seek_key, class_name, name, title)
 
 
@@ -196,7 +200,7 @@ def _walk_directory(root_file: _File, record_offset: int, prefix: str, structure
     if depth > MAX_DIRECTORY_DEPTH:
         raise StructureError(f"{where}: directories nested deeper than {MAX_DIRECTORY_DEPTH}")
     directory = root_file.head(record_offset, RECORD_HEAD_BYTES)
-    version, _, _, _, _ = directory.unpack(_DIR_START, 0)
+    version, _, _, nbytes_keys, _ = directory.unpack(_DIR_START, 0)
     seeks = _DIR_SEEKS_LARGE if version > 1000 else _DIR_SEEKS_SMALL
     _, _, seek_keys = directory.unpack(seeks, _DIR_START.size)
     if seek_keys == 0:
@@ -206,6 +210,9 @@ def _walk_directory(root_file: _File, record_offset: int, prefix: str, structure
     visited.add(seek_keys)
     # The key list is one record: a key header, the number of keys, then their headers.
     (list_bytes,) = root_file.head(seek_keys, 4).unpack(_I32, 0)
+    if list_bytes != nbytes_keys:  # ROOT and uproot read fNbytesKeys bytes of it
+        raise StructureError(f"{where}: the key list holds {list_bytes} bytes, its directory "
+                             f"says {nbytes_keys}")
     key_list = root_file.record(seek_keys, list_bytes)
     list_key = _read_key(key_list, 0)
     (count,) = key_list.unpack(_I32, list_key.key_len)
@@ -217,21 +224,20 @@ def _walk_directory(root_file: _File, record_offset: int, prefix: str, structure
     for _ in range(count):
         key = _read_key(key_list, position)
         position += key.key_len
-        if key.name not in newest or key.cycle > newest[key.name].cycle:
+        # The newest cycle as uproot (and so the analysis and previews) picks it.
+        if key.name not in newest or abs(key.cycle) > abs(newest[key.name].cycle):
             newest[key.name] = key
     for name, key in newest.items():
-        if len(structure.entries) >= max_entries:
-            structure.truncated = True
-            return
         path = f"{prefix}{name}"
-        entry = Entry(path, key.class_name, key.title)
-        structure.entries.append(entry)
+        # Past the listing's limit every key is still checked, only no longer listed.
+        if len(structure.entries) < max_entries:
+            structure.entries.append(Entry(path, key.class_name, key.title))
+        else:
+            structure.truncated = True
         payload_offset = key.seek_key + key.key_len
         if key.class_name in DIRECTORY_CLASSES:
             _walk_directory(root_file, payload_offset, f"{path}/", structure, max_entries,
                             depth + 1, visited)
-            if structure.truncated:
-                return
         else:
             _check_payload(root_file, key, payload_offset, path)
 

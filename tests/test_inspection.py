@@ -305,6 +305,74 @@ def test_a_directory_that_contains_itself_is_invalid(tmp_path):
     assert "contains itself" in result["reason"]
 
 
+def _top_directory_record(content: bytes) -> int:
+    """Where the top directory's record starts: after the file's own key and name at fBEGIN
+    (a small file: 32-bit fields)."""
+    begin, nbytes_name = (int.from_bytes(content[8:12], "big"),
+                          int.from_bytes(content[28:32], "big"))
+    return begin + nbytes_name
+
+
+def test_a_key_list_read_otherwise_than_uproot_reads_it_is_invalid(tmp_path):
+    """ROOT and uproot read fNbytesKeys bytes of a directory's key list and step over each key
+    header's strings: a list whose own length disagrees with its directory's, or a key whose
+    strings disagree with its declared header length (one flipped bit each), is unreadable to
+    them, so the check refuses it too (it passed such files, and only the analysis failed)."""
+    sound = write_one_histogram_file(tmp_path / "sound.root").read_bytes()
+    with uproot.open(tmp_path / "sound.root") as root_file:
+        seek_keys = root_file.fSeekKeys
+    short_list = bytearray(sound)
+    _put_int32(short_list, _top_directory_record(sound) + 10, 20)  # fNbytesKeys
+    long_title = bytearray(sound)
+    class_length = sound[seek_keys + 26]  # the list's own key header: its class name...
+    name_length = sound[seek_keys + 27 + class_length]
+    long_title[seek_keys + 28 + class_length + name_length] ^= 0x01  # ...name, title length
+    for name, content, reason in (("short.root", short_list, "its directory says 20"),
+                                  ("title.root", long_title, "not the")):
+        path = tmp_path / name
+        path.write_bytes(bytes(content))
+        with pytest.raises(Exception), uproot.open(path) as root_file:  # noqa: B017
+            root_file.keys()  # uproot cannot read it (its error class does not matter)
+        result = inspect_file(path)
+        assert result["state"] == "invalid" and reason in result["reason"], result
+
+
+def test_the_key_checked_is_the_key_read(tmp_path):
+    """A key's cycle turned negative by one bit: uproot takes the highest |cycle| as the newest,
+    so the check must take that key too, and check its payload (here: past the end)."""
+    path = tmp_path / "cycles.root"
+    with uproot.recreate(path) as root_file:
+        root_file["h"] = th1f("h", "first", [1, 2])
+        root_file["h"] = th1f("h", "second", [3, 4])
+    with uproot.open(path) as root_file:
+        first = min((key.fCycle, key.cursor.index) for key in root_file._keys)[1]
+    content = bytearray(path.read_bytes())
+    content[first + 16] ^= 0x80  # fCycle 1 becomes -32767
+    _put_int32(content, first + 18, 0x7FFFF000)  # its fSeekKey, far past the end
+    path.write_bytes(bytes(content))
+    result = inspect_file(path)
+    assert result["state"] == "invalid" and "past the end of the file" in result["reason"]
+
+
+def test_keys_past_the_listing_limit_are_still_checked(tmp_path, monkeypatch):
+    """A file of more objects than are listed: the listing stops at the limit, the check does
+    not (a broken key after the limit made a file valid that uproot cannot read)."""
+    monkeypatch.setattr(inspection, "MAX_LISTED_OBJECTS", 3)
+    path = tmp_path / "many.root"
+    with uproot.recreate(path) as root_file:
+        for index in range(5):
+            root_file[f"h{index}"] = th1f(f"h{index}", "h", [index, 1])
+    listed = inspect_file(path)
+    assert listed["state"] == "ok" and len(listed["objects"]) == 3, listed
+    with uproot.open(path) as root_file:
+        last = max(key.cursor.index for key in root_file._keys)
+    content = bytearray(path.read_bytes())
+    _put_int32(content, last + 18, 0x7FFFF000)  # the last key's fSeekKey: past the end
+    path.write_bytes(bytes(content))
+    result = inspect_file(path)
+    assert result["state"] == "invalid" and "h4: its payload lies past the end" in result["reason"]
+
+
 def _structure_or_reason(path: Path) -> object:
     try:
         structure = root_structure.read_structure(path, inspection.MAX_LISTED_OBJECTS)

@@ -46,6 +46,10 @@ def describe_exit(returncode: int | None) -> str:
     return f"exit status {returncode}"
 
 
+class _ChildCrashed(Exception):
+    """The child ended during a job (its exit, described, is the message)."""
+
+
 class InspectorProcess:
     def __init__(self, memory_cap_bytes: int, time_limit_seconds: float,
                  command: tuple[str, ...] = CHILD_COMMAND, niceness: int = 0) -> None:
@@ -123,8 +127,18 @@ class InspectorProcess:
                     log.error("inspection_child_failed_to_start", error=str(exc))
 
     async def run_job(self, job: dict[str, Any]) -> dict[str, Any]:
+        """The child's answer to `job`. A crash is retried once in a fresh child: the child may
+        have died before the job (killed while idle, before asyncio noticed, or from outside),
+        and a sound file must not pay for that. A file that crashes two children is invalid."""
         async with self._turn:
-            return await self._exchange(job)
+            try:
+                return await self._exchange(job)
+            except _ChildCrashed as crash:
+                log.warning("inspection_child_crashed", file=job["path"], exit=str(crash))
+            try:
+                return await self._exchange(job)
+            except _ChildCrashed as crash:
+                return {"state": INVALID, "reason": f"inspection crashed ({crash})"}
 
     async def _exchange(self, job: dict[str, Any]) -> dict[str, Any]:
         if not self.alive:
@@ -142,13 +156,12 @@ class InspectorProcess:
                     "reason": f"inspection took longer than the limit of {self._time_limit_seconds:g} s"}
         except (ConnectionError, ValueError):  # broken pipe, an over-long line, or no answer
             await self._reap(process)
-            return {"state": INVALID,
-                    "reason": f"inspection crashed ({describe_exit(process.returncode)})"}
+            raise _ChildCrashed(describe_exit(process.returncode)) from None
 
     @staticmethod
     async def _read_result(output: asyncio.StreamReader) -> dict[str, Any]:
         line = await output.readline()
-        if not line:
+        if not line.endswith(b"\n"):  # nothing, or a line cut short: the child died writing it
             raise ConnectionError("the child closed its output")
         if len(line) > LARGE_RESULT_BYTES:  # parsing megabytes would stall the event loop
             result = await asyncio.to_thread(json.loads, line)
@@ -157,7 +170,7 @@ class InspectorProcess:
         if result.pop(LISTING_FOLLOWS, False):
             # A sound file's listing, as JSON text on a line of its own: stored as it is.
             listing = await output.readline()
-            if not listing:
+            if not listing.endswith(b"\n"):
                 raise ConnectionError("the child closed its output")
             result["objects_json"] = (await asyncio.to_thread(_line_text, listing)
                                       if len(listing) > LARGE_RESULT_BYTES

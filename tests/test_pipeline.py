@@ -168,13 +168,18 @@ async def test_crashing_child_marks_file_invalid_and_is_replaced(faulty_client, 
     assert faulty_client.server.app[INSPECTORS][0].pid != first_pid
 
 
+@pytest.mark.parametrize("agent", ["HALF", "CUT"])
 async def test_a_child_gone_between_result_and_listing_is_a_crash(faulty_client,
-                                                                  one_histogram_file):
+                                                                  one_histogram_file, agent):
     """A sound file's listing follows its result on a line of its own: a child that exits in
-    between has crashed on that file, and the next file gets a new child."""
-    response, body = await upload(faulty_client, one_histogram_file, agent="HALF")
+    between, or half-way through the listing's line (that half was stored as the listing, and
+    the file's page failed on it), has crashed on that file; the next file gets a new child."""
+    response, body = await upload(faulty_client, one_histogram_file, agent=agent)
     assert response.status == 400
     assert body["reason"] == "inspection crashed (exit status 3)"
+    info = await faulty_client.get(f"/rest/api/files/{body['filename']}/info",
+                                   headers=AUTH)
+    assert info.status == 200 and (await info.json())["state"] == "invalid"
     response, body = await upload(faulty_client, one_histogram_file, agent="EMC")
     assert response.status == 200, body
     assert body["received"] == {"test": "Obj name: test, Obj IsA() Name: TH1F"}
@@ -480,3 +485,20 @@ async def test_shutdown_answers_an_upload_waiting_for_room_in_the_queue(tmp_path
     finally:
         await catalog.close()
 
+
+
+async def test_a_child_killed_while_idle_does_not_fail_the_next_file(tmp_path):
+    """A child killed between jobs (the OOM killer, an operator) before the daemon noticed:
+    the next file, sound, is checked in a fresh child rather than blamed for the crash."""
+    from dqm_daemon.inspection_pool import InspectorProcess
+
+    path = write_one_histogram_file(tmp_path / "sound.root")
+    inspector = InspectorProcess(2 << 30, 60.0)
+    try:
+        for _ in range(3):
+            await inspector.warm_up()
+            os.kill(inspector.pid, signal.SIGKILL)  # and at once the next job
+            result = await inspector.inspect(path)
+            assert result["state"] == "ok", result
+    finally:
+        await inspector.close()

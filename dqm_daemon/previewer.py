@@ -1,6 +1,5 @@
 """Histogram previews for the file page, read by a child process of their own and kept in a
-cache bounded by the bin values it holds: a stored file never changes, so a preview is read
-once."""
+cache bounded by the memory it takes: a stored file never changes, so a preview is read once."""
 
 from __future__ import annotations
 
@@ -11,15 +10,22 @@ from .catalog import FileRecord
 from .inspection_pool import InspectorProcess
 from .storage import Storage
 
-# Previews kept in memory, by file content and object path: at most this many bin values in all
-# (a 1D preview holds up to MAX_BINS, a 2D one (MAX_BINS / 2) squared).
-CACHED_VALUES = 1_000_000
+# Previews kept in memory, by file content and object path: about this many bytes in all (a 1D
+# preview holds up to MAX_BINS values, a 2D one (MAX_BINS / 2) squared, and titles of at most
+# MAX_REASON_CHARS characters).
+CACHED_BYTES = 64 * 1024 * 1024
 MAX_BINS = 100
+# What a preview costs in memory, roughly: a float in a list, and the dictionaries around.
+BYTES_PER_VALUE = 32
+BYTES_PER_PREVIEW = 1024
 
 
-def _value_count(preview: dict[str, Any]) -> int:
+def _estimated_bytes(preview: dict[str, Any]) -> int:
     values = preview.get("values", [])
-    return sum(len(row) for row in values) if preview.get("dimensions") == 2 else len(values)
+    count = sum(len(row) for row in values) if preview.get("dimensions") == 2 else len(values)
+    texts = [preview.get("title", ""), preview.get("error", "")]
+    texts += [axis.get("title", "") for axis in preview.get("axes", [])]
+    return BYTES_PER_PREVIEW + BYTES_PER_VALUE * count + sum(len(text) for text in texts)
 
 
 class Previewer:
@@ -27,7 +33,7 @@ class Previewer:
         self._inspector = inspector
         self._storage = storage
         self._cache: OrderedDict[tuple[str, str], tuple[dict[str, Any], int]] = OrderedDict()
-        self._cached_values = 0
+        self._cached_bytes = 0
 
     async def previews(self, record: FileRecord, object_paths: list[str]) -> dict[str, Any]:
         """Drawable contents of the named histograms of a stored file, by object path (only
@@ -54,13 +60,13 @@ class Previewer:
 
     def _remember(self, key: tuple[str, str], preview: dict[str, Any]) -> None:
         if key in self._cache:  # read twice by page views at the same moment: counted once
-            self._cached_values -= self._cache.pop(key)[1]
-        count = _value_count(preview) + 1
-        self._cache[key] = (preview, count)
-        self._cached_values += count
-        while self._cached_values > CACHED_VALUES and len(self._cache) > 1:
+            self._cached_bytes -= self._cache.pop(key)[1]
+        size = _estimated_bytes(preview)
+        self._cache[key] = (preview, size)
+        self._cached_bytes += size
+        while self._cached_bytes > CACHED_BYTES and len(self._cache) > 1:
             _, (_, dropped) = self._cache.popitem(last=False)
-            self._cached_values -= dropped
+            self._cached_bytes -= dropped
 
     async def close(self) -> None:
         await self._inspector.close()

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import uproot
 
-from .inspection import DIRECTORY_CLASSES, INVALID, OK, newest_keys, short_reason
+from .inspection import DIRECTORY_CLASSES, INVALID, OK, newest_keys, readable, short_reason
 
 # Bin values beyond this are drawn at it: scales computed from them stay finite.
 MAX_DRAWN_VALUE = 1e150
@@ -34,7 +34,7 @@ def _coarsen(values: np.ndarray, axis: int, max_bins: int, average: bool) -> np.
 
 def _axis_title(histogram: Any, index: int) -> str:
     axis = histogram.axes[index]
-    return str(axis.member("fTitle")) if hasattr(axis, "member") else ""
+    return readable(str(axis.member("fTitle"))) if hasattr(axis, "member") else ""
 
 
 def histogram_preview(histogram: Any, max_bins: int) -> dict[str, Any] | None:
@@ -62,7 +62,7 @@ def histogram_preview(histogram: Any, max_bins: int) -> dict[str, Any] | None:
         axes.append({"low": low, "high": high,
                      "bins": int(values.shape[index]), "title": _axis_title(histogram, index)})
     return {
-        "title": str(histogram.title),
+        "title": readable(str(histogram.title)),  # a file's titles may run to megabytes
         "class": histogram.classname,
         "dimensions": dimensions,
         "axes": axes,

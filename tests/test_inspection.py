@@ -455,3 +455,24 @@ def test_previews_find_the_objects_the_listing_names(tmp_path):
     assert previews["h/AAA"]["values"] == [4, 4]
     assert "nothing to draw" in previews["wide"]["error"]
     assert "nan" not in preview_svg(previews["good"])
+
+
+def test_previews_carry_short_titles(tmp_path):
+    """A histogram's titles come from the file and may run to megabytes (each preview is kept
+    in the daemon's memory): previews carry them printable and at most 300 characters long."""
+    from uproot.writing.identify import to_TAxis, to_TH1x
+
+    from dqm_daemon.previews import read_previews
+
+    path = tmp_path / "titles.root"
+    values = np.array([0.0, 1.0, 2.0, 0.0])
+    histogram = to_TH1x(
+        "h", "T" * 20_000 + "\n", values, fEntries=3.0, fTsumw=3.0, fTsumw2=3.0, fTsumwx=0.0,
+        fTsumwx2=0.0, fSumw2=values,  # the title as long as a key header allows
+        fXaxis=to_TAxis("xaxis", "X" * 2_000_000, 2, 0.0, 1.0))  # in the payload: no limit
+    with uproot.recreate(path) as root_file:
+        root_file["h"] = histogram
+    (preview,) = read_previews(path, ["h"], 100)["previews"].values()
+    assert preview["values"] == [1, 2]
+    assert len(preview["title"]) == 300 and preview["title"].endswith("…")
+    assert len(preview["axes"][0]["title"]) == 300

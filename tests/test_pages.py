@@ -255,7 +255,10 @@ async def test_preview_cache_keeps_what_it_counts(tmp_path, monkeypatch):
 
     from .rootfiles import th1f
 
-    monkeypatch.setattr(previewer, "CACHED_VALUES", 1000)  # three files of 3 x 101 values
+    # Room for three files' previews (3 x 100 values each), not four.
+    one_file = 3 * previewer._estimated_bytes({"values": [0.0] * 100, "title": "h0",
+                                               "axes": [{"title": ""}], "dimensions": 1})
+    monkeypatch.setattr(previewer, "CACHED_BYTES", 3 * one_file + one_file // 2)
     storage = Storage(make_settings(tmp_path / "data"))
     storage.prepare()
     paths = ["h0", "h1", "h2"]

@@ -54,6 +54,8 @@ def inspect_file(path: Path) -> dict[str, Any]:
     try:
         structure = read_structure(path, MAX_LISTED_OBJECTS)
         objects = [_listed(entry) for entry in structure.entries]
+        received = {entry.path: received_entry(entry.path, entry.class_name)
+                    for entry in structure.entries if entry.top_level}
         truncated = structure.truncated
     except (InvalidFile, StructureError) as exc:
         result: dict[str, Any] = {"state": INVALID, "reason": readable(str(exc))}
@@ -67,11 +69,7 @@ def inspect_file(path: Path) -> dict[str, Any]:
             "state": OK,
             "objects": objects,
             "objects_truncated": truncated,
-            "received": {
-                entry["path"]: received_entry(entry["path"], entry["class"])
-                for entry in objects
-                if "/" not in entry["path"]
-            },
+            "received": received,
         }
     result["peak_rss_kib"] = peak_rss_kib()
     return result

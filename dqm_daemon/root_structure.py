@@ -45,6 +45,7 @@ class Entry:
     path: str
     class_name: str
     title: str
+    top_level: bool  # in the file's top directory (a name may hold '/': the path cannot tell)
 
 
 @dataclass
@@ -231,7 +232,7 @@ def _walk_directory(root_file: _File, record_offset: int, prefix: str, structure
         path = f"{prefix}{name}"
         # Past the listing's limit every key is still checked, only no longer listed.
         if len(structure.entries) < max_entries:
-            structure.entries.append(Entry(path, key.class_name, key.title))
+            structure.entries.append(Entry(path, key.class_name, key.title, depth == 0))
         else:
             structure.truncated = True
         payload_offset = key.seek_key + key.key_len

@@ -417,6 +417,8 @@ def test_names_holding_slash_or_semicolon_and_long_member_names(tmp_path):
     found = by_path(result)
     assert set(found) == {"good", "h/AAA", "hB;77"}
     assert all(entry["interpreted"] and entry["entries"] == 6 for entry in found.values())
+    # All three are top-level objects: the answer's `received` names them all.
+    assert set(inspect_file(path)["received"]) == {"good", "h/AAA", "hB;77"}
 
     long_name = "m" * 100_000
     listed = tmp_path / "list.root"

@@ -76,7 +76,7 @@ def inspect_file(path: Path) -> dict[str, Any]:
 
 
 def _listed(entry: Entry) -> dict[str, Any]:
-    return {"path": entry.path, "class": entry.class_name, "title": entry.title}
+    return {"path": entry.path, "class": entry.class_name, "title": short_title(entry.title)}
 
 
 def analyse_file(path: Path) -> dict[str, Any]:
@@ -121,6 +121,11 @@ def readable(reason: str) -> str:
     return reason if len(reason) <= MAX_REASON_CHARS else reason[:MAX_REASON_CHARS - 1] + "…"
 
 
+def short_title(title: str) -> str:
+    """A title as listed: `readable`, with a fast path for the usual short, printable one."""
+    return title if len(title) <= MAX_REASON_CHARS and title.isprintable() else readable(title)
+
+
 def _read_objects(path: Path) -> tuple[list[dict[str, Any]], bool]:
     with open(path, "rb") as raw_file:
         if raw_file.read(4) != ROOT_MAGIC:
@@ -142,7 +147,8 @@ def _walk(directory: Any, prefix: str, objects: list[dict[str, Any]]) -> bool:
         if len(objects) >= MAX_LISTED_OBJECTS:
             return True
         path = f"{prefix}{key.fName}"
-        entry: dict[str, Any] = {"path": path, "class": key.fClassName, "title": key.fTitle}
+        entry: dict[str, Any] = {"path": path, "class": key.fClassName,
+                                 "title": short_title(key.fTitle)}
         objects.append(entry)
         try:
             payload = key.get()  # decompresses the payload and interprets it

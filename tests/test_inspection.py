@@ -461,7 +461,8 @@ def test_previews_find_the_objects_the_listing_names(tmp_path):
 
 def test_previews_carry_short_titles(tmp_path):
     """A histogram's titles come from the file and may run to megabytes (each preview is kept
-    in the daemon's memory): previews carry them printable and at most 300 characters long."""
+    in the daemon's memory): previews carry them printable and at most 300 characters long, and
+    the listings the object's title so too."""
     from uproot.writing.identify import to_TAxis, to_TH1x
 
     from dqm_daemon.previews import read_previews
@@ -474,6 +475,8 @@ def test_previews_carry_short_titles(tmp_path):
         fXaxis=to_TAxis("xaxis", "X" * 2_000_000, 2, 0.0, 1.0))  # in the payload: no limit
     with uproot.recreate(path) as root_file:
         root_file["h"] = histogram
+    for listed in (inspect_file(path)["objects"], analyse_file(path)["objects"]):
+        assert len(listed[0]["title"]) == 300  # in the listings too
     (preview,) = read_previews(path, ["h"], 100)["previews"].values()
     assert preview["values"] == [1, 2]
     assert len(preview["title"]) == 300 and preview["title"].endswith("…")

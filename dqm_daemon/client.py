@@ -2,7 +2,8 @@
 
 Streams each file from disk with its SHA-256 as `Repr-Digest`, shows progress, retries network
 errors, 5xx, 408 and 429 with backoff (honouring Retry-After) and stops at any other 4xx, or a
-redirect, with the server's message. A retry sends the same name and digest, so it never stores a second copy.
+redirect, with the server's message. A retry sends the same name and digest, so it never stores
+a second copy.
 """
 
 from __future__ import annotations

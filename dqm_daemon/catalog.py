@@ -465,8 +465,8 @@ class Catalog:
 
         def fetch(connection: sqlite3.Connection) -> tuple[str, list[dict[str, Any]]] | None:
             row = connection.execute(
-                "SELECT name, objects_json FROM files WHERE agent = ? AND run = ? AND state = ?"
-                " AND analysis = ? AND name != ?"
+                "SELECT name, objects_json FROM files WHERE agent = ? AND run = ? AND +state = ?"
+                " AND +analysis = ? AND name != ?"
                 " AND (timestamp < ? OR (timestamp = ? AND received_at < ?))"
                 " ORDER BY timestamp DESC, received_at DESC LIMIT 1",
                 (record.agent, record.run, OK, DONE, record.name, record.timestamp,
@@ -484,8 +484,8 @@ class Catalog:
 
         def fetch(connection: sqlite3.Connection) -> tuple[str, list[dict[str, Any]]] | None:
             row = connection.execute(
-                "SELECT name, objects_json FROM files WHERE agent = ? AND run = ? AND state = ?"
-                " AND analysis = ? AND name != ?"
+                "SELECT name, objects_json FROM files WHERE agent = ? AND run = ? AND +state = ?"
+                " AND +analysis = ? AND name != ?"
                 " AND (timestamp > ? OR (timestamp = ? AND received_at > ?))"
                 " ORDER BY timestamp, received_at LIMIT 1",
                 (record.agent, record.run, OK, DONE, record.name, record.timestamp,
@@ -501,19 +501,43 @@ class Catalog:
         await self._run(lambda connection: connection.execute(
             "UPDATE files SET findings_json = ? WHERE name = ?", (_as_json(findings), name)))
 
-    async def dqm_files(
-        self, *, run: int | None = None, agent: str | None = None, since: int | None = None
-    ) -> list[FileRecord]:
-        """The sound DQM files in the data directory, sorted by name, optionally filtered."""
-        clauses = ["state = ?", "location = ?", "instr(name, 'DQM') > 0"]
+    @staticmethod
+    def _dqm_files_where(run: int | None, agent: str | None,
+                         since: int | None) -> tuple[str, list[Any]]:
+        """The sound DQM files in the data directory, optionally filtered. `+state` and
+        `+location` keep SQLite off their index, which matches most of the catalog: it takes
+        the run's, the agent's or the time's, or walks names in order."""
+        clauses = ["+state = ?", "+location = ?", "instr(name, 'DQM') > 0"]
         params: list[Any] = [OK, IN_DATA_DIR]
         for clause, value in (("run = ?", run), ("agent = ?", agent), ("timestamp >= ?", since)):
             if value is not None:
                 clauses.append(clause)
                 params.append(value)
-        query = f"SELECT {_SUMMARY_COLUMNS} FROM files WHERE {' AND '.join(clauses)} ORDER BY name"
-        rows = await self._read(lambda connection: connection.execute(query, params).fetchall())
-        return [FileRecord.from_row(row) for row in rows]
+        return " AND ".join(clauses), params
+
+    async def dqm_file_names(self, *, run: int | None = None, agent: str | None = None,
+                             since: int | None = None) -> list[str]:
+        """The names of the sound DQM files in the data directory, sorted, optionally filtered:
+        the name column alone, on the reader thread."""
+        where, params = self._dqm_files_where(run, agent, since)
+        query = f"SELECT name FROM files WHERE {where} ORDER BY name"
+        return await self._read(
+            lambda connection: [row[0] for row in connection.execute(query, params)])
+
+    async def dqm_files(
+        self, *, run: int | None = None, agent: str | None = None, since: int | None = None,
+        after: str | None = None, limit: int,
+    ) -> list[FileRecord]:
+        """The rows (without objects) of at most `limit` sound DQM files named after `after`,
+        sorted by name, optionally filtered; parsed on the reader thread."""
+        where, params = self._dqm_files_where(run, agent, since)
+        if after is not None:
+            where += " AND name > ?"
+            params.append(after)
+        query = f"SELECT {_SUMMARY_COLUMNS} FROM files WHERE {where} ORDER BY name LIMIT ?"
+        params.append(limit)
+        return await self._read(lambda connection: [
+            FileRecord.from_row(row) for row in connection.execute(query, params)])
 
     async def all_names(self) -> set[str]:
         rows = await self._read(

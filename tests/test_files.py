@@ -63,6 +63,31 @@ async def test_listing_is_sorted_and_filtered(client, one_histogram_file):
         [names[("EMC", 300, 1_700_000_000)], names[("EMC", 300, 1_700_000_300)]])
 
 
+async def test_details_come_a_page_at_a_time(client, one_histogram_file):
+    """`details=1` gives catalog rows `limit` at a time, in name order, with `next_after` for
+    the next page (null on the last), filters applying; the plain listing gives every name."""
+    for run in range(5):
+        await upload(client, one_histogram_file, agent="EMC", run=900 + run)
+    await upload(client, one_histogram_file, agent="TPC", run=900)
+    names = await list_names(client)
+    assert len(names) == 6
+    pages, after = [], None
+    while True:
+        params = {"details": "1", "limit": "2", "agent": "EMC", **({"after": after} if after else {})}
+        response = await client.get("/rest/api/files", headers=AUTH, params=params)
+        page = await response.json()
+        pages.append([row["name"] for row in page["files"]])
+        assert all(row["state"] == "ok" and "objects" not in row for row in page["files"])
+        after = page["next_after"]
+        if after is None:
+            break
+    assert pages == [names[0:2], names[2:4], [names[4]]]  # EMC's, before TPC's
+    for limit in ("0", "10001", "x"):
+        response = await client.get("/rest/api/files", headers=AUTH,
+                                    params={"details": "1", "limit": limit})
+        assert response.status == 400 and "limit" in (await response.json())["message"]
+
+
 @pytest.mark.parametrize(("query", "fragment"), [({"run": "x"}, "run must be an integer"),
                                                  ({"since": "last week"}, "since must be"),
                                                  ({"since": "P1D"}, "since must be"),

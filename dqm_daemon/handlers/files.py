@@ -43,19 +43,31 @@ def _since_query(request: web.Request) -> int | None:
         ) from None
 
 
+# Rows of `details=1` per page, by default and at most: each carries its top-level listing and
+# findings, so a whole catalog in one answer would take gigabytes and minutes.
+DEFAULT_DETAILS_PAGE = 1000
+MAX_DETAILS_PAGE = 10_000
+
+
 async def list_files(request: web.Request) -> web.Response:
-    """`{"files": [names]}`; with `details=1`, the catalog rows (without their objects)."""
-    records = await request.app[CATALOG].dqm_files(
-        run=_run_query(request),
-        agent=request.query.get("agent"),
-        since=_since_query(request),
-    )
-    if request.query.get("details", "0") not in ("0", "false", ""):
-        rows = [record.as_dict() for record in records]
-        for row in rows:
-            del row["objects"]  # never loaded for listings; only the info resource has them
-        return web.json_response({"files": rows})
-    return web.json_response({"files": [record.name for record in records]})
+    """`{"files": [names]}`, every sound DQM file (as the Overwatch receiver answers); with
+    `details=1`, the catalog rows (without their objects) a page at a time: `limit` rows after
+    the name `after`, and `next_after` to ask for the next page (null on the last)."""
+    filters = {"run": _run_query(request), "agent": request.query.get("agent"),
+               "since": _since_query(request)}
+    catalog = request.app[CATALOG]
+    if request.query.get("details", "0") in ("0", "false", ""):
+        names = await catalog.dqm_file_names(**filters)
+        # Encoded off the event loop: a catalog of months holds hundreds of thousands.
+        return web.json_response(text=await asyncio.to_thread(json.dumps, {"files": names}))
+    limit = bounded_integer(request.query.get("limit", str(DEFAULT_DETAILS_PAGE)),
+                            "Query parameter limit", MAX_DETAILS_PAGE, 1)
+    records = await catalog.dqm_files(**filters, after=request.query.get("after"), limit=limit)
+    rows = [record.as_dict() for record in records]
+    for row in rows:
+        del row["objects"]  # never loaded for listings; only the info resource has them
+    page = {"files": rows, "next_after": rows[-1]["name"] if len(rows) == limit else None}
+    return web.json_response(text=await asyncio.to_thread(json.dumps, page))
 
 
 async def file_info(request: web.Request) -> web.Response:

@@ -7,7 +7,8 @@ import time
 
 from aiohttp import web
 
-from .appkeys import CATALOG, INSPECTION_QUEUE, INSPECTORS, SETTINGS, STORAGE
+from .appkeys import CATALOG, INSPECTION_QUEUE, INSPECTORS, RESUMABLE, SETTINGS, STORAGE
+from .page_format import human_bytes
 
 # The queue is stuck when it holds jobs and no inspection started or finished for this long
 # beyond the inspection time limit.
@@ -23,8 +24,12 @@ async def health_problems(app: web.Application) -> list[str]:
         problems.append("data directory not writable")
     if fault := app[CATALOG].recent_fault(CATALOG_FAULT_SECONDS):
         problems.append(f"catalog failing: {fault}")
-    if storage.free_bytes() < settings.disk_reserve_bytes:
-        problems.append("free disk below the reserve: uploads are refused")
+    promised = app[RESUMABLE].reserved_bytes()
+    if storage.free_bytes() - promised < settings.disk_reserve_bytes:
+        # As uploads are refused: bytes promised to unfinished resumable uploads count as used.
+        held = (f" ({len(app[RESUMABLE])} unfinished resumable uploads hold "
+                f"{human_bytes(promised)})" if promised else "")
+        problems.append(f"free disk below the reserve: uploads are refused{held}")
     workers = len(app[INSPECTORS])
     if queue.running_workers < workers:
         problems.append(f"inspection workers down: {queue.running_workers} of {workers} running")

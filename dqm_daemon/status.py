@@ -18,6 +18,7 @@ from .appkeys import (
     CATALOG,
     INSPECTION_QUEUE,
     INSPECTORS,
+    RESUMABLE,
     SETTINGS,
     STARTED_MONOTONIC,
     STORAGE,
@@ -25,7 +26,7 @@ from .appkeys import (
 )
 from .catalog import INVALID
 from .health_checks import health_problems
-from .page_format import duration
+from .page_format import duration, human_bytes
 from .settings import Settings
 
 OK_LEVEL, WARNING_LEVEL, ERROR_LEVEL = "OK", "WARNING", "ERROR"
@@ -58,8 +59,11 @@ def _banner(report: dict[str, Any], settings: Settings,
     """ERROR for what makes /healthz fail, WARNING for what the crew should look at."""
     warnings = []
     disk = report["disk"]
-    if settings.disk_reserve_bytes <= disk["free_bytes"] < 2 * settings.disk_reserve_bytes:
-        warnings.append("free disk low (under twice the reserve)")
+    available = disk["free_bytes"] - disk["promised_bytes"]
+    if settings.disk_reserve_bytes <= available < 2 * settings.disk_reserve_bytes:
+        promised = (f", {human_bytes(disk['promised_bytes'])} of it promised to unfinished "
+                    "resumable uploads" if disk["promised_bytes"] else "")
+        warnings.append(f"free disk low (under twice the reserve){promised}")
     inspection = report["inspection"]
     if (inspection["pending_files"] or 0) > settings.inspection_backlog_warning:
         warnings.append(f"inspection backlog: {inspection['pending_files']} files waiting")
@@ -93,6 +97,8 @@ async def status_report(app: web.Application) -> dict[str, Any]:
         "version": __version__,
         "uptime_seconds": round(time.monotonic() - app[STARTED_MONOTONIC]),
         "disk": {"free_bytes": app[STORAGE].free_bytes(),
+                 # promised to unfinished resumable uploads: counted as used, as uploads are
+                 "promised_bytes": app[RESUMABLE].reserved_bytes(),
                  "reserve_bytes": settings.disk_reserve_bytes},
         "uploads": [
             {"agent": upload.agent, "run": upload.run, "uploader": upload.uploader,

@@ -175,6 +175,12 @@ async def test_unfinished_uploads_expire_and_count_against_the_reserve(tmp_path,
                                 headers={"token": TOKEN, "runNumber": "1",
                                          "timeStamp": "1"}) as answer:
             assert answer.status == 507  # the promised bytes are not free any more
+        async with session.get(f"{daemon.url}/status.json") as answer:
+            report = await answer.json()  # and the crew sees why
+        assert report["level"] == "WARNING" and report["disk"]["promised_bytes"] > 0
+        assert any(reason.startswith("free disk low (under twice the reserve), ") and
+                   "promised to unfinished resumable uploads" in reason
+                   for reason in report["reasons"]), report["reasons"]
         await asyncio.sleep(2.0)
         async with session.head(location, headers=TUS) as answer:
             assert answer.status == 404

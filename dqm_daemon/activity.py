@@ -49,18 +49,27 @@ def record_upload(connection: sqlite3.Connection, agent: str, run: int, name: st
     """Fold one received file into its agent's and its run's activity."""
     started_at = received_at if data_status == START_OF_DATA else None
     ended_at = received_at if data_status == END_OF_DATA else None
-    connection.execute(
+    # A start of data after an end opens the run again (the agent restarted): it is watched
+    # for silence again. (SQLite evaluates every SET from the row as it was.)
+    (run_files,) = connection.execute(
         "INSERT INTO agent_runs VALUES (?, ?, 1, ?, ?, ?, ?, ?)"
         " ON CONFLICT (agent, run) DO UPDATE SET files = files + 1,"
         " last_received_at = excluded.last_received_at, last_file = excluded.last_file,"
-        " started_at = coalesce(started_at, excluded.started_at),"
-        " ended_at = coalesce(excluded.ended_at, ended_at)",
+        " started_at = CASE WHEN excluded.started_at IS NOT NULL AND ended_at IS NOT NULL"
+        "   THEN excluded.started_at ELSE coalesce(started_at, excluded.started_at) END,"
+        " ended_at = CASE WHEN excluded.ended_at IS NOT NULL THEN excluded.ended_at"
+        "   WHEN excluded.started_at IS NOT NULL THEN NULL ELSE ended_at END"
+        " RETURNING files",
         (agent, run, received_at, received_at, name, started_at, ended_at),
-    )
+    ).fetchone()
     previous = connection.execute(
-        "SELECT last_received_at, last_run, interval_seconds FROM agents WHERE agent = ?",
+        "SELECT last_received_at, last_run, last_file, interval_seconds FROM agents"
+        " WHERE agent = ?",
         (agent,),
     ).fetchone()
+    # The agent's current run: this one if it is new to it or already current. A late file
+    # of a run it had left (a retry) leaves it in its current run, still watched for silence.
+    current_run, current_file = run, name
     interval = None
     if previous is not None:
         interval = old = previous["interval_seconds"]
@@ -69,12 +78,14 @@ def record_upload(connection: sqlite3.Connection, agent: str, run: int, name: st
         if previous["last_run"] == run:
             latest = max(_seconds_between(previous["last_received_at"], received_at), 0.0)
             interval = latest if old is None else old + INTERVAL_SMOOTHING * (latest - old)
+        elif run_files > 1:
+            current_run, current_file = previous["last_run"], previous["last_file"]
     connection.execute(
         "INSERT INTO agents VALUES (?, ?, ?, ?, 1, ?)"
         " ON CONFLICT (agent) DO UPDATE SET last_run = excluded.last_run,"
         " last_file = excluded.last_file, last_received_at = excluded.last_received_at,"
         " files = files + 1, interval_seconds = excluded.interval_seconds",
-        (agent, run, name, received_at, interval),
+        (agent, current_run, current_file, received_at, interval),
     )
 
 
@@ -90,15 +101,21 @@ def agents_board(connection: sqlite3.Connection) -> list[dict[str, Any]]:
 
 
 def recent_runs(connection: sqlite3.Connection, limit: int) -> list[dict[str, Any]]:
-    """The `limit` runs with the most recent activity, newest first."""
+    """The `limit` runs with the most recent activity, newest first. A run's end of data is
+    its last agent's, once every agent that started in it has ended (`agents_ended` of
+    `agent_count` says how far it is)."""
     rows = connection.execute(
-        "SELECT run, group_concat(agent, ' ') AS agents, sum(files) AS files,"
-        " min(first_received_at) AS first_received_at, max(last_received_at) AS last_received_at,"
-        " min(started_at) AS started_at, max(ended_at) AS ended_at"
+        "SELECT run, group_concat(agent, ' ') AS agents, count(*) AS agent_count,"
+        " sum(files) AS files, min(first_received_at) AS first_received_at,"
+        " max(last_received_at) AS last_received_at, min(started_at) AS started_at,"
+        " CASE WHEN count(ended_at) > 0 AND count(started_at IS NOT NULL AND ended_at IS NULL"
+        "   OR NULL) = 0 THEN max(ended_at) END AS ended_at,"
+        " count(ended_at) AS agents_ended"
         " FROM agent_runs WHERE run IN ("
-        "   SELECT run FROM agent_runs ORDER BY last_received_at DESC LIMIT ?)"
-        " GROUP BY run ORDER BY max(last_received_at) DESC LIMIT ?",
-        (limit * 20, limit),
+        "   SELECT run FROM agent_runs GROUP BY run ORDER BY max(last_received_at) DESC"
+        "   LIMIT ?)"
+        " GROUP BY run ORDER BY max(last_received_at) DESC",
+        (limit,),
     ).fetchall()
     return [dict(row) for row in rows]
 

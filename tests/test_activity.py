@@ -38,3 +38,70 @@ def test_the_pause_between_runs_is_not_an_interval_and_silence_is_seen_early():
     assert agent_silence(agent, settings, later)["silent"] is True
     sooner = pendulum.instance(run_2 + timedelta(minutes=1, seconds=100))
     assert agent_silence(agent, settings, sooner)["silent"] is False
+
+
+def _board(connection: sqlite3.Connection) -> dict:
+    (agent,) = activity.agents_board(connection)
+    return agent
+
+
+def _catalog() -> sqlite3.Connection:
+    connection = sqlite3.connect(":memory:")
+    connection.row_factory = sqlite3.Row
+    connection.executescript(activity.SCHEMA)
+    return connection
+
+
+def test_a_late_file_of_an_earlier_run_leaves_the_agent_in_its_run():
+    """A retried file of run 1 arriving while the agent sends run 2 counts as activity, but
+    the agent stays in run 2, where its silence is still seen."""
+    connection = _catalog()
+    _send(connection, 1, START, activity.START_OF_DATA)
+    _send(connection, 1, START + timedelta(minutes=1), activity.END_OF_DATA)
+    _send(connection, 2, START + timedelta(minutes=2), activity.START_OF_DATA)
+    _send(connection, 2, START + timedelta(minutes=3))
+    _send(connection, 1, START + timedelta(minutes=4))  # late
+    agent = _board(connection)
+    assert (agent["last_run"], agent["last_file"]) == (2, "EMC-2-080300")
+    later = pendulum.instance(START + timedelta(minutes=30))
+    assert agent_silence(agent, Settings(), later)["silent"] is True
+    _send(connection, 3, START + timedelta(minutes=31), activity.START_OF_DATA)  # a new run
+    assert _board(connection)["last_run"] == 3
+
+
+def test_a_start_of_data_after_its_end_opens_the_run_again():
+    """An agent restarted within a run (start, end, then start again) is in the run again,
+    watched for silence, until its next end of data."""
+    connection = _catalog()
+    for minute, data_status in enumerate((1, 0, 2, 1, 0)):
+        _send(connection, 5, START + timedelta(minutes=minute), data_status)
+    agent = _board(connection)
+    assert agent["ended_at"] is None and agent["started_at"] == (
+        START + timedelta(minutes=3)).isoformat()
+    later = pendulum.instance(START + timedelta(minutes=30))
+    watched = agent_silence(agent, Settings(), later)
+    assert watched["in_run"] is True and watched["silent"] is True
+    _send(connection, 5, START + timedelta(minutes=31), activity.END_OF_DATA)
+    assert _board(connection)["ended_at"] is not None
+
+
+def test_recent_runs_keep_every_run_and_end_only_when_every_agent_ended():
+    """A run of many agents does not push an earlier run off the list, and a run shows its end
+    of data only once every agent that sent in it has ended."""
+    connection = _catalog()
+    at = START
+    for agent in ("A", "B", "C"):
+        activity.record_upload(connection, agent, 500, f"{agent}-500", 1, at.isoformat())
+    for index in range(241):
+        at += timedelta(seconds=1)
+        activity.record_upload(connection, f"X{index}", 600, f"X{index}-600", 1, at.isoformat())
+    activity.record_upload(connection, "X0", 600, "X0-600-end", 2,
+                           (at + timedelta(seconds=1)).isoformat())
+    runs = {row["run"]: row for row in activity.recent_runs(connection, 12)}
+    assert set(runs) == {500, 600}
+    assert runs[600]["ended_at"] is None and runs[600]["agents_ended"] == 1
+    for agent in ("A", "B", "C"):
+        activity.record_upload(connection, agent, 500, f"{agent}-500-end", 2,
+                               (at + timedelta(seconds=2)).isoformat())
+    runs = {row["run"]: row for row in activity.recent_runs(connection, 12)}
+    assert runs[500]["ended_at"] is not None and runs[500]["agents_ended"] == 3

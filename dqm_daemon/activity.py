@@ -23,6 +23,7 @@ CREATE TABLE IF NOT EXISTS agent_runs (
     PRIMARY KEY (agent, run)
 );
 CREATE INDEX IF NOT EXISTS agent_runs_by_time ON agent_runs (last_received_at);
+CREATE INDEX IF NOT EXISTS agent_runs_by_run ON agent_runs (run);
 CREATE TABLE IF NOT EXISTS agents (
     agent             TEXT PRIMARY KEY,
     last_run          INTEGER NOT NULL,
@@ -104,6 +105,15 @@ def recent_runs(connection: sqlite3.Connection, limit: int) -> list[dict[str, An
     """The `limit` runs with the most recent activity, newest first. A run's end of data is
     its last agent's, once every agent that started in it has ended (`agents_ended` of
     `agent_count` says how far it is)."""
+    if limit <= 0:
+        return []
+    latest: list[int] = []  # walking the time index back stops at the `limit`-th run
+    for (run,) in connection.execute(
+            "SELECT run FROM agent_runs ORDER BY last_received_at DESC"):
+        if run not in latest:
+            latest.append(run)
+            if len(latest) == limit:
+                break
     rows = connection.execute(
         "SELECT run, group_concat(agent, ' ') AS agents, count(*) AS agent_count,"
         " sum(files) AS files, min(first_received_at) AS first_received_at,"
@@ -111,11 +121,9 @@ def recent_runs(connection: sqlite3.Connection, limit: int) -> list[dict[str, An
         " CASE WHEN count(ended_at) > 0 AND count(started_at IS NOT NULL AND ended_at IS NULL"
         "   OR NULL) = 0 THEN max(ended_at) END AS ended_at,"
         " count(ended_at) AS agents_ended"
-        " FROM agent_runs WHERE run IN ("
-        "   SELECT run FROM agent_runs GROUP BY run ORDER BY max(last_received_at) DESC"
-        "   LIMIT ?)"
+        f" FROM agent_runs WHERE run IN ({', '.join('?' * len(latest))})"
         " GROUP BY run ORDER BY max(last_received_at) DESC",
-        (limit,),
+        latest,
     ).fetchall()
     return [dict(row) for row in rows]
 

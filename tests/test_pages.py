@@ -103,6 +103,27 @@ async def test_file_page_with_previews(control_room, data_dir):
     assert twin["previews"]["hits/occupancy"]["axes"][1]["title"] == "row"
 
 
+async def test_a_settled_file_page_stands_still_and_lists_a_bounded_table(control_room,
+                                                                          monkeypatch):
+    """A file checked and analysed changes no more: its page does not reload itself (a page of
+    a large file reloading every 5 s kept the page thread busy). Its table lists the first
+    objects only and says where all of them are."""
+    from dqm_daemon.handlers import pages
+
+    client, files = control_room
+    name = files["emc_start"]["filename"]
+    twin = await (await client.get(f"/files/{name}.json")).json()
+    assert twin["settled"] is True and twin["object_count"] == 7
+    monkeypatch.setattr(pages, "MAX_PAGE_OBJECTS", 3)
+    html = await (await client.get(f"/files/{name}")).text()
+    assert 'http-equiv="refresh"' not in html and "refreshes every" not in html
+    assert "Objects (7)" in html and "The first 3 are listed here" in html
+    assert f'href="/rest/api/files/{name}/info"' in html
+    assert len((await (await client.get(f"/files/{name}.json")).json())["file"]["objects"]) == 3
+    status = await (await client.get("/status")).text()
+    assert '<meta http-equiv="refresh" content="5">' in status  # the status page still does
+
+
 async def test_quarantined_file_page_shows_reason(control_room):
     """A quarantined file's page says it is invalid, why, and offers no download."""
     client, files = control_room

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,6 +21,8 @@ DataBuilder = Callable[[web.Request], Awaitable[dict[str, Any]]]
 PREVIEWED_CLASSES = ("TH1", "TH2", "TProfile")
 DEFAULT_PREVIEWS, MAX_PREVIEWS = 24, 200
 MAX_RUN_FILES = 5000
+# Objects a file page lists (a file may hold 100,000): the rest are in /rest/api/files/X/info.
+MAX_PAGE_OBJECTS = 2000
 
 
 async def status_data(request: web.Request) -> dict[str, Any]:
@@ -44,8 +47,14 @@ async def file_data(request: web.Request) -> dict[str, Any]:
     previews = {}
     if record.state == OK and record.location == IN_DATA_DIR and wanted > 0 and histograms:
         previews = await request.app[PREVIEWER].previews(record, histograms[:wanted])
+    shown = record.as_dict()
+    shown["objects"] = (record.objects or [])[:MAX_PAGE_OBJECTS]
     return {
-        "file": record.as_dict(),
+        "file": shown,
+        "object_count": len(record.objects or []),
+        "info_url": f"/rest/api/files/{record.name}/info",
+        # Nothing changes any more once checked and analysed: the page need not reload.
+        "settled": record.state != PENDING and record.analysis != PENDING,
         "download_url": f"/rest/api/files/{record.name}" if record.location == IN_DATA_DIR else None,
         "histograms": len(histograms),
         "previews": previews,
@@ -73,7 +82,8 @@ def page(template: str, build: DataBuilder) -> Callable[[web.Request], Awaitable
 
     async def handler(request: web.Request) -> web.Response:
         data = await build(request)
-        context = {"data": data, "refresh_seconds": request.app[SETTINGS].page_refresh_seconds}
+        refresh = None if data.get("settled") else request.app[SETTINGS].page_refresh_seconds
+        context = {"data": data, "refresh_seconds": refresh}
         # Rendered in the page thread: a file page drawing many histograms takes a while, and
         # the event loop serves uploads and health checks meanwhile.
         text = await asyncio.get_running_loop().run_in_executor(
@@ -87,7 +97,11 @@ def twin(build: DataBuilder) -> Callable[[web.Request], Awaitable[web.Response]]
     """The page's JSON twin: exactly the data the page shows."""
 
     async def handler(request: web.Request) -> web.Response:
-        return web.json_response(await build(request))
+        data = await build(request)
+        # Encoded by the page thread, as the page is rendered: a large file's data takes a while.
+        text = await asyncio.get_running_loop().run_in_executor(
+            request.app[PAGE_THREAD], json.dumps, data)
+        return web.json_response(text=text)
 
     return handler
 

@@ -82,7 +82,9 @@ async def serve(settings: Settings, environ: Mapping[str, str]) -> int:
         notifier.close()
         return 1
     log.info("listening", host=settings.host, port=settings.port, version=__version__)
-    await app[INSPECTION_QUEUE].recovery_queued.wait()
+    # Ready once listening: uploads are taken while start-up recovery (adopting unknown files,
+    # queuing pending checks) goes on, which can take minutes on a large data directory and
+    # must neither run into systemd's start timeout nor delay a SIGTERM.
     notifier.ready(status_line(app))
     # The first upload should not wait for an inspection child to import uproot.
     warm_ups = [asyncio.create_task(inspector.warm_up()) for inspector in app[INSPECTORS]]

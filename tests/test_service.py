@@ -160,6 +160,23 @@ def test_ready_watchdog_status_and_stopping(daemon, notify_socket):
     assert daemon.process.wait(timeout=30) == 0
 
 
+def test_ready_does_not_wait_for_start_up_recovery(daemon, notify_socket):
+    """A data directory of files the catalog does not know (a lost catalog): the daemon is
+    READY, and stops on SIGTERM, while it is still adopting them, rather than running into
+    systemd's start timeout on a large directory."""
+    daemon.data_dir.mkdir(parents=True)
+    for index in range(6):  # 6 GiB to hash, sparse: a few seconds
+        with open(daemon.data_dir / f"EMChistos_{index}_DQM_2024_01_01_00_00_00.root",
+                  "wb") as unknown:
+            unknown.truncate(1 << 30)
+    assert _start_notified(daemon, notify_socket, watchdog_usec=None)["READY"] == "1"
+    assert _healthz(daemon.port) == 200
+    adopted = daemon.log_path.read_text().count('"file_adopted"')
+    assert adopted < 6, "READY came only after the whole adoption"
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.process.wait(timeout=30) == 0
+
+
 def test_abstract_notify_socket(daemon):
     """An abstract $NOTIFY_SOCKET ('@name') works too."""
     name = f"dqm-daemon-test-{uuid.uuid4().hex}"

@@ -90,7 +90,9 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     except CLIENT_GONE:
         log.info("client_disconnected")
         return error_response(web.HTTPBadRequest(text="Connection lost during the request"))
-    except HttpProcessingError as exc:  # a body aiohttp could not parse (bad chunking, ...)
+    except (HttpProcessingError, web.RequestPayloadError) as exc:
+        # A body aiohttp could not parse or decode (bad chunking, not the Content-Encoding
+        # it claims)
         log.info("malformed_request", error=type(exc).__name__)
         return error_response(
             web.HTTPBadRequest(text=f"Malformed request body: {type(exc).__name__}")

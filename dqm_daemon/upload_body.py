@@ -256,6 +256,10 @@ def detach_body(request: web.Request, settings: Settings) -> SocketBody | Stream
         and request.content_length is not None
         and "Transfer-Encoding" not in request.headers
         and request.headers.get("Content-Encoding", "identity").lower() == "identity"
+        # The thread makes the socket blocking, for the event loop too (one file description):
+        # an earlier answer (or the 100 Continue) still waiting to be sent would then block
+        # the loop in send() until this client reads.
+        and transport.get_write_buffer_size() == 0
     )
     first = _drain_buffered(request)
     if not plain or request.content.is_eof():

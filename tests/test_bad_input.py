@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -13,6 +15,7 @@ from dqm_daemon.app import create_app
 from dqm_daemon.appkeys import CATALOG, UPLOADS
 
 from .conftest import TOKEN, dqm_headers, make_settings, multipart_file
+from .rootfiles import write_one_histogram_file
 from .test_upload import INVALID, stored_files
 
 
@@ -347,3 +350,51 @@ async def test_multipart_stalled_before_the_file_part(aiohttp_client, data_dir):
     await writer.wait_closed()
     assert len(client.server.app[UPLOADS]) == 0
     assert list((data_dir / ".incoming").iterdir()) == []
+
+
+def test_a_client_that_does_not_read_its_answers_cannot_stall_the_daemon(tmp_path, daemon):
+    """A keep-alive client sends a second upload while the answer to its first (large: it echoes
+    the headers) still waits to be sent, and reads slowly: the daemon goes on answering others
+    (the second body's thread once made the shared socket blocking, and the loop then blocked
+    in send() for everyone)."""
+    import urllib.request
+
+    daemon.command = [sys.executable, str(Path(__file__).with_name("small_send_buffer_daemon.py"))]
+    daemon.start()
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+
+    def upload_head(run: int, length: int, padding: int) -> bytes:
+        lines = ["POST /rest/api/files HTTP/1.1", f"Host: 127.0.0.1:{daemon.port}",
+                 f"token: {TOKEN}", f"runNumber: {run}", "timeStamp: 1700000000",
+                 "amoreAgent: SLOWREADER", f"Content-Length: {length}"]
+        lines += [f"X-Pad-{index}: {'p' * 8000}" for index in range(padding)]  # echoed back
+        return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+    def healthz_seconds() -> float:
+        started = time.monotonic()
+        urllib.request.urlopen(f"{daemon.url}/healthz", timeout=5).read()
+        return time.monotonic() - started
+
+    with socket.socket() as slow:
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting
+        slow.connect(("127.0.0.1", daemon.port))
+        slow.sendall(upload_head(1, len(content), 10) + content
+                     + upload_head(2, len(content), 0) + content[:100])
+        time.sleep(1.5)
+        slow.settimeout(5)
+        received = 0
+        while received < 6000:
+            received += len(slow.recv(6000 - received))
+        time.sleep(0.5)
+        assert healthz_seconds() < 2
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_that_is_not_its_content_encoding_is_a_400(client, data_dir, encoding):
+    """A body that does not decode as its Content-Encoding says is the client's mistake: 400
+    with a message (it was a 500), and nothing kept."""
+    response = await client.post("/rest/api/files", data=b"plain bytes, not compressed" * 100,
+                                  headers=dqm_headers(**{"Content-Encoding": encoding}))
+    assert response.status == 400, await response.text()
+    assert "Malformed request body" in (await response.json())["message"]
+    await assert_nothing_kept(client, data_dir)

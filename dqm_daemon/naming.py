@@ -58,12 +58,16 @@ MAX_TIMESTAMP = 253402297199
 MAX_DATA_STATUS = 2**31 - 1
 
 
+_ASCII_INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
+
+
 def bounded_integer(raw: str, what: str, maximum: int, minimum: int = 0) -> int:
-    """An integer from a header or query parameter; 400 naming it (`what`) and the value."""
-    try:
-        value = int(raw.strip(), 10)
-    except ValueError:
-        raise web.HTTPBadRequest(text=f"{what} must be an integer, got {raw!r}") from None
+    """An integer from a header or query parameter; 400 naming it (`what`) and the value.
+    ASCII digits only: int() also takes '9_9' and other scripts' digits, which would quietly
+    make another run number."""
+    if not _ASCII_INTEGER.fullmatch(raw.strip()):
+        raise web.HTTPBadRequest(text=f"{what} must be an integer, got {raw!r}")
+    value = int(raw.strip(), 10)
     if value < minimum:
         qualifier = "negative" if minimum == 0 else f"below {minimum}"
         raise web.HTTPBadRequest(text=f"{what} must not be {qualifier}, got {raw!r}")

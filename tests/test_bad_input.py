@@ -59,6 +59,7 @@ async def test_listing_and_download_need_a_token(client):
     [
         ("runNumber", None, "Missing required header runNumber"),
         ("runNumber", "12a", "runNumber must be an integer, got '12a'"),
+        ("runNumber", "9_9", "runNumber must be an integer, got '9_9'"),  # int() takes it
         ("runNumber", "-4", "runNumber must not be negative, got '-4'"),
         ("timeStamp", None, "Missing required header timeStamp"),
         ("timeStamp", "yesterday", "timeStamp must be an integer, got 'yesterday'"),

@@ -89,6 +89,7 @@ async def test_details_come_a_page_at_a_time(client, one_histogram_file):
 
 
 @pytest.mark.parametrize(("query", "fragment"), [({"run": "x"}, "run must be an integer"),
+                                                 ({"run": "\uff19\uff18"}, "run must be an integer"),
                                                  ({"since": "last week"}, "since must be"),
                                                  ({"since": "P1D"}, "since must be"),
                                                  ({"since": "2020-01-01/2020-02-01"},

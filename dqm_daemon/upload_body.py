@@ -276,12 +276,26 @@ def detach_body(request: web.Request, settings: Settings) -> SocketBody | Stream
                       settings.read_timeout_seconds)
 
 
+# At most this much is dropped of what follows a detached body when its answer is sent.
+AFTER_BODY_DROP_BYTES = 1024 * 1024
+
+
 async def close_detached_connections(request: web.Request,
                                      response: web.StreamResponse) -> None:
-    """on_response_prepare: the answer to a detached body closes its connection."""
+    """on_response_prepare: the answer to a detached body closes its connection. Bytes the
+    client sent after the body (a pipelined request, a Content-Length too short) are dropped
+    first: closing a socket with unread input makes the kernel reset the connection, and the
+    answer still on its way would be lost."""
     if request.get(BODY_DETACHED):
         response.force_close()
         response.headers["Connection"] = "close"
+        connection = request.transport.get_extra_info("socket") if request.transport else None
+        if connection is not None:  # non-blocking, as the event loop keeps it
+            dropped = 0
+            with contextlib.suppress(OSError):  # nothing more (EAGAIN), or the client is gone
+                while dropped < AFTER_BODY_DROP_BYTES and (
+                        got := len(os.read(connection.fileno(), 65536))):
+                    dropped += got
 
 
 async def receive_body(request: web.Request, incoming: IncomingFile, progress: UploadProgress,

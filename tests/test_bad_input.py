@@ -399,3 +399,32 @@ async def test_a_body_that_is_not_its_content_encoding_is_a_400(client, data_dir
     assert response.status == 400, await response.text()
     assert "Malformed request body" in (await response.json())["message"]
     await assert_nothing_kept(client, data_dir)
+
+
+@pytest.mark.parametrize("after_the_body", [b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", b"xx"])
+def test_bytes_after_the_body_do_not_cost_the_client_its_answer(tmp_path, daemon,
+                                                                 after_the_body):
+    """A pipelined request, or a Content-Length too short, leaves bytes after the body: the
+    client still gets its whole answer (closing with them unread made the kernel reset the
+    connection and drop the answer on its way)."""
+    import json
+
+    daemon.start()
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    lines = ["POST /rest/api/files HTTP/1.1", "Host: x", f"token: {TOKEN}", "runNumber: 7",
+             "timeStamp: 1700000000", "amoreAgent: EMC", f"Content-Length: {len(content)}"]
+    lines += [f"X-Pad-{index}: {'p' * 8000}" for index in range(60)]  # a long answer
+    with socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting
+        client.connect(("127.0.0.1", daemon.port))
+        client.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + content[:100])
+        time.sleep(0.3)  # the rest comes later: the body is read from the socket itself
+        client.sendall(content[100:] + after_the_body)
+        time.sleep(2)  # the client reads its answer a while later
+        client.settimeout(10)
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert json.loads(body)["state"] == "ok"

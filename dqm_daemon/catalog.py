@@ -497,6 +497,17 @@ class Catalog:
 
         return await self._read(fetch)
 
+    async def rename_quarantined(self, name: str, new_name: str) -> bool:
+        """Give a quarantined file's row another name (its name goes to a sound upload);
+        False if `name` is not a quarantined row any more."""
+
+        def rename(connection: sqlite3.Connection) -> bool:
+            return connection.execute(
+                "UPDATE files SET name = ? WHERE name = ? AND location = ?",
+                (new_name, name, IN_QUARANTINE)).rowcount == 1
+
+        return await self._run(rename)
+
     async def record_findings(self, name: str, findings: list[dict[str, Any]]) -> None:
         await self._run(lambda connection: connection.execute(
             "UPDATE files SET findings_json = ? WHERE name = ?", (_as_json(findings), name)))

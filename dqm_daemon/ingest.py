@@ -18,7 +18,7 @@ from pathlib import Path
 import structlog
 
 from .cancellation import run_to_the_end
-from .catalog import IN_DATA_DIR, Catalog, FileRecord
+from .catalog import IN_DATA_DIR, IN_QUARANTINE, Catalog, FileRecord
 from .naming import DEFAULT_AGENT, DQMHeaders, headers_from_filename, variant_filename
 from .storage import IncomingFile, Storage, sha256_of_file
 
@@ -98,7 +98,9 @@ class Ingest:
                     if existing.sha256 == incoming.sha256:
                         await incoming.discard()
                         return Commit(existing, duplicate=True)
-                    continue
+                    if not (existing.location == IN_QUARANTINE
+                            and await self._set_aside(existing, dqm)):
+                        continue
                 if await self._storage.link_into_place(incoming, name):
                     placed_here = True
                     break
@@ -125,6 +127,22 @@ class Ingest:
             if not placed_here:
                 await incoming.discard()
         return Commit(record, duplicate=False)
+
+    async def _set_aside(self, quarantined: FileRecord, dqm: DQMHeaders) -> bool:
+        """Move a quarantined file out of the way under the next free variant name, so its
+        name goes to this upload (a sound file after a broken one keeps the agent's name).
+        Under the name's naming lock. The row first: a crash before the file follows leaves
+        the row pointing at a name without a file, never two rows on one name."""
+        for variant in itertools.count(2):
+            new_name = variant_filename(dqm.filename, variant)
+            if await self._catalog.get(new_name) is None and not await asyncio.to_thread(
+                    self._storage.taken, new_name):
+                break
+        if not await self._catalog.rename_quarantined(quarantined.name, new_name):
+            return False
+        await self._storage.rename_quarantined(quarantined.name, new_name)
+        log.info("quarantined_file_set_aside", file=quarantined.name, now=new_name)
+        return True
 
     async def adopt_unknown_files(self, chunk_bytes: int) -> int:
         """Catalog the DQM files found in the data directory but not in the catalog (copied in

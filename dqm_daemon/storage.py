@@ -208,6 +208,18 @@ class Storage:
         fsync_directory(self.quarantine_dir)
         fsync_directory(self.data_dir)
 
+    def taken(self, name: str) -> bool:
+        """A file of that name in the data directory or in quarantine."""
+        return (self.data_dir / name).exists() or (self.quarantine_dir / name).exists()
+
+    def _rename_quarantined_sync(self, name: str, new_name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):  # moved by an earlier, interrupted run
+            os.rename(self.quarantine_dir / name, self.quarantine_dir / new_name)
+            fsync_directory(self.quarantine_dir)
+
+    async def rename_quarantined(self, name: str, new_name: str) -> None:
+        await asyncio.to_thread(self._rename_quarantined_sync, name, new_name)
+
     async def quarantine(self, name: str) -> None:
         """Move an invalid file out of the data directory, kept for experts."""
         await asyncio.to_thread(self._quarantine_sync, name)

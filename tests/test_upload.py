@@ -144,6 +144,32 @@ async def test_different_file_with_taken_name_is_kept_beside(client, tmp_path, o
     assert listing["files"] == [EXPECTED_NAME, second["filename"]]
 
 
+async def test_a_sound_file_after_a_broken_one_keeps_the_agents_name(client, data_dir,
+                                                                     one_histogram_file):
+    """An agent's file that was broken (quarantined) and then sent again whole: the sound copy
+    gets the agent's name (it got `.v2`, beside nothing in the data directory), the broken one
+    is kept in quarantine under the next variant, and a retry of either is recognised."""
+    broken = one_histogram_file[:len(one_histogram_file) // 2]
+    first = await client.post("/rest/api/files", data=multipart_file(broken),
+                               headers=dqm_headers())
+    assert first.status == 400 and (await first.json())["filename"] == EXPECTED_NAME
+    second = await client.post("/rest/api/files", data=multipart_file(one_histogram_file),
+                               headers=dqm_headers())
+    assert second.status == 200 and (await second.json())["filename"] == EXPECTED_NAME
+    aside = EXPECTED_NAME.replace(".root", ".v2.root")
+    assert (data_dir / EXPECTED_NAME).read_bytes() == one_histogram_file
+    assert (data_dir / "quarantine" / aside).read_bytes() == broken
+    assert not (data_dir / "quarantine" / EXPECTED_NAME).exists()
+    info = await (await client.get(f"/rest/api/files/{aside}/info",
+                                   headers={"token": TOKEN})).json()
+    assert (info["state"], info["location"]) == ("invalid", "quarantine")
+    for content, status, name in ((broken, 400, aside), (one_histogram_file, 200, EXPECTED_NAME)):
+        again = await client.post("/rest/api/files", data=multipart_file(content),
+                                  headers=dqm_headers())
+        assert again.status == status and (await again.json())["filename"] == name
+    assert stored_files(data_dir) == [EXPECTED_NAME, f"quarantine/{aside}"]  # nothing more
+
+
 async def test_sixteen_concurrent_uploads(client, tmp_path, data_dir):
     """Sixteen agents uploading at once all get their own file stored intact."""
     contents = {}

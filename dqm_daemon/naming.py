@@ -15,9 +15,10 @@ from aiohttp import web
 NAME_TIMEZONE = "Europe/Zurich"
 _NAME_ZONEINFO = zoneinfo.ZoneInfo(NAME_TIMEZONE)  # loaded once: each load reads the tz database
 DEFAULT_AGENT = "DQM"
-# Letters, digits, '_', '-' and '.', not starting with '.': never a path separator,
-# never '..', never a space or control character.
-_AGENT_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
+# Letters, digits, '_', '-' and '.', starting with a letter, digit or '_': never a path
+# separator, never '..', never a space or control character, never a file name that reads as
+# an option ('-…') or a hidden file ('.…') to the tools that handle the files later.
+_AGENT_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 # {agent}histos_{run}_DQM_{YYYY_MM_DD_HH_mm_ss}[.vN].root
 _FILENAME_PATTERN = re.compile(
     r"(?P<agent>.+?)histos_(?P<run>\d+)_DQM_"
@@ -95,7 +96,7 @@ def parse_dqm_headers(headers: Mapping[str, str]) -> DQMHeaders:
     if not _AGENT_PATTERN.fullmatch(agent) or ".." in agent:
         raise web.HTTPBadRequest(
             text=f"Header amoreAgent {agent!r} is not a valid agent name "
-            "(1-64 letters, digits, '_', '-' or '.'; no '..')"
+            "(1-64 letters, digits, '_', '-' or '.', not starting with '-' or '.'; no '..')"
         )
     return DQMHeaders(run_number, timestamp, agent, data_status)
 

@@ -86,7 +86,7 @@ async def test_bad_integer_headers(client, one_histogram_file, data_dir, header,
 
 
 @pytest.mark.parametrize("agent", ["../EMC", "EMC/x", "..", "E..MC", "EMC x", "EMC\tx",
-                                   ".hidden", "EMC\\x", "", "EMC;x", "x" * 65])
+                                   ".hidden", "EMC\\x", "", "EMC;x", "x" * 65, "-rf"])
 async def test_bad_agent_names(client, one_histogram_file, data_dir, agent):
     """An agent name that could escape the data directory is refused; nothing is written."""
     status, body = await post(client, one_histogram_file, dqm_headers(agent=agent))

@@ -116,15 +116,13 @@ async def test_retries_through_503_honouring_retry_after(tmp_path, daemon):
     assert len(mine) == 1 and mine[0].read_bytes() == path.read_bytes()
 
 
-class DroppingProxy:
-    """A loopback TCP proxy that cuts, once, the connection carrying the byte at `cut_after`
-    of everything sent upstream, and counts what it forwarded."""
+class LoopbackProxy:
+    """A loopback TCP proxy to the daemon; `forward` decides what happens to each piece."""
 
-    def __init__(self, target_port: int, cut_after: int) -> None:
-        self.target_port, self.cut_after = target_port, cut_after
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
         self.connections = 0
         self.forwarded = 0  # bytes that reached the daemon
-        self.cut_done = False
         self.server: asyncio.Server | None = None
 
     async def start(self) -> int:
@@ -139,16 +137,7 @@ class DroppingProxy:
         async def pump(reader, writer, upstream: bool):
             try:
                 while data := await reader.read(65536):
-                    if upstream and not self.cut_done and \
-                            self.forwarded + len(data) > self.cut_after:
-                        self.cut_done = True
-                        writer.write(data[:self.cut_after - self.forwarded])
-                        self.forwarded = self.cut_after
-                        raise ConnectionAbortedError("cut by the test")
-                    if upstream:
-                        self.forwarded += len(data)
-                    writer.write(data)
-                    await writer.drain()
+                    await self.forward(data, writer, upstream)
             finally:
                 for end in (client_writer, upstream_writer):
                     end.close()
@@ -157,10 +146,34 @@ class DroppingProxy:
                              pump(upstream_reader, client_writer, False),
                              return_exceptions=True)
 
+    async def forward(self, data: bytes, writer: asyncio.StreamWriter, upstream: bool) -> None:
+        if upstream:
+            self.forwarded += len(data)
+        writer.write(data)
+        await writer.drain()
+
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+
+
+class DroppingProxy(LoopbackProxy):
+    """Cuts, once, the connection carrying the byte at `cut_after` of everything sent
+    upstream."""
+
+    def __init__(self, target_port: int, cut_after: int) -> None:
+        super().__init__(target_port)
+        self.cut_after = cut_after
+        self.cut_done = False
+
+    async def forward(self, data: bytes, writer: asyncio.StreamWriter, upstream: bool) -> None:
+        if upstream and not self.cut_done and self.forwarded + len(data) > self.cut_after:
+            self.cut_done = True
+            writer.write(data[:self.cut_after - self.forwarded])
+            self.forwarded = self.cut_after
+            raise ConnectionAbortedError("cut by the test")
+        await super().forward(data, writer, upstream)
 
 
 @pytest.mark.parametrize("cut_after", [1_000, 700_000, 2_500_000])
@@ -262,46 +275,20 @@ def test_retry_after_is_honoured_up_to_the_longest_backoff():
 
 
 
-class StallingProxy:
-    """A loopback TCP proxy that, once `stall_after` bytes went upstream, forwards nothing more
-    upstream for `stall_seconds` (a link that stalls), then goes on."""
+class StallingProxy(LoopbackProxy):
+    """Once `stall_after` bytes went upstream, forwards nothing more upstream for
+    `stall_seconds` (a link that stalls), then goes on."""
 
     def __init__(self, target_port: int, stall_after: int, stall_seconds: float) -> None:
-        self.target_port, self.stall_after, self.stall_seconds = (target_port, stall_after,
-                                                                  stall_seconds)
-        self.forwarded = 0
+        super().__init__(target_port)
+        self.stall_after, self.stall_seconds = stall_after, stall_seconds
         self.stalled = False
-        self.server: asyncio.Server | None = None
 
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return self.server.sockets[0].getsockname()[1]
-
-    async def _handle(self, client_reader, client_writer) -> None:
-        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1",
-                                                                         self.target_port)
-
-        async def pump(reader, writer, upstream: bool):
-            try:
-                while data := await reader.read(65536):
-                    if upstream:
-                        self.forwarded += len(data)
-                        if not self.stalled and self.forwarded > self.stall_after:
-                            self.stalled = True
-                            await asyncio.sleep(self.stall_seconds)
-                    writer.write(data)
-                    await writer.drain()
-            finally:
-                writer.close()
-
-        await asyncio.gather(pump(client_reader, upstream_writer, True),
-                             pump(upstream_reader, client_writer, False),
-                             return_exceptions=True)
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
+    async def forward(self, data: bytes, writer: asyncio.StreamWriter, upstream: bool) -> None:
+        if upstream and not self.stalled and self.forwarded + len(data) > self.stall_after:
+            self.stalled = True
+            await asyncio.sleep(self.stall_seconds)
+        await super().forward(data, writer, upstream)
 
 
 @pytest.mark.parametrize("resume_above", ["1", "1000000000"])

@@ -90,17 +90,27 @@ class Ingest:
 
     async def _commit(self, incoming: IncomingFile, dqm: DQMHeaders, uploader: str) -> Commit:
         async with self._naming_lock(dqm.filename):
+            # A retry is recognised whichever variant holds its bytes, before any name is
+            # given away below. Variants are given in turn, so the first free one ends them.
+            taken: list[FileRecord] = []
+            while existing := await self._catalog.get(
+                    variant_filename(dqm.filename, len(taken) + 1)):
+                if existing.sha256 == incoming.sha256:
+                    await incoming.discard()
+                    return Commit(existing, duplicate=True)
+                taken.append(existing)
             placed_here = False  # False: the same bytes were on disk under the name already
             for variant in itertools.count(1):
                 name = variant_filename(dqm.filename, variant)
-                existing = await self._catalog.get(name)
-                if existing is not None:
-                    if existing.sha256 == incoming.sha256:
-                        await incoming.discard()
-                        return Commit(existing, duplicate=True)
-                    if not (existing.location == IN_QUARANTINE
-                            and await self._set_aside(existing, dqm)):
-                        continue
+                existing = (taken[variant - 1] if variant <= len(taken)
+                            else await self._catalog.get(name))
+                if existing is not None and existing.sha256 == incoming.sha256:
+                    await incoming.discard()  # past a gap (a name on disk only, skipped)
+                    return Commit(existing, duplicate=True)
+                # A name held by a quarantined (broken) file goes to this upload.
+                if existing is not None and not (existing.location == IN_QUARANTINE
+                                                 and await self._set_aside(existing, dqm)):
+                    continue
                 if await self._storage.link_into_place(incoming, name):
                     placed_here = True
                     break

@@ -170,6 +170,26 @@ async def test_a_sound_file_after_a_broken_one_keeps_the_agents_name(client, dat
     assert stored_files(data_dir) == [EXPECTED_NAME, f"quarantine/{aside}"]  # nothing more
 
 
+async def test_a_retry_is_recognised_in_whichever_variant_holds_it(client, data_dir,
+                                                                   one_histogram_file):
+    """Broken A, then broken C under the same name (C takes the name, A is set aside), then A
+    again: A's retry is recognised where A is, and nothing is stored twice."""
+    broken_a = one_histogram_file[:len(one_histogram_file) // 2]
+    broken_c = one_histogram_file[:len(one_histogram_file) // 3]
+    names = []
+    for content in (broken_a, broken_c, broken_a):
+        answer = await client.post("/rest/api/files", data=multipart_file(content),
+                                   headers=dqm_headers())
+        assert answer.status == 400
+        names.append((await answer.json())["filename"])
+    aside = EXPECTED_NAME.replace(".root", ".v2.root")
+    assert names == [EXPECTED_NAME, EXPECTED_NAME, aside]
+    quarantine = data_dir / "quarantine"
+    assert sorted(path.name for path in quarantine.iterdir()) == [EXPECTED_NAME, aside]
+    assert (quarantine / aside).read_bytes() == broken_a
+    assert (quarantine / EXPECTED_NAME).read_bytes() == broken_c
+
+
 async def test_sixteen_concurrent_uploads(client, tmp_path, data_dir):
     """Sixteen agents uploading at once all get their own file stored intact."""
     contents = {}

@@ -70,7 +70,7 @@ def record_upload(connection: sqlite3.Connection, agent: str, run: int, name: st
     ).fetchone()
     # The agent's current run: this one if it is new to it or already current. A late file
     # of a run it had left (a retry) leaves it in its current run, still watched for silence.
-    current_run, current_file = run, name
+    current_run, current_file, current_received_at = run, name, received_at
     interval = None
     if previous is not None:
         interval = old = previous["interval_seconds"]
@@ -79,14 +79,15 @@ def record_upload(connection: sqlite3.Connection, agent: str, run: int, name: st
         if previous["last_run"] == run:
             latest = max(_seconds_between(previous["last_received_at"], received_at), 0.0)
             interval = latest if old is None else old + INTERVAL_SMOOTHING * (latest - old)
-        elif run_files > 1:
-            current_run, current_file = previous["last_run"], previous["last_file"]
+        elif run_files > 1:  # its current run's last file is still its last word there
+            current_run, current_file, current_received_at = (
+                previous["last_run"], previous["last_file"], previous["last_received_at"])
     connection.execute(
         "INSERT INTO agents VALUES (?, ?, ?, ?, 1, ?)"
         " ON CONFLICT (agent) DO UPDATE SET last_run = excluded.last_run,"
         " last_file = excluded.last_file, last_received_at = excluded.last_received_at,"
         " files = files + 1, interval_seconds = excluded.interval_seconds",
-        (agent, current_run, current_file, received_at, interval),
+        (agent, current_run, current_file, current_received_at, interval),
     )
 
 

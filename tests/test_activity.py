@@ -53,17 +53,18 @@ def _catalog() -> sqlite3.Connection:
 
 
 def test_a_late_file_of_an_earlier_run_leaves_the_agent_in_its_run():
-    """A retried file of run 1 arriving while the agent sends run 2 counts as activity, but
-    the agent stays in run 2, where its silence is still seen."""
+    """Retried files of run 1 arriving while the agent sends run 2 leave it in run 2, where its
+    silence is still seen (they neither move it back nor restart its silence clock)."""
     connection = _catalog()
     _send(connection, 1, START, activity.START_OF_DATA)
     _send(connection, 1, START + timedelta(minutes=1), activity.END_OF_DATA)
     _send(connection, 2, START + timedelta(minutes=2), activity.START_OF_DATA)
     _send(connection, 2, START + timedelta(minutes=3))
-    _send(connection, 1, START + timedelta(minutes=4))  # late
+    for minute in (24, 28):  # late retries, while run 2 has been quiet for 25 minutes
+        _send(connection, 1, START + timedelta(minutes=minute))
     agent = _board(connection)
     assert (agent["last_run"], agent["last_file"]) == (2, "EMC-2-080300")
-    later = pendulum.instance(START + timedelta(minutes=30))
+    later = pendulum.instance(START + timedelta(minutes=29))
     assert agent_silence(agent, Settings(), later)["silent"] is True
     _send(connection, 3, START + timedelta(minutes=31), activity.START_OF_DATA)  # a new run
     assert _board(connection)["last_run"] == 3

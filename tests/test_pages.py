@@ -146,6 +146,19 @@ async def test_run_page(control_room):
     assert files["tpc_end"]["filename"] in html and "Run 100" in html
 
 
+@pytest.mark.parametrize(("previews", "status"), [("x", 400), ("1_0", 400), ("-1", 400),
+                                                  ("\uff12", 400), ("1000", 200), ("0", 200)])
+async def test_the_previews_parameter(control_room, previews, status):
+    """`previews` takes ASCII digits only (int() also reads '1_0' and other scripts' digits);
+    more than 200 asks for 200."""
+    client, files = control_room
+    response = await client.get(f"/files/{files['emc_start']['filename']}.json",
+                                params={"previews": previews})
+    assert response.status == status
+    if status == 400:
+        assert "previews" in (await response.json())["message"]
+
+
 @pytest.mark.parametrize("path", ["/files/nothing.root", "/files/nothing.root.json",
                                   "/runs/999", "/runs/999.json"])
 async def test_unknown_pages_are_404(client, path):

@@ -39,10 +39,8 @@ async def file_data(request: web.Request) -> dict[str, Any]:
     record = await request.app[CATALOG].get(name, with_objects=True)
     if record is None:
         raise web.HTTPNotFound(text=f"No such file: {name}")
-    try:
-        wanted = min(int(request.query.get("previews", DEFAULT_PREVIEWS)), MAX_PREVIEWS)
-    except ValueError:
-        raise web.HTTPBadRequest(text="Query parameter previews must be an integer") from None
+    wanted = min(bounded_integer(request.query.get("previews", str(DEFAULT_PREVIEWS)),
+                                 "Query parameter previews", 2**31), MAX_PREVIEWS)
     histograms = [entry["path"] for entry in record.objects or [] if _previewable(entry)]
     previews = {}
     if record.state == OK and record.location == IN_DATA_DIR and wanted > 0 and histograms:
@@ -98,10 +96,9 @@ def twin(build: DataBuilder) -> Callable[[web.Request], Awaitable[web.Response]]
 
     async def handler(request: web.Request) -> web.Response:
         data = await build(request)
-        # Encoded by the page thread, as the page is rendered: a large file's data takes a while.
-        text = await asyncio.get_running_loop().run_in_executor(
-            request.app[PAGE_THREAD], json.dumps, data)
-        return web.json_response(text=text)
+        # Off the event loop (a large file's data takes a while), but not behind the page
+        # thread, where a file page of many previews may be rendering: status polls go on.
+        return web.json_response(text=await asyncio.to_thread(json.dumps, data))
 
     return handler
 

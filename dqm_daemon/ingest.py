@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import datetime
 import itertools
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import structlog
 from .cancellation import run_to_the_end
 from .catalog import IN_DATA_DIR, IN_QUARANTINE, Catalog, FileRecord
 from .naming import DEFAULT_AGENT, DQMHeaders, headers_from_filename, variant_filename
-from .storage import IncomingFile, Storage, sha256_of_file
+from .storage import HashingStopped, IncomingFile, Storage, sha256_of_file
 
 log = structlog.get_logger(__name__)
 
@@ -68,6 +69,8 @@ class Ingest:
         # One lock per DQM name: two uploads of the same name never both think a variant is
         # free (or miss that the other is the same file); different names go on in parallel.
         self._naming_locks: dict[str, asyncio.Lock] = {}
+        # Set at shutdown: start-up adoption stops, even part way through hashing a file.
+        self._stop_adopting = threading.Event()
         self._naming_lock_users: collections.Counter[str] = collections.Counter()
 
     @contextlib.asynccontextmanager
@@ -165,14 +168,20 @@ class Ingest:
         for path in unknown:
             try:
                 adopted += await self._adopt(path, chunk_bytes)
+            except HashingStopped:
+                break  # shutting down: the rest is adopted at the next start
             except Exception:
                 # One unreadable file must not stop the others from being adopted.
                 log.exception("file_adoption_failed", file=path.name)
         return adopted
 
+    def stop_adopting(self) -> None:
+        self._stop_adopting.set()
+
     async def _adopt(self, path: Path, chunk_bytes: int) -> bool:
         dqm = headers_from_filename(path.name) or DQMHeaders(0, 0, DEFAULT_AGENT, 0)
-        sha256 = await asyncio.to_thread(sha256_of_file, path, chunk_bytes)
+        sha256 = await asyncio.to_thread(sha256_of_file, path, chunk_bytes,
+                                         self._stop_adopting)
         size = (await asyncio.to_thread(path.stat)).st_size
         async with self._naming_lock(dqm.filename):  # as an upload of that name would
             if await self._catalog.get(path.name) is not None:

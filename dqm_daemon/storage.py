@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -231,9 +232,17 @@ class Storage:
                 yield path
 
 
-def sha256_of_file(path: Path, chunk_bytes: int) -> str:
+class HashingStopped(Exception):
+    """`sha256_of_file` was told to stop (the daemon is shutting down)."""
+
+
+def sha256_of_file(path: Path, chunk_bytes: int, stop: threading.Event | None = None) -> str:
+    """The file's SHA-256; with `stop`, given up (HashingStopped) as soon as it is set: a
+    thread cannot be cancelled, and one hashing tens of GiB would hold up the daemon's exit."""
     digest = hashlib.sha256()
     with open(path, "rb") as stored:
         while chunk := stored.read(chunk_bytes):
+            if stop is not None and stop.is_set():
+                raise HashingStopped(str(path))
             digest.update(chunk)
     return digest.hexdigest()

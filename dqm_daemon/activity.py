@@ -46,29 +46,36 @@ def _seconds_between(earlier_iso: str, later_iso: str) -> float:
 
 
 def record_upload(connection: sqlite3.Connection, agent: str, run: int, name: str,
-                  data_status: int, received_at: str) -> None:
-    """Fold one received file into its agent's and its run's activity."""
+                  data_status: int, received_at: str, timestamp: int) -> None:
+    """Fold one received file (`timestamp`: the agent's timeStamp) into its agent's and its
+    run's activity. The file's own row is already in `files`."""
     started_at = received_at if data_status == START_OF_DATA else None
     ended_at = received_at if data_status == END_OF_DATA else None
-    # A start of data after an end opens the run again (the agent restarted): it is watched
-    # for silence again. (SQLite evaluates every SET from the row as it was.)
-    (run_files,) = connection.execute(
+    # A start of data sent after the run's end of data opens the run again (the agent
+    # restarted): it is watched for silence again. One sent before it (a retry arriving late)
+    # does not. (SQLite evaluates every SET from the row as it was.)
+    reopens = False
+    if data_status == START_OF_DATA:
+        (end_sent,) = connection.execute(
+            "SELECT max(timestamp) FROM files WHERE run = ? AND agent = ? AND data_status = ?",
+            (run, agent, END_OF_DATA)).fetchone()
+        reopens = end_sent is not None and timestamp > end_sent
+    connection.execute(
         "INSERT INTO agent_runs VALUES (?, ?, 1, ?, ?, ?, ?, ?)"
         " ON CONFLICT (agent, run) DO UPDATE SET files = files + 1,"
         " last_received_at = excluded.last_received_at, last_file = excluded.last_file,"
-        " started_at = CASE WHEN excluded.started_at IS NOT NULL AND ended_at IS NOT NULL"
-        "   THEN excluded.started_at ELSE coalesce(started_at, excluded.started_at) END,"
+        " started_at = CASE WHEN ? THEN excluded.started_at"
+        "   ELSE coalesce(started_at, excluded.started_at) END,"
         " ended_at = CASE WHEN excluded.ended_at IS NOT NULL THEN excluded.ended_at"
-        "   WHEN excluded.started_at IS NOT NULL THEN NULL ELSE ended_at END"
-        " RETURNING files",
-        (agent, run, received_at, received_at, name, started_at, ended_at),
-    ).fetchone()
+        "   WHEN ? THEN NULL ELSE ended_at END",
+        (agent, run, received_at, received_at, name, started_at, ended_at, reopens, reopens),
+    )
     previous = connection.execute(
         "SELECT last_received_at, last_run, last_file, interval_seconds FROM agents"
         " WHERE agent = ?",
         (agent,),
     ).fetchone()
-    # The agent's current run: this one if it is new to it or already current. A late file
+    # The agent's current run: the highest it has sent (run numbers only grow). A late file
     # of a run it had left (a retry) leaves it in its current run, still watched for silence.
     current_run, current_file, current_received_at = run, name, received_at
     interval = None
@@ -79,7 +86,7 @@ def record_upload(connection: sqlite3.Connection, agent: str, run: int, name: st
         if previous["last_run"] == run:
             latest = max(_seconds_between(previous["last_received_at"], received_at), 0.0)
             interval = latest if old is None else old + INTERVAL_SMOOTHING * (latest - old)
-        elif run_files > 1:  # its current run's last file is still its last word there
+        elif run < previous["last_run"]:  # its current run's last file stays its last word
             current_run, current_file, current_received_at = (
                 previous["last_run"], previous["last_file"], previous["last_received_at"])
     connection.execute(

@@ -336,7 +336,7 @@ class Catalog:
             connection.execute(f"INSERT INTO files ({columns}) VALUES ({placeholders})", row)
             if uploaded:
                 activity.record_upload(connection, record.agent, record.run, record.name,
-                                       record.data_status, record.received_at)
+                                       record.data_status, record.received_at, record.timestamp)
 
         await self._run(insert)
 

@@ -7,24 +7,34 @@ from datetime import UTC, datetime, timedelta
 
 import pendulum
 
-from dqm_daemon import activity
+from dqm_daemon import activity, catalog
 from dqm_daemon.settings import Settings
 from dqm_daemon.status import agent_silence
 
 START = datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
 
 
-def _send(connection: sqlite3.Connection, run: int, at: datetime, data_status: int = 0) -> None:
-    activity.record_upload(connection, "EMC", run, f"EMC-{run}-{at:%H%M%S}", data_status,
-                           at.isoformat())
+def _record(connection: sqlite3.Connection, agent: str, run: int, name: str, data_status: int,
+            at: datetime, sent: datetime | None = None) -> None:
+    """As the catalog adds an uploaded file: its row, then its activity (`sent`: the agent's
+    timeStamp, by default when it arrived)."""
+    timestamp = int((sent or at).timestamp())
+    connection.execute(
+        "INSERT INTO files (name, location, size, sha256, agent, run, timestamp, data_status,"
+        " received_at, uploader, state) VALUES (?, 'data', 1, ?, ?, ?, ?, ?, ?, 'u', 'ok')",
+        (name, name, agent, run, timestamp, data_status, at.isoformat()))
+    activity.record_upload(connection, agent, run, name, data_status, at.isoformat(), timestamp)
+
+
+def _send(connection: sqlite3.Connection, run: int, at: datetime, data_status: int = 0,
+          sent: datetime | None = None) -> None:
+    _record(connection, "EMC", run, f"EMC-{run}-{at:%H%M%S}", data_status, at, sent)
 
 
 def test_the_pause_between_runs_is_not_an_interval_and_silence_is_seen_early():
     """An agent sending every minute keeps its one-minute interval across a ten-hour pause
     between runs, so it counts as silent minutes (not hours) after it stops in the next run."""
-    connection = sqlite3.connect(":memory:")
-    connection.row_factory = sqlite3.Row
-    connection.executescript(activity.SCHEMA)
+    connection = _catalog()
     for minute in range(6):
         _send(connection, 1, START + timedelta(minutes=minute), 1 if minute == 0 else 0)
     _send(connection, 1, START + timedelta(minutes=6), activity.END_OF_DATA)
@@ -48,7 +58,7 @@ def _board(connection: sqlite3.Connection) -> dict:
 def _catalog() -> sqlite3.Connection:
     connection = sqlite3.connect(":memory:")
     connection.row_factory = sqlite3.Row
-    connection.executescript(activity.SCHEMA)
+    connection.executescript(catalog._SCHEMA + activity.SCHEMA)
     return connection
 
 
@@ -92,17 +102,44 @@ def test_recent_runs_keep_every_run_and_end_only_when_every_agent_ended():
     connection = _catalog()
     at = START
     for agent in ("A", "B", "C"):
-        activity.record_upload(connection, agent, 500, f"{agent}-500", 1, at.isoformat())
+        _record(connection, agent, 500, f"{agent}-500", 1, at)
     for index in range(241):
         at += timedelta(seconds=1)
-        activity.record_upload(connection, f"X{index}", 600, f"X{index}-600", 1, at.isoformat())
-    activity.record_upload(connection, "X0", 600, "X0-600-end", 2,
-                           (at + timedelta(seconds=1)).isoformat())
+        _record(connection, f"X{index}", 600, f"X{index}-600", 1, at)
+    _record(connection, "X0", 600, "X0-600-end", 2, at + timedelta(seconds=1))
     runs = {row["run"]: row for row in activity.recent_runs(connection, 12)}
     assert set(runs) == {500, 600}
     assert runs[600]["ended_at"] is None and runs[600]["agents_ended"] == 1
     for agent in ("A", "B", "C"):
-        activity.record_upload(connection, agent, 500, f"{agent}-500-end", 2,
-                               (at + timedelta(seconds=2)).isoformat())
+        _record(connection, agent, 500, f"{agent}-500-end", 2, at + timedelta(seconds=2))
     runs = {row["run"]: row for row in activity.recent_runs(connection, 12)}
     assert runs[500]["ended_at"] is not None and runs[500]["agents_ended"] == 3
+
+
+def test_a_late_file_of_an_earlier_run_new_here_leaves_the_agent_in_its_run():
+    """A late file of run 1 that is the first of run 1 here does not make run 1 the agent's
+    run: it stays in run 2, and sending run 2 it is not silent."""
+    connection = _catalog()
+    _send(connection, 2, START, activity.START_OF_DATA)
+    _send(connection, 1, START + timedelta(seconds=10))  # late, the only one of run 1 here
+    for second in (20, 30, 40):
+        _send(connection, 2, START + timedelta(seconds=second))
+    agent = _board(connection)
+    assert agent["last_run"] == 2
+    soon = pendulum.instance(START + timedelta(seconds=45))
+    assert agent_silence(agent, Settings(), soon)["silent"] is False
+
+
+def test_a_start_of_data_arriving_after_its_end_does_not_open_the_run_again():
+    """A start-of-data file retried and arriving after the run's end of data (it was sent
+    before it) leaves the run ended, and the agent not watched."""
+    connection = _catalog()
+    _send(connection, 7, START + timedelta(minutes=1))
+    _send(connection, 7, START + timedelta(minutes=2), activity.END_OF_DATA)
+    _send(connection, 7, START + timedelta(minutes=3), activity.START_OF_DATA, sent=START)
+    agent = _board(connection)
+    assert agent["ended_at"] is not None
+    later = pendulum.instance(START + timedelta(minutes=30))
+    assert agent_silence(agent, Settings(), later)["in_run"] is False
+    (run,) = activity.recent_runs(connection, 12)
+    assert run["ended_at"] is not None

@@ -497,6 +497,20 @@ class Catalog:
 
         return await self._read(fetch)
 
+    async def copy_of(self, agent: str, run: int, timestamp: int,
+                      sha256: str) -> FileRecord | None:
+        """A file of these DQM headers holding these bytes, whichever variant of the name it
+        has (the run's index finds it)."""
+
+        def fetch(connection: sqlite3.Connection) -> FileRecord | None:
+            row = connection.execute(
+                f"SELECT {_SUMMARY_COLUMNS} FROM files WHERE run = ? AND agent = ?"
+                " AND timestamp = ? AND sha256 = ? ORDER BY name LIMIT 1",
+                (run, agent, timestamp, sha256)).fetchone()
+            return FileRecord.from_row(row) if row else None
+
+        return await self._read(fetch)
+
     async def rename_quarantined(self, name: str, new_name: str) -> bool:
         """Give a quarantined file's row another name (its name goes to a sound upload);
         False if `name` is not a quarantined row any more."""

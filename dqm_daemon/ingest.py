@@ -94,7 +94,14 @@ class Ingest:
     async def _commit(self, incoming: IncomingFile, dqm: DQMHeaders, uploader: str) -> Commit:
         async with self._naming_lock(dqm.filename):
             # A retry is recognised whichever variant holds its bytes, before any name is
-            # given away below. Variants are given in turn, so the first free one ends them.
+            # given away below: by its headers and digest (a failed commit may leave a gap in
+            # the variants), and variant by variant (two times may give one name, in the hour
+            # the clocks go back).
+            copy = await self._catalog.copy_of(dqm.agent, dqm.run_number, dqm.timestamp,
+                                               incoming.sha256)
+            if copy is not None:
+                await incoming.discard()
+                return Commit(copy, duplicate=True)
             taken: list[FileRecord] = []
             while existing := await self._catalog.get(
                     variant_filename(dqm.filename, len(taken) + 1)):

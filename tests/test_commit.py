@@ -121,3 +121,23 @@ def test_receipt_times_sort_as_text_in_time_order():
     assert times[0] == "2026-11-29T15:00:00.000000Z"
     assert sorted(times) == times
     assert datetime.fromisoformat(utc_now()).tzinfo == UTC  # and each reads back as UTC
+
+
+async def test_a_retry_is_recognised_past_a_gap_in_the_variants(tmp_path, committing):
+    """A failed commit can leave the name itself free while `.v2` holds a file: a retry of
+    that file is recognised there (by its headers and digest), not stored again under the
+    free name."""
+    from dqm_daemon.ingest import new_record
+    from dqm_daemon.naming import variant_filename
+
+    storage, catalog, ingest = committing
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    dqm = DQMHeaders(run_number=5, timestamp=1_700_000_000, agent="GAP", data_status=0)
+    held = variant_filename(dqm.filename, 2)
+    (storage.data_dir / held).write_bytes(content)
+    await catalog.add(new_record(held, len(content), hashlib.sha256(content).hexdigest(), dqm,
+                                 "test"))
+    commit = await ingest.commit(await _incoming(storage, content), dqm, "test")
+    assert commit.duplicate and commit.record.name == held
+    assert not (storage.data_dir / dqm.filename).exists()
+    assert await catalog.get(dqm.filename) is None

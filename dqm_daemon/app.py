@@ -108,7 +108,7 @@ async def inspection_workers(app: web.Application) -> AsyncIterator[None]:
 
     sweeper = asyncio.create_task(recover_then_sweep(), name="inspection-sweeper")
     yield
-    app[INGEST].stop_adopting()  # its thread may be hashing a large file: it stops too
+    app[INGEST].stop_hashing()  # its thread may be hashing a large file: it stops too
     for task in (sweeper, *workers):
         task.cancel()
     for task in (sweeper, *workers):

@@ -69,8 +69,9 @@ class Ingest:
         # One lock per DQM name: two uploads of the same name never both think a variant is
         # free (or miss that the other is the same file); different names go on in parallel.
         self._naming_locks: dict[str, asyncio.Lock] = {}
-        # Set at shutdown: start-up adoption stops, even part way through hashing a file.
-        self._stop_adopting = threading.Event()
+        # Set at shutdown: hashing a file found on disk (adoption, a commit finding its name
+        # taken by an uncataloged file) stops part way, rather than holding up the exit.
+        self._stop_hashing = threading.Event()
         self._naming_lock_users: collections.Counter[str] = collections.Counter()
 
     @contextlib.asynccontextmanager
@@ -130,7 +131,7 @@ class Ingest:
                 try:
                     on_disk = await asyncio.to_thread(
                         sha256_of_file, self._storage.path_of(name, IN_DATA_DIR),
-                        HASH_CHUNK_BYTES)
+                        HASH_CHUNK_BYTES, self._stop_hashing)
                 except FileNotFoundError:
                     continue  # removed meanwhile (by hand): on to the next name
                 if on_disk == incoming.sha256:
@@ -182,13 +183,13 @@ class Ingest:
                 log.exception("file_adoption_failed", file=path.name)
         return adopted
 
-    def stop_adopting(self) -> None:
-        self._stop_adopting.set()
+    def stop_hashing(self) -> None:
+        self._stop_hashing.set()
 
     async def _adopt(self, path: Path, chunk_bytes: int) -> bool:
         dqm = headers_from_filename(path.name) or DQMHeaders(0, 0, DEFAULT_AGENT, 0)
         sha256 = await asyncio.to_thread(sha256_of_file, path, chunk_bytes,
-                                         self._stop_adopting)
+                                         self._stop_hashing)
         size = (await asyncio.to_thread(path.stat)).st_size
         async with self._naming_lock(dqm.filename):  # as an upload of that name would
             if await self._catalog.get(path.name) is not None:

@@ -21,6 +21,9 @@ from aiohttp.http_exceptions import (
 )
 from aiohttp.web_protocol import RequestHandler
 
+from .appkeys import SETTINGS
+from .storage import HashingStopped
+
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -87,6 +90,10 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         if exc.status < 400:
             raise  # redirects and the like are answers, not errors
         return error_response(exc)
+    except HashingStopped:  # shutting down in the middle of the upload's commit
+        return error_response(web.HTTPServiceUnavailable(
+            text="The receiver is shutting down; retry later",
+            headers={"Retry-After": str(request.app[SETTINGS].retry_after_seconds)}))
     except CLIENT_GONE:
         log.info("client_disconnected")
         return error_response(web.HTTPBadRequest(text="Connection lost during the request"))

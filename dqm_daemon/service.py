@@ -14,7 +14,7 @@ from aiohttp import web
 
 from . import __version__
 from .app import create_app
-from .appkeys import INSPECTION_QUEUE, INSPECTORS, UPLOADS
+from .appkeys import INGEST, INSPECTION_QUEUE, INSPECTORS, UPLOADS
 from .middlewares import refuse_malformed_requests_in_json
 from .settings import Settings
 from .systemd_notify import SystemdNotifier
@@ -92,6 +92,9 @@ async def serve(settings: Settings, environ: Mapping[str, str]) -> int:
 
     await stop_requested.wait()
     notifier.stopping(f"stopping: {status_line(app)}")
+    # Hashing a large file found on disk would hold up the exit: it stops now (adoption goes
+    # on at the next start; an upload that needed it is answered 503 and retried).
+    app[INGEST].stop_hashing()
     # Stop listening and refuse new uploads, but keep reading the bodies of those in flight
     # (aiohttp's own shutdown stops reading at once) for up to the grace period.
     await site.stop()

@@ -177,6 +177,31 @@ def test_ready_does_not_wait_for_start_up_recovery(daemon, notify_socket):
     assert '"file_adopted"' not in daemon.log_path.read_text()
 
 
+async def test_a_shutdown_does_not_wait_for_a_commit_hashing_a_large_leftover(tmp_path, daemon):
+    """An upload whose name is held on disk by a large file the catalog does not know (left by
+    a crash) hashes that file to tell whether it is the same: a SIGTERM meanwhile stops the
+    hashing, the upload is answered 503 (retry later), and the daemon exits at once."""
+    daemon.data_dir.mkdir(parents=True)
+    dqm = {"runNumber": "5", "timeStamp": "1700000000", "amoreAgent": "EMC"}
+    leftover = daemon.data_dir / "EMChistos_5_DQM_2023_11_14_23_13_20.root"
+    with open(leftover, "wb") as unknown:
+        unknown.truncate(16 << 30)  # sparse: several seconds to hash
+    daemon.start()
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    async with aiohttp.ClientSession() as session:
+        upload = asyncio.create_task(session.post(f"{daemon.url}/rest/api/files", data=content,
+                                                  headers={"token": TOKEN, **dqm}))
+        await asyncio.sleep(1.5)  # the upload (and adoption) hash the leftover
+        signalled = time.monotonic()
+        daemon.process.send_signal(signal.SIGTERM)
+        async with await upload as answer:
+            assert answer.status == 503, await answer.text()
+            assert "shutting down" in (await answer.json())["message"]
+        assert await asyncio.to_thread(daemon.process.wait, 60) == 0
+    assert time.monotonic() - signalled < 3
+    assert leftover.stat().st_size == 16 << 30  # left as it was, for the next start
+
+
 def test_abstract_notify_socket(daemon):
     """An abstract $NOTIFY_SOCKET ('@name') works too."""
     name = f"dqm-daemon-test-{uuid.uuid4().hex}"

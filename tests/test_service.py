@@ -184,8 +184,8 @@ async def test_a_shutdown_does_not_wait_for_a_commit_hashing_a_large_leftover(tm
     daemon.data_dir.mkdir(parents=True)
     dqm = {"runNumber": "5", "timeStamp": "1700000000", "amoreAgent": "EMC"}
     leftover = daemon.data_dir / "EMChistos_5_DQM_2023_11_14_23_13_20.root"
-    with open(leftover, "wb") as unknown:
-        unknown.truncate(16 << 30)  # sparse: several seconds to hash
+    leftover.touch()
+    os.truncate(leftover, 16 << 30)  # sparse: several seconds to hash
     daemon.start()
     content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
     async with aiohttp.ClientSession() as session:

@@ -45,7 +45,10 @@ class InvalidFile(Exception):
 
 
 def received_entry(name: str, class_name: str) -> str:
-    """The Overwatch receiver's description of a top-level object."""
+    """The Overwatch receiver's description of a top-level object. A directory's key stores
+    the class `TDirectory`, which ROOT reads as a `TDirectoryFile`: the receiver named that."""
+    if class_name == "TDirectory":
+        class_name = "TDirectoryFile"
     return f"Obj name: {name}, Obj IsA() Name: {class_name}"
 
 

@@ -56,7 +56,9 @@ def variant_filename(filename: str, variant: int) -> str:
 MAX_RUN_NUMBER = 2**63 - 1
 # 9999-12-31 23:59:59 in Zurich (UTC+1 then): one second later the name's year has 5 digits.
 MAX_TIMESTAMP = 253402297199
-MAX_DATA_STATUS = 2**31 - 1
+# dataStatus is 0, 1 or 2 from AMORE agents; any 32-bit integer is taken, as the Overwatch
+# receiver took any integer (its own default was -1).
+MIN_DATA_STATUS, MAX_DATA_STATUS = -(2**31), 2**31 - 1
 
 
 _ASCII_INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
@@ -78,20 +80,20 @@ def bounded_integer(raw: str, what: str, maximum: int, minimum: int = 0) -> int:
 
 
 def _integer_header(headers: Mapping[str, str], name: str, default: int | None,
-                    maximum: int) -> int:
+                    maximum: int, minimum: int = 0) -> int:
     raw = headers.get(name)
     if raw is None:
         if default is None:
             raise web.HTTPBadRequest(text=f"Missing required header {name}")
         return default
-    return bounded_integer(raw, f"Header {name}", maximum)
+    return bounded_integer(raw, f"Header {name}", maximum, minimum)
 
 
 def parse_dqm_headers(headers: Mapping[str, str]) -> DQMHeaders:
     """Validate the upload headers; a bad one raises 400 naming the header and the value."""
     run_number = _integer_header(headers, "runNumber", None, MAX_RUN_NUMBER)
     timestamp = _integer_header(headers, "timeStamp", None, MAX_TIMESTAMP)
-    data_status = _integer_header(headers, "dataStatus", 0, MAX_DATA_STATUS)
+    data_status = _integer_header(headers, "dataStatus", 0, MAX_DATA_STATUS, MIN_DATA_STATUS)
     agent = headers.get("amoreAgent", DEFAULT_AGENT)
     if not _AGENT_PATTERN.fullmatch(agent) or ".." in agent:
         raise web.HTTPBadRequest(

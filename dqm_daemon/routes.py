@@ -18,6 +18,7 @@ def setup_routes(app: web.Application, static_dir: Path) -> None:
     app.router.add_get("/metrics", metrics)
     # The shift crew's pages, each with its JSON twin (the .json routes come first).
     app.router.add_get("/", root)
+    app.router.add_post("/", root)  # the Overwatch receiver's token probe, as GET with a token
     app.router.add_get("/status", page("status.html", status_data))
     app.router.add_get("/status.json", twin(status_data))
     app.router.add_get("/files/{filename}.json", twin(file_data))

@@ -82,7 +82,24 @@ async def test_bad_integer_headers(client, one_histogram_file, data_dir, header,
     status, body = await post(client, one_histogram_file, headers)
     assert status == 400
     assert fragment in body["message"]
+    # Shaped as the Overwatch receiver's answer to a bad header: no objects, the headers echoed.
+    assert body["received"] is None
+    assert body["receivedHeaders"]["Amoreagent"] == "EMC"
+    assert "Token" not in body["receivedHeaders"] and TOKEN not in str(body)
     await assert_nothing_kept(client, data_dir)
+
+
+@pytest.mark.parametrize("data_status", ["-1", "-2147483648", "7"])
+async def test_any_32_bit_data_status_is_taken(client, one_histogram_file, data_status):
+    """The Overwatch receiver took any integer dataStatus (its own default was -1): so does
+    this one, kept as sent; only 1 and 2 mean start and end of data."""
+    status, body = await post(client, one_histogram_file, dqm_headers(dataStatus=data_status))
+    assert status == 200, body
+    record = await client.server.app[CATALOG].get(body["filename"])
+    assert record.data_status == int(data_status)
+    too_low = dqm_headers(dataStatus="-2147483649", runNumber="2")
+    status, body = await post(client, one_histogram_file, too_low)
+    assert status == 400 and "dataStatus must not be below -2147483648" in body["message"]
 
 
 @pytest.mark.parametrize("agent", ["../EMC", "EMC/x", "..", "E..MC", "EMC x", "EMC\tx",
@@ -154,10 +171,12 @@ async def test_invalid_root_is_quarantined(client, one_histogram_file, data_dir,
     status, body = await post(client, content, dqm_headers())
     if kind == "empty_file_field":
         assert (status, body["message"]) == (400, "No file uploaded and the payload was empty")
+        assert body["received"] is None
         await assert_nothing_kept(client, data_dir)
         return
     assert (status, body["message"]) == (400, INVALID), body
     assert body["reason"]
+    assert body["received"] is None  # as the Overwatch receiver answered a file it could not open
     name = body["filename"]
     assert (data_dir / "quarantine" / name).read_bytes() == content
     assert not (data_dir / name).exists()

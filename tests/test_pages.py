@@ -67,6 +67,26 @@ async def test_root_redirects_to_status(client):
     assert (response.status, response.headers["Location"]) == (302, "/status")
 
 
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_root_with_a_token_is_the_overwatch_token_probe(aiohttp_client, data_dir, method):
+    """Scripts test a token as on the Overwatch receiver: `/` with it answers 400 "Not
+    implemented" past the token check (even where the pages need a password), without it or
+    with a wrong one the token check's answer."""
+    client = await aiohttp_client(
+        create_app(make_settings(data_dir, pages_basic_auth="crew:secret")))
+    answers = {}
+    for token in (TOKEN, "not-the-token", None):
+        headers = {} if token is None else {"token": token}
+        response = await client.request(method, "/", headers=headers, allow_redirects=False)
+        answers[token] = (response.status, (await response.json())["message"])
+    assert answers == {
+        TOKEN: (400, "Not implemented"),
+        "not-the-token": (401, "Received token, but it is invalid!"),
+        None: (401, "Must pass a token!" if method == "POST"
+               else "These pages need a user name and password"),
+    }
+
+
 async def test_fresh_daemon_is_ok(client):
     """With nothing wrong the banner says OK."""
     status = await (await client.get("/status.json")).json()

@@ -14,6 +14,7 @@ from aiohttp import web
 from .. import activity
 from ..appkeys import CATALOG, PAGE_THREAD, PREVIEWER, SETTINGS
 from ..catalog import IN_DATA_DIR, OK, PENDING
+from ..middlewares import is_token_probe
 from ..naming import MAX_RUN_NUMBER, bounded_integer
 from ..status import file_summary, status_report
 
@@ -104,4 +105,8 @@ def twin(build: DataBuilder) -> Callable[[web.Request], Awaitable[web.Response]]
 
 
 async def root(request: web.Request) -> web.Response:
+    """The bare address leads the crew to the status page. With a token (or a POST) it is the
+    Overwatch receiver's token probe: past the token check, 400 "Not implemented"."""
+    if is_token_probe(request):
+        raise web.HTTPBadRequest(text="Not implemented")
     raise web.HTTPFound("/status")

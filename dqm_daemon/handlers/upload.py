@@ -19,7 +19,7 @@ from ..appkeys import (
     UPLOAD_THREADS,
     UPLOADS,
 )
-from ..catalog import OK, FileRecord
+from ..catalog import INVALID, OK, FileRecord
 from ..digests import check_digests, expected_digests
 from ..ingest import Commit
 from ..middlewares import UPLOADER, error_response, new_request_id, uploader_for_token
@@ -71,7 +71,7 @@ async def expect_continue(request: web.Request) -> web.Response | None:
         expected_digests(request.headers)
         check_room(request.app, request.content_length)
     except web.HTTPException as exc:
-        response = error_response(exc)
+        response = upload_refusal(exc, request)
         response.force_close()
         # No middleware sees this answer: it gets its request id, log line and count here.
         request_id = new_request_id()
@@ -102,17 +102,35 @@ async def _receive(request: web.Request, incoming: IncomingFile, progress: Uploa
     )
 
 
+def received_headers(request: web.Request) -> dict[str, str]:
+    """The request's headers as the Overwatch receiver echoed them, spelled as Flask gave them
+    (`Runnumber`, `Amoreagent`, `Content-Type`; repeated ones joined), the secret ones left out."""
+    echoed: dict[str, str] = {}
+    for key, value in request.headers.items():
+        if key.lower() in SECRET_HEADERS:
+            continue
+        key = key.replace("_", "-").title()
+        echoed[key] = f"{echoed[key]}, {value}" if key in echoed else value
+    return echoed
+
+
+def upload_refusal(exc: web.HTTPException, request: web.Request) -> web.Response:
+    """A refused upload's answer: the JSON error, with `received: null` and the echoed headers
+    as every answer to the Overwatch receiver's POST had them (but those of its token check,
+    which held the message alone)."""
+    if exc.status == web.HTTPUnauthorized.status_code:
+        return error_response(exc)
+    return error_response(exc, {"received": None, "receivedHeaders": received_headers(request)})
+
+
 def _answer(record: FileRecord, request: web.Request, *, status: int, message: str) -> web.Response:
     body = {
         "status": status,
         "message": message,
         "filename": record.name,
-        "received": record.received or {},
-        "receivedHeaders": {
-            key: value
-            for key, value in request.headers.items()
-            if key.lower() not in SECRET_HEADERS
-        },
+        # null for a file that is not sound ROOT, as the Overwatch receiver answered
+        "received": None if record.state == INVALID else record.received or {},
+        "receivedHeaders": received_headers(request),
         "size": record.size,
         "sha256": record.sha256,
         "state": record.state,
@@ -129,6 +147,10 @@ async def post_file(request: web.Request) -> web.Response:
     outcome = {"result": "rejected", "agent": "unknown"}
     try:
         return await _store_and_answer(request, outcome)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return upload_refusal(exc, request)
     finally:
         metrics.uploads.labels(outcome["result"], metrics.agent_label(outcome["agent"])).inc()
         metrics.upload_seconds.observe(time.perf_counter() - started)

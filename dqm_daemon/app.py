@@ -34,7 +34,7 @@ from .appkeys import (
     UPLOADS,
 )
 from .catalog import Catalog
-from .handlers.resumable_uploads import tus_resumable_header
+from .handlers.resumable_uploads import commit_complete_uploads, tus_resumable_header
 from .ingest import Ingest
 from .inspection_pool import CHILD_COMMAND, InspectorProcess
 from .inspection_queue import InspectionQueue
@@ -99,6 +99,12 @@ async def inspection_workers(app: web.Application) -> AsyncIterator[None]:
     workers.append(asyncio.create_task(app[ANALYST].run(), name="analyst"))
 
     async def recover_then_sweep() -> None:
+        try:  # first: a name it finds on disk is then cataloged with its upload's headers
+            committed = await commit_complete_uploads(app)
+            if committed:
+                log.info("resumable_uploads_committed", count=committed)
+        except Exception:  # they stay complete on disk: committed at the next start
+            log.exception("startup_resumable_commit_failed")
         try:
             adopted = await app[INGEST].adopt_unknown_files(app[SETTINGS].chunk_bytes)
             log.info("startup_recovery", adopted_files=adopted)

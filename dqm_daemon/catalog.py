@@ -511,6 +511,25 @@ class Catalog:
 
         return await self._read(fetch)
 
+    async def claim_adopted(self, adopted: FileRecord, upload: FileRecord) -> bool:
+        """A file adopted from disk (left by a crash between placing and cataloging it) whose
+        upload came again: its row takes the upload's uploader, dataStatus and time, and the
+        upload counts as its agent's activity, as the first attempt would have (an end of data
+        is not lost). False if another upload claimed it first."""
+
+        def claim(connection: sqlite3.Connection) -> bool:
+            if connection.execute(
+                    "UPDATE files SET uploader = ?, data_status = ?, received_at = ?"
+                    " WHERE name = ? AND uploader = ?",
+                    (upload.uploader, upload.data_status, upload.received_at, adopted.name,
+                     adopted.uploader)).rowcount != 1:
+                return False
+            activity.record_upload(connection, upload.agent, upload.run, adopted.name,
+                                   upload.data_status, upload.received_at, upload.timestamp)
+            return True
+
+        return await self._run(claim)
+
     async def rename_quarantined(self, name: str, new_name: str) -> bool:
         """Give a quarantined file's row another name (its name goes to a sound upload);
         False if `name` is not a quarantined row any more."""

@@ -101,14 +101,12 @@ class Ingest:
             copy = await self._catalog.copy_of(dqm.agent, dqm.run_number, dqm.timestamp,
                                                incoming.sha256)
             if copy is not None:
-                await incoming.discard()
-                return Commit(copy, duplicate=True)
+                return await self._duplicate(incoming, copy, dqm, uploader)
             taken: list[FileRecord] = []
             while existing := await self._catalog.get(
                     variant_filename(dqm.filename, len(taken) + 1)):
                 if existing.sha256 == incoming.sha256:
-                    await incoming.discard()
-                    return Commit(existing, duplicate=True)
+                    return await self._duplicate(incoming, existing, dqm, uploader)
                 taken.append(existing)
             placed_here = False  # False: the same bytes were on disk under the name already
             for variant in itertools.count(1):
@@ -116,8 +114,8 @@ class Ingest:
                 existing = (taken[variant - 1] if variant <= len(taken)
                             else await self._catalog.get(name))
                 if existing is not None and existing.sha256 == incoming.sha256:
-                    await incoming.discard()  # past a gap (a name on disk only, skipped)
-                    return Commit(existing, duplicate=True)
+                    # past a gap (a name on disk only, skipped)
+                    return await self._duplicate(incoming, existing, dqm, uploader)
                 # A name held by a quarantined (broken) file goes to this upload.
                 if existing is not None and not (existing.location == IN_QUARANTINE
                                                  and await self._set_aside(existing, dqm)):
@@ -148,6 +146,19 @@ class Ingest:
             if not placed_here:
                 await incoming.discard()
         return Commit(record, duplicate=False)
+
+    async def _duplicate(self, incoming: IncomingFile, stored: FileRecord, dqm: DQMHeaders,
+                         uploader: str) -> Commit:
+        """The upload's bytes are stored already: nothing new is kept. A copy adopted from
+        disk (its first upload died before its row) takes this upload's headers."""
+        await incoming.discard()
+        if stored.uploader == ADOPTED_UPLOADER:
+            upload = new_record(stored.name, stored.size, stored.sha256, dqm, uploader)
+            if await self._catalog.claim_adopted(stored, upload):
+                stored = dataclasses.replace(stored, uploader=uploader,
+                                             data_status=dqm.data_status,
+                                             received_at=upload.received_at)
+        return Commit(stored, duplicate=True)
 
     async def _set_aside(self, quarantined: FileRecord, dqm: DQMHeaders) -> bool:
         """Move a quarantined file out of the way under the next free variant name, so its

@@ -39,6 +39,9 @@ class ResumableUpload:
     path: Path
     # The running hash of the bytes so far; lost on restart (recomputed at completion then).
     hasher: Any = None
+    # Where a chunk whose Upload-Checksum is not yet verified began: bytes past it are dropped
+    # if the daemon dies before the check (what a checksum does not vouch for is not kept).
+    unverified_from: int | None = None
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
 
     @property
@@ -48,7 +51,8 @@ class ResumableUpload:
     def state(self) -> dict[str, Any]:
         return {"length": self.length, "offset": self.offset, "uploader": self.uploader,
                 "dqm": dataclasses.asdict(self.dqm), "last_activity": self.last_activity,
-                "expected_sha256": self.expected_sha256.hex() if self.expected_sha256 else None}
+                "expected_sha256": self.expected_sha256.hex() if self.expected_sha256 else None,
+                "unverified_from": self.unverified_from}
 
 
 class TooManyUnfinished(Exception):
@@ -113,13 +117,23 @@ class ResumableUploads:
             try:
                 state = json.loads(state_path.read_text())
                 offset = part.stat().st_size  # the bytes really on disk decide
+                unverified_from = state.get("unverified_from")
+                if unverified_from is not None and offset > unverified_from:
+                    # The daemon died before checking a chunk's Upload-Checksum.
+                    with open(part, "r+b") as part_file:
+                        part_file.truncate(unverified_from)
+                        os.fsync(part_file.fileno())
+                    offset = unverified_from
                 expected = state["expected_sha256"]
-                self._uploads[upload_id] = ResumableUpload(
+                upload = ResumableUpload(
                     upload_id=upload_id, length=state["length"],
                     offset=min(offset, state["length"]), dqm=DQMHeaders(**state["dqm"]),
                     uploader=state["uploader"],
                     expected_sha256=bytes.fromhex(expected) if expected else None,
                     last_activity=state["last_activity"], path=part)
+                if unverified_from is not None:
+                    self._save(upload)  # bytes appended from here on are not in doubt
+                self._uploads[upload_id] = upload
             except (OSError, ValueError, KeyError, TypeError):
                 log.warning("resumable_upload_unreadable", upload_id=upload_id)
                 state_path.unlink(missing_ok=True)
@@ -162,6 +176,17 @@ class ResumableUploads:
             self._uploads.pop(upload_id, None)
             raise
         return upload
+
+    def complete(self) -> list[ResumableUpload]:
+        """Unfinished uploads holding all their bytes: after a restart, those whose last PATCH
+        the daemon died answering."""
+        return [upload for upload in self._uploads.values() if upload.offset == upload.length]
+
+    async def begin_checksummed_chunk(self, upload: ResumableUpload) -> None:
+        """Before a chunk with an Upload-Checksum is written: until it is verified, a restart
+        drops it."""
+        upload.unverified_from = upload.offset
+        await asyncio.to_thread(self._save, upload)
 
     async def record_progress(self, upload: ResumableUpload) -> None:
         upload.last_activity = time.time()

@@ -10,7 +10,7 @@ import pytest
 from dqm_daemon.app import create_app
 from dqm_daemon.appkeys import CATALOG
 
-from .conftest import TOKEN, dqm_headers, make_settings, multipart_file
+from .conftest import TOKEN, UPLOADER_NAME, dqm_headers, make_settings, multipart_file
 from .rootfiles import write_dqm_file, write_one_histogram_file
 
 AUTH = {"token": TOKEN}
@@ -224,3 +224,32 @@ async def test_an_unreadable_file_does_not_stop_adoption(aiohttp_client, data_di
     assert (await catalog.get(adopted.name)).uploader == "adopted"
     assert await catalog.get(unreadable.name) is None
     assert (await client.get("/healthz")).status == 200
+
+
+async def test_a_retry_of_a_file_adopted_after_a_crash_takes_its_headers(aiohttp_client,
+                                                                         data_dir, tmp_path):
+    """A crash between placing an upload and cataloging it leaves the file to adoption (with
+    the headers its name tells, dataStatus 0). The agent's retry is recognised, and the row
+    takes what the retry says: its uploader and its end of data, so the run shows as ended
+    rather than the agent as silent."""
+    content = write_one_histogram_file(tmp_path / "upload.root").read_bytes()
+    data_dir.mkdir(parents=True)
+    name = "EMChistos_123456_DQM_1970_01_02_16_07_24.root"  # dqm_headers()' name
+    (data_dir / name).write_bytes(content)
+    client = await aiohttp_client(create_app(make_settings(data_dir)))
+    catalog = client.server.app[CATALOG]
+    for _ in range(500):  # adoption goes on in the background
+        if await catalog.get(name):
+            break
+        await asyncio.sleep(0.01)
+    assert (await catalog.get(name)).uploader == "adopted"
+    first = await upload(client, content, dataStatus="2")  # the retry of an end of data
+    second = await upload(client, content, dataStatus="2")  # and once more: counted once
+    assert first["filename"] == second["filename"] == name
+    assert await list_names(client) == [name]
+    record = await catalog.get(name)
+    assert (record.uploader, record.data_status) == (UPLOADER_NAME, 2)
+    run = await (await client.get("/runs/123456.json")).json()
+    (agent,) = run["agents"]
+    assert (agent["agent"], agent["files"]) == ("EMC", 1)
+    assert agent["ended_at"] is not None

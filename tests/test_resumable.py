@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import numpy as np
 import pytest
 import uproot
 
@@ -357,3 +359,91 @@ async def test_a_finished_upload_frees_its_slot_while_its_check_runs(tmp_path, d
             assert answer.status == 200, await answer.text()
         async with await finishing as answer:
             assert answer.status == 204 and answer.headers["DQM-State"] == "ok"
+
+
+async def test_an_upload_whose_last_bytes_reached_the_disk_before_a_crash_is_committed(
+        tmp_path, daemon):
+    """The daemon dies after the last PATCH's bytes reach the disk, before it commits them.
+    After the restart the upload is committed at start-up: a tus client that asks finds the
+    offset at the length and takes it as done, so it must not be left to expire."""
+    daemon.start()
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    async with aiohttp.ClientSession() as session:
+        location = await _create(session, daemon.url, len(content))
+        async with await _patch(session, location, 0, content[:-100]) as answer:
+            assert answer.status == 204
+    daemon.kill()
+    (part,) = (daemon.data_dir / ".resumable").glob("*.part")
+
+    def write_the_last_bytes() -> None:  # as the last PATCH did before the crash
+        with open(part, "ab") as written_before_the_crash:
+            written_before_the_crash.write(content[-100:])
+
+    await asyncio.to_thread(write_the_last_bytes)
+    daemon.start()
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):  # committed in the background, just after start-up
+            async with session.head(location, headers=TUS) as answer:
+                if "DQM-Filename" in answer.headers:
+                    break
+            await asyncio.sleep(0.05)
+        assert answer.status == 200, await answer.text()
+        assert answer.headers["Upload-Offset"] == answer.headers["Upload-Length"] == str(
+            len(content))
+        name = answer.headers["DQM-Filename"]
+        async with session.get(f"{daemon.url}/rest/api/files/{name}", headers=TUS) as stored:
+            assert await stored.read() == content
+        for _ in range(200):  # pending, then checked like any file
+            async with session.get(f"{daemon.url}/rest/api/files", headers=TUS) as listing:
+                if names := (await listing.json())["files"]:
+                    break
+            await asyncio.sleep(0.05)
+        assert names == [name]
+    assert list((daemon.data_dir / ".resumable").iterdir()) == []
+
+
+async def test_a_chunk_cut_by_a_crash_before_its_checksum_was_checked_is_not_kept(
+        tmp_path, daemon):
+    """A PATCH with an Upload-Checksum: the daemon dies while the chunk streams in, before it
+    can check the checksum. The bytes of that chunk on disk are not vouched for: after the
+    restart the upload stands where the chunk began."""
+    daemon.start()
+    with uproot.recreate(tmp_path / "noise.root") as root_file:  # random contents: 480 kB
+        root_file["noise"] = (np.random.default_rng(5).random(60_000), np.linspace(0, 1, 60_001))
+    content = (tmp_path / "noise.root").read_bytes()
+    assert len(content) > 400_000
+    checksum = base64.b64encode(hashlib.sha1(content[1000:]).digest()).decode()
+    arrived = asyncio.Event()
+
+    async def chunk_then_stall():
+        yield content[1000:300_000]
+        await arrived.wait()
+        await asyncio.sleep(3600)  # the daemon dies meanwhile
+
+    async with aiohttp.ClientSession() as session:
+        location = await _create(session, daemon.url, len(content))
+        async with await _patch(session, location, 0, content[:1000]) as answer:
+            assert answer.status == 204
+        stalled = asyncio.create_task(_patch(session, location, 1000, chunk_then_stall(),
+                                             **{"Upload-Checksum": f"sha1 {checksum}"}))
+        (part,) = (daemon.data_dir / ".resumable").glob("*.part")
+        for _ in range(400):
+            if part.stat().st_size >= 300_000:
+                break
+            await asyncio.sleep(0.025)
+        assert part.stat().st_size >= 300_000
+        daemon.kill()
+        arrived.set()
+        stalled.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
+            await stalled
+    daemon.start()
+    async with aiohttp.ClientSession() as session:
+        async with session.head(location, headers=TUS) as answer:
+            assert answer.headers["Upload-Offset"] == "1000"
+        async with await _patch(session, location, 1000, content[1000:],
+                                **{"Upload-Checksum": f"sha1 {checksum}"}) as answer:
+            assert answer.status == 204, await answer.text()
+            name = answer.headers["DQM-Filename"]
+        async with session.get(f"{daemon.url}/rest/api/files/{name}", headers=TUS) as stored:
+            assert await stored.read() == content

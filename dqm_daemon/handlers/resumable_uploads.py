@@ -186,6 +186,7 @@ def _truncate_sync(upload: ResumableUpload, offset: int) -> None:
     with open(upload.path, "r+b") as part:
         part.truncate(offset)
     upload.offset = offset
+    upload.unverified_from = None
     upload.hasher = None  # it has seen bytes now thrown away: recomputed at completion
 
 
@@ -204,6 +205,8 @@ async def patch(request: web.Request) -> web.Response:
         checksum = _chunk_checksum(request)
         start = upload.offset
         settings = request.app[SETTINGS]
+        if checksum is not None:
+            await request.app[RESUMABLE].begin_checksummed_chunk(upload)
         with request.app[UPLOADS].slot(upload.uploader, upload.dqm.agent,
                                        upload.dqm.run_number) as progress:
             try:
@@ -243,24 +246,25 @@ async def patch(request: web.Request) -> web.Response:
                         text=f"No data received for {settings.read_timeout_seconds} s; the "
                         f"upload stands at offset {upload.offset}", headers=TUS) from None
                 raise
-            if checksum is not None and checksum[0].digest() != checksum[1]:
-                await asyncio.to_thread(_truncate_sync, upload, start)
-                await request.app[RESUMABLE].record_progress(upload)
-                raise HTTPChecksumMismatch(text="Upload-Checksum does not match the chunk",
-                                           headers=TUS)
+            if checksum is not None:
+                if checksum[0].digest() != checksum[1]:
+                    await asyncio.to_thread(_truncate_sync, upload, start)
+                    await request.app[RESUMABLE].record_progress(upload)
+                    raise HTTPChecksumMismatch(text="Upload-Checksum does not match the chunk",
+                                               headers=TUS)
+                upload.unverified_from = None
             await request.app[RESUMABLE].record_progress(upload)
             headers = {**TUS, "Upload-Offset": str(upload.offset)}
             # The last byte arrived: committed within the slot, like a POST...
-            commit = (await _commit_finished(request, upload)
+            commit = (await _commit_finished(request.app, upload)
                       if upload.offset == upload.length else None)
         if commit is not None:  # ...and its check awaited outside it, like a POST
             headers.update(await _answer_finished(request, upload, commit))
     return web.Response(status=204, headers=headers)
 
 
-async def _commit_finished(request: web.Request, upload: ResumableUpload) -> Commit:
+async def _commit_finished(app: web.Application, upload: ResumableUpload) -> Commit:
     """Commit a complete upload exactly as a POST's file."""
-    app = request.app
     finished = await app[RESUMABLE].finish(upload, app[SETTINGS].chunk_bytes)
     try:
         check_digests(ExpectedDigests(sha256=upload.expected_sha256), finished.sha256, None)
@@ -287,6 +291,34 @@ async def _answer_finished(request: web.Request, upload: ResumableUpload,
     log.info("resumable_upload_finished", upload_id=upload.upload_id,
              file=commit.record.name, duplicate=commit.duplicate)
     return file_headers
+
+
+async def commit_complete_uploads(app: web.Application) -> int:
+    """At start-up: commit every restored upload that holds all its bytes. Its last PATCH was
+    never answered (the daemon died first), yet a tus client asking finds the offset at the
+    length and takes the upload as done: nothing else would ever commit it. The file is then
+    pending, checked like any other; HEAD answers with its name until the next restart."""
+    uploads, committed = app[RESUMABLE], 0
+    for upload in uploads.complete():
+        if upload.lock.locked():
+            continue  # a PATCH that arrived meanwhile is committing it
+        async with upload.lock:
+            if uploads.get(upload.upload_id) is not upload:
+                continue
+            try:
+                commit = await _commit_finished(app, upload)
+            except Exception as exc:  # e.g. not the Repr-Digest it was created with
+                log.warning("resumable_upload_not_committed", upload_id=upload.upload_id,
+                            error=getattr(exc, "text", None) or type(exc).__name__)
+                continue
+            uploads.remember_finished(upload.upload_id, {
+                "Upload-Offset": str(upload.length), "Upload-Length": str(upload.length),
+                **_file_headers(commit.record)})
+            uploads.forget(upload)
+        committed += 1
+        log.info("resumable_upload_finished", upload_id=upload.upload_id,
+                 file=commit.record.name, duplicate=commit.duplicate, at_startup=True)
+    return committed
 
 
 async def terminate(request: web.Request) -> web.Response:

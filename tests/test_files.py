@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import os
 
 import pytest
 
 from dqm_daemon.app import create_app
-from dqm_daemon.appkeys import CATALOG
+from dqm_daemon.appkeys import CATALOG, STORAGE
 
 from .conftest import TOKEN, UPLOADER_NAME, dqm_headers, make_settings, multipart_file
 from .rootfiles import write_dqm_file, write_one_histogram_file
@@ -126,6 +128,59 @@ async def test_download_range_and_etag(client, one_histogram_file):
     tail = await client.get(url, headers={**AUTH, "Range": "bytes=-10"})
     assert tail.status == 206
     assert await tail.read() == one_histogram_file[-10:]
+
+
+async def test_downloads_hold_no_descriptor_once_answered(client, one_histogram_file):
+    """Each download opens its file; whole, partial, cached, HEAD or client gone, the
+    descriptor is closed once answered."""
+    body = await upload(client, one_histogram_file)
+    url = f"/rest/api/files/{body['filename']}"
+    etag = (await client.get(url, headers=AUTH)).headers["ETag"]
+
+    def open_on_the_file() -> int:
+        count = 0
+        for descriptor in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # the listing's own descriptor is gone
+                count += os.readlink(f"/proc/self/fd/{descriptor}").endswith(body["filename"])
+        return count
+
+    for _ in range(10):
+        for headers in ({}, {"Range": "bytes=10-20"}, {"If-None-Match": etag}):
+            response = await client.get(url, headers={**AUTH, **headers})
+            assert response.status in (200, 206, 304)
+            await response.read()
+        assert (await client.head(url, headers=AUTH)).status == 200
+        unread = await client.get(url, headers=AUTH)
+        unread.close()  # the client goes away without reading
+    for _ in range(100):  # aiohttp closes its own file in a thread, unawaited
+        if not open_on_the_file():
+            break
+        await asyncio.sleep(0.01)
+    assert open_on_the_file() == 0
+
+
+async def test_a_file_quarantined_while_its_download_starts_is_a_json_404(client, tmp_path):
+    """The check may move a file to quarantine between a download's catalog lookup and its
+    open: the answer is the API's JSON 404, not an empty one."""
+    body = await upload(client, write_dqm_file(tmp_path / "dqm.root").read_bytes())
+    for _ in range(500):  # the analysis looks the file up too: let it be done first
+        info = await (await client.get(f"/rest/api/files/{body['filename']}/info",
+                                       headers=AUTH)).json()
+        if info["analysis"] != "pending":
+            break
+        await asyncio.sleep(0.02)
+    storage = client.server.app[STORAGE]
+    looked_up = storage.path_of
+
+    def quarantined_meanwhile(name, location):
+        path = looked_up(name, location)
+        path.rename(storage.quarantine_dir / name)
+        return path
+
+    storage.path_of = quarantined_meanwhile
+    response = await client.get(f"/rest/api/files/{body['filename']}", headers=AUTH)
+    assert response.status == 404
+    assert (await response.json())["message"] == f"No such file: {body['filename']}"
 
 
 @pytest.mark.parametrize("requested", ["bytes=999999-", "bytes=5-2", "bytes=abc"])

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import weakref
+from typing import Any
 
 import pendulum
 from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
 from pendulum.parsing.exceptions import ParserError
 
 from ..appkeys import CATALOG, STORAGE
@@ -90,13 +94,33 @@ async def download_file(request: web.Request) -> web.FileResponse:
         raise web.HTTPNotFound(text=f"No such file: {name}")
     _refuse_unsatisfiable_range(request, record.size)
     path = request.app[STORAGE].path_of(record.name, record.location)
-    return web.FileResponse(
-        path,
+    try:
+        descriptor = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:  # quarantined by its check (or removed by hand) just now
+        raise web.HTTPNotFound(text=f"No such file: {name}") from None
+    return HeldFileResponse(
+        descriptor,
         headers={
             "Content-Type": "application/octet-stream",
             "Content-Disposition": f'attachment; filename="{record.name}"',
         },
     )
+
+
+class HeldFileResponse(web.FileResponse):
+    """aiohttp's FileResponse (Range, ETag, sendfile) of a file opened by the handler: a file
+    moved away (to quarantine) between the handler and the send is still the file sent, not an
+    empty 404. The descriptor is closed once sent, or when the response is dropped unsent."""
+
+    def __init__(self, descriptor: int, **kwargs: Any) -> None:
+        super().__init__(f"/proc/self/fd/{descriptor}", **kwargs)  # reopens the same file
+        self._close_descriptor = weakref.finalize(self, os.close, descriptor)
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        try:
+            return await super().prepare(request)
+        finally:
+            self._close_descriptor()
 
 
 def _refuse_unsatisfiable_range(request: web.Request, size: int) -> None:

@@ -7,7 +7,6 @@ Both cover the file's bytes, whether sent raw or as the multipart field `file`.
 from __future__ import annotations
 
 import base64
-import binascii
 import dataclasses
 import re
 from collections.abc import Mapping
@@ -31,7 +30,7 @@ class ExpectedDigests:
 def _decode(value: str, header: str, length: int) -> bytes:
     try:
         digest = base64.b64decode(value, validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or not ASCII at all
         raise web.HTTPBadRequest(text=f"Header {header} is not valid base64: {value!r}") from None
     if len(digest) != length:
         raise web.HTTPBadRequest(

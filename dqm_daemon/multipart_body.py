@@ -8,12 +8,19 @@ at memory speed; everything but the wanted part's content is skipped in bounded 
 from __future__ import annotations
 
 import re
+import warnings
 
 from aiohttp.multipart import (
     BadContentDispositionHeader,
     BadContentDispositionParam,
     parse_content_disposition,
 )
+
+# aiohttp warns about a malformed part header: under the default filter each distinct one is
+# printed raw to stderr (client bytes in the log) and remembered for ever (memory any client
+# can grow). A malformed part header is the client's fault and is answered as such.
+warnings.filterwarnings("ignore", category=BadContentDispositionHeader)
+warnings.filterwarnings("ignore", category=BadContentDispositionParam)
 
 MAX_BOUNDARY_LENGTH = 70  # RFC 2046, section 5.1.1
 

@@ -62,21 +62,34 @@ MIN_DATA_STATUS, MAX_DATA_STATUS = -(2**31), 2**31 - 1
 
 
 _ASCII_INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
+# More significant digits than any bound here has: out of range without converting (int()
+# refuses over 4,300 digits, and converting many thousands costs quadratic time).
+MAX_SIGNIFICANT_DIGITS = 40
 
 
 def bounded_integer(raw: str, what: str, maximum: int, minimum: int = 0) -> int:
     """An integer from a header or query parameter; 400 naming it (`what`) and the value.
     ASCII digits only: int() also takes '9_9' and other scripts' digits, which would quietly
     make another run number."""
-    if not _ASCII_INTEGER.fullmatch(raw.strip()):
-        raise web.HTTPBadRequest(text=f"{what} must be an integer, got {raw!r}")
-    value = int(raw.strip(), 10)
+    text = raw.strip()
+    if not _ASCII_INTEGER.fullmatch(text):
+        raise web.HTTPBadRequest(text=f"{what} must be an integer, got {_quoted(raw)}")
+    negative, significant = text.startswith("-"), text.lstrip("+-").lstrip("0") or "0"
+    if len(significant) > MAX_SIGNIFICANT_DIGITS:
+        value = minimum - 1 if negative else maximum + 1
+    else:
+        value = -int(significant, 10) if negative else int(significant, 10)
     if value < minimum:
         qualifier = "negative" if minimum == 0 else f"below {minimum}"
-        raise web.HTTPBadRequest(text=f"{what} must not be {qualifier}, got {raw!r}")
+        raise web.HTTPBadRequest(text=f"{what} must not be {qualifier}, got {_quoted(raw)}")
     if value > maximum:
-        raise web.HTTPBadRequest(text=f"{what} must be at most {maximum}, got {raw!r}")
+        raise web.HTTPBadRequest(text=f"{what} must be at most {maximum}, got {_quoted(raw)}")
     return value
+
+
+def _quoted(raw: str, limit: int = 60) -> str:
+    """A client's value quoted in an answer, cut short: an answer need not echo kilobytes."""
+    return repr(raw) if len(raw) <= limit else f"{raw[:limit]!r}… ({len(raw)} characters)"
 
 
 def _integer_header(headers: Mapping[str, str], name: str, default: int | None,

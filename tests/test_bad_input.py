@@ -70,6 +70,10 @@ async def test_listing_and_download_need_a_token(client):
         ("timeStamp", "253402297200", "timeStamp must be at most 253402297199"),
         ("timeStamp", "253402300799", "timeStamp must be at most 253402297199"),
         ("dataStatus", str(2**40), "dataStatus must be at most 2147483647"),
+        # More digits than int() converts: still the client's mistake, not a 500.
+        ("runNumber", "9" * 5000, "runNumber must be at most 9223372036854775807, got '999"),
+        ("timeStamp", "-" + "9" * 5000, "timeStamp must not be negative"),
+        ("runNumber", "12a" * 2000, "(6000 characters)"),  # a long value is quoted cut short
     ],
 )
 async def test_bad_integer_headers(client, one_histogram_file, data_dir, header, value, fragment):
@@ -447,3 +451,37 @@ def test_bytes_after_the_body_do_not_cost_the_client_its_answer(tmp_path, daemon
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
     assert json.loads(body)["state"] == "ok"
+
+
+@pytest.mark.parametrize("path", ["/runs/{n}", "/runs/{n}.json", "/rest/api/files?run={n}",
+                                  "/files/x.root?previews={n}"])
+async def test_integers_of_thousands_of_digits_are_refused(client, path):
+    """Numbers in paths and queries past what int() converts are a 400, never a 500."""
+    response = await client.get(path.format(n="9" * 5000), headers={"token": TOKEN})
+    assert response.status in (400, 404)
+    body = await response.json()
+    assert response.status == 400 or "No such file" in body["message"], body
+
+
+async def test_malformed_part_headers_leave_no_trace_in_the_log_or_memory(tmp_path, daemon):
+    """aiohttp warns about a malformed Content-Disposition: by default Python prints each
+    distinct warning raw (client bytes in the daemon's log) and remembers it for ever (memory
+    any client can grow). Each such upload is answered 400, and neither happens."""
+    daemon.start()
+    marker = "part-header-bytes-"
+    async with aiohttp.ClientSession() as session:
+        for number in range(350):
+            if number == 50:  # warmed up
+                rss_before = daemon.rss_kib()
+            disposition = f'form-data; name="{marker}{number}{"x" * 8000}'  # unterminated
+            body = (f"--b\r\nContent-Disposition: {disposition}\r\n\r\nroot\r\n--b--\r\n")
+            async with session.post(f"{daemon.url}/rest/api/files", data=body.encode(),
+                                    headers={**dqm_headers(run=number),
+                                             "Content-Type": "multipart/form-data; boundary=b"},
+                                    ) as answer:
+                assert answer.status == 400
+                assert (await answer.json())["message"] == (
+                    "No file uploaded and the payload was empty")
+    log = daemon.log_path.read_text()
+    assert marker not in log and "BadContentDisposition" not in log
+    assert daemon.rss_kib() - rss_before < 1024  # 300 remembered warnings: over 2.4 MB

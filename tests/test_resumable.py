@@ -240,6 +240,16 @@ async def test_bad_requests_and_leftovers(tmp_path, daemon):
                     "timeStamp": "1"}) as answer:
                 assert answer.status == 400, length
                 assert fragment in (await answer.json())["message"]
+        async with session.post(f"{daemon.url}/rest/api/uploads/", headers={
+                **TUS, "Upload-Length": "10", "Upload-Metadata": "runNumber é"}) as answer:
+            assert answer.status == 400  # not even ASCII
+            assert "Upload-Metadata value of 'runNumber' is not base64" in (
+                await answer.json())["message"]
+        location = await _create(session, daemon.url, 10)
+        async with await _patch(session, location, 0, b"0123456789",
+                                **{"Upload-Checksum": "sha1 é"}) as answer:
+            assert answer.status == 400
+            assert (await answer.json())["message"] == "Upload-Checksum value is not base64"
 
 
 async def test_a_reason_quoting_control_characters_still_reaches_the_client(tmp_path, daemon):

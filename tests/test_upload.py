@@ -284,7 +284,9 @@ async def test_digest_mismatch_keeps_nothing(client, one_histogram_file, data_di
 @pytest.mark.parametrize("headers", [{"Repr-Digest": "sha-256=abc"},
                                      {"Repr-Digest": "sha-256=:!!!:"},
                                      {"Repr-Digest": "sha-256=:AAAA:"},
-                                     {"Content-MD5": "not base64 !"}])
+                                     {"Content-MD5": "not base64 !"},
+                                     {"Content-MD5": "é"},  # not even ASCII
+                                     {"Repr-Digest": "sha-256=:é:"}])
 async def test_malformed_digest_headers(client, one_histogram_file, data_dir, headers):
     """A malformed digest header is refused before anything is written."""
     response = await client.post("/rest/api/files", data=one_histogram_file,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import errno
 import hashlib
 import re
@@ -72,7 +71,7 @@ def _metadata(header: str | None) -> dict[str, str]:
         key, _, encoded = pair.strip().partition(" ")
         try:
             values[key] = base64.b64decode(encoded, validate=True).decode() if encoded else ""
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # binascii.Error, not ASCII, or not UTF-8 once decoded
             raise web.HTTPBadRequest(text=f"Upload-Metadata value of {key!r} is not base64",
                                      headers=TUS) from None
     return values
@@ -161,7 +160,7 @@ def _chunk_checksum(request: web.Request) -> tuple[Any, bytes] | None:
                                  f"supported ({', '.join(CHECKSUMS)})", headers=TUS)
     try:
         return CHECKSUMS[algorithm](), base64.b64decode(encoded, validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or not ASCII at all
         raise web.HTTPBadRequest(text="Upload-Checksum value is not base64",
                                  headers=TUS) from None
 

@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import re
+import stat
 import threading
 import time
 import uuid
@@ -23,6 +25,9 @@ from .catalog import IN_DATA_DIR, IN_QUARANTINE
 from .settings import Settings
 
 log = structlog.get_logger(__name__)
+
+# A file name adopted from the data directory: what uploads are named with (and `+`, `,`, `=`).
+ADOPTABLE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,+=-]*", re.ASCII)
 
 INCOMING_SUFFIX = ".part"
 # A file being written is handed to the disk every this many bytes (see `start_writeback`).
@@ -226,10 +231,22 @@ class Storage:
         await asyncio.to_thread(self._quarantine_sync, name)
 
     def unknown_dqm_files(self, known_names: set[str]) -> Iterator[Path]:
-        """DQM files in the data directory that the catalog does not know (to adopt at start-up)."""
+        """DQM files in the data directory that the catalog does not know (to adopt at start-up).
+        Only regular files under names an upload could have (letters, digits and `_.+-`): a
+        symlink would serve a file from elsewhere, and a name with quotes or control characters
+        cannot go into a download's header. Those are left alone, with a warning."""
         for path in sorted(self.data_dir.glob("*DQM*.root")):
-            if path.is_file() and path.name not in known_names:
+            if path.name in known_names:
+                continue
+            try:
+                regular = stat.S_ISREG(path.lstat().st_mode)
+            except OSError:
+                continue  # removed meanwhile
+            if regular and ADOPTABLE_NAME.fullmatch(path.name):
                 yield path
+            else:
+                log.warning("file_not_adopted", file=repr(path.name)[1:-1][:200],
+                            reason="not a regular file" if not regular else "unsafe name")
 
 
 class HashingStopped(Exception):

@@ -308,3 +308,31 @@ async def test_a_retry_of_a_file_adopted_after_a_crash_takes_its_headers(aiohttp
     (agent,) = run["agents"]
     assert (agent["agent"], agent["files"]) == ("EMC", 1)
     assert agent["ended_at"] is not None
+
+
+async def test_symlinks_and_unsafe_names_in_the_data_directory_are_not_adopted(
+        aiohttp_client, data_dir, tmp_path):
+    """A symlink in the data directory would serve a file from elsewhere, and a name with a
+    quote or a line break cannot go into a download's header: neither is adopted. A cataloged
+    file replaced by a symlink afterwards is not served through it either."""
+    outside = write_one_histogram_file(tmp_path / "outside.root")
+    data_dir.mkdir(parents=True)
+    linked = data_dir / "SYMhistos_1_DQM_2023_01_01_00_00_00.root"
+    linked.symlink_to(outside)
+    quoted = data_dir / 'Q"; x="histos_3_DQM_2023_01_01_00_00_00.root'
+    quoted.write_bytes(outside.read_bytes())
+    adopted = write_one_histogram_file(data_dir / "TPChistos_42_DQM_2024_05_01_10_00_00.root")
+    client = await aiohttp_client(create_app(make_settings(data_dir)))
+    catalog = client.server.app[CATALOG]
+    for _ in range(500):  # adoption goes on in the background
+        if (record := await catalog.get(adopted.name)) and record.state != "pending":
+            break
+        await asyncio.sleep(0.01)
+    assert await catalog.all_names() == {adopted.name}
+    assert await list_names(client) == [adopted.name]
+    assert linked.is_symlink() and quoted.exists()  # left alone
+    adopted.unlink()
+    adopted.symlink_to(outside)
+    response = await client.get(f"/rest/api/files/{adopted.name}", headers=AUTH)
+    assert response.status == 404
+    assert (await response.json())["message"] == f"No such file: {adopted.name}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import weakref
@@ -95,8 +96,13 @@ async def download_file(request: web.Request) -> web.FileResponse:
     _refuse_unsatisfiable_range(request, record.size)
     path = request.app[STORAGE].path_of(record.name, record.location)
     try:
-        descriptor = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:  # quarantined by its check (or removed by hand) just now
+        descriptor = await asyncio.to_thread(
+            os.open, path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as exc:
+        # Quarantined by its check just now, or replaced by hand by a symlink: never followed
+        # out of the data directory.
+        if exc.errno not in (errno.ENOENT, errno.ELOOP):
+            raise
         raise web.HTTPNotFound(text=f"No such file: {name}") from None
     return HeldFileResponse(
         descriptor,

@@ -116,6 +116,16 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return error_response(web.HTTPInternalServerError(text="Internal server error"))
 
 
+async def continue_or_ignore(request: web.Request) -> None:
+    """The `Expect` handler of every route: `100-continue` is answered as aiohttp does, any
+    other expectation is ignored (RFC 9110 allows it), so the request gets its usual answer,
+    in JSON. aiohttp's own answers those 417 in plain text before any middleware, quoting the
+    header's value."""
+    if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim answer is not part of the response body
+
+
 class _JsonRefusals(RequestHandler):
     """aiohttp's connection handler, answering a request its parser refuses (before any
     middleware runs) in the one JSON shape, without quoting what was sent: aiohttp's own answer

@@ -485,3 +485,16 @@ async def test_malformed_part_headers_leave_no_trace_in_the_log_or_memory(tmp_pa
     log = daemon.log_path.read_text()
     assert marker not in log and "BadContentDisposition" not in log
     assert daemon.rss_kib() - rss_before < 1024  # 300 remembered warnings: over 2.4 MB
+
+
+@pytest.mark.parametrize(("path", "status"), [("/healthz", 200), ("/rest/api/files", 401),
+                                              ("/static/nowhere.css", 404), ("/status", 200),
+                                              ("/static/style.css", 200)])
+async def test_an_unknown_expectation_is_ignored(client, path, status):
+    """An `Expect` other than 100-continue is ignored (RFC 9110 allows it): the request gets
+    its usual answer, errors in JSON; aiohttp would answer 417 in plain text quoting it."""
+    response = await client.get(path, headers={"Expect": "quote-me-" + TOKEN})
+    assert response.status == status
+    assert "quote-me" not in await response.text()
+    if status >= 400:
+        assert (await response.json())["status"] == status

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp_jinja2
@@ -100,6 +101,20 @@ def twin(build: DataBuilder) -> Callable[[web.Request], Awaitable[web.Response]]
         # Off the event loop (a large file's data takes a while), but not behind the page
         # thread, where a file page of many previews may be rendering: status polls go on.
         return web.json_response(text=await asyncio.to_thread(json.dumps, data))
+
+    return handler
+
+
+def static_files(directory: Path) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The pages' static files: the few found at start-up, served by name (never a path
+    joined from the request); any other name is the API's JSON 404."""
+    files = {path.name: path for path in directory.iterdir() if path.is_file()}
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        path = files.get(request.match_info["name"])
+        if path is None:
+            raise web.HTTPNotFound(text="No such static file")
+        return web.FileResponse(path)
 
     return handler
 

@@ -108,9 +108,13 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         # A body aiohttp could not parse or decode (bad chunking, not the Content-Encoding
         # it claims)
         log.info("malformed_request", error=type(exc).__name__)
-        return error_response(
-            web.HTTPBadRequest(text=f"Malformed request body: {type(exc).__name__}")
-        )
+        response = error_response(
+            web.HTTPBadRequest(text=f"Malformed request body: {type(exc).__name__}"))
+        # The body cannot be read on: the connection ends with the answer, and the rest of
+        # the body is not read either (aiohttp would, and log its failure as an error).
+        response.force_close()
+        request.content.feed_eof()
+        return response
     except Exception:
         log.exception("unhandled_error")
         return error_response(web.HTTPInternalServerError(text="Internal server error"))

@@ -414,14 +414,19 @@ def test_a_client_that_does_not_read_its_answers_cannot_stall_the_daemon(tmp_pat
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
-async def test_a_body_that_is_not_its_content_encoding_is_a_400(client, data_dir, encoding):
+async def test_a_body_that_is_not_its_content_encoding_is_a_400(client, data_dir, encoding,
+                                                                caplog):
     """A body that does not decode as its Content-Encoding says is the client's mistake: 400
-    with a message (it was a 500), and nothing kept."""
+    with a message (it was a 500), nothing kept, the connection closed with the answer, and no
+    error logged (aiohttp went on reading the broken body, and logged its failure)."""
     response = await client.post("/rest/api/files", data=b"plain bytes, not compressed" * 100,
                                   headers=dqm_headers(**{"Content-Encoding": encoding}))
     assert response.status == 400, await response.text()
     assert "Malformed request body" in (await response.json())["message"]
+    assert response.headers["Connection"] == "close"
     await assert_nothing_kept(client, data_dir)
+    await asyncio.sleep(0.1)
+    assert [record.getMessage() for record in caplog.records if record.levelname == "ERROR"] == []
 
 
 @pytest.mark.parametrize("after_the_body", [b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", b"xx"])

@@ -8,7 +8,7 @@ import base64
 import hmac
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from http import HTTPStatus
 
 import structlog
@@ -34,6 +34,8 @@ UPLOADER = web.RequestKey("uploader", str)
 PROTECTED_PREFIX = "/rest/api/"
 # Open to monitoring (systemd, load balancers, Prometheus) even when the pages need a password.
 OPERATIONS_PATHS = ("/healthz", "/metrics")
+# Tokens this long or longer are taken out of any text quoting what a client sent.
+REDACTED_TOKEN_CHARS, REDACTED = 8, "[redacted]"
 # A client that went away mid-request: nothing to answer, nothing to log as an error.
 CLIENT_GONE = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
 
@@ -65,24 +67,35 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         log.info(
             "request",
             method=request.method,
-            path=request.path,
+            path=redact_tokens(request.path, request.app[SETTINGS].tokens),
             status=status,
             duration_ms=round((time.perf_counter() - started) * 1000, 1),
         )
         structlog.contextvars.clear_contextvars()
 
 
-def error_response(exc: web.HTTPException,
-                   extra: Mapping[str, object] | None = None) -> web.Response:
+def redact_tokens(text: str, tokens: Iterable[str]) -> str:
+    """`text` without any configured token of REDACTED_TOKEN_CHARS or more: a client that sent
+    its token elsewhere than the `token` header (another header, the path, a query) never finds
+    it quoted in an answer or a log line. (A shorter one would mangle run numbers.)"""
+    for token in tokens:
+        if len(token) >= REDACTED_TOKEN_CHARS and token in text:
+            text = text.replace(token, REDACTED)
+    return text
+
+
+def error_response(exc: web.HTTPException, extra: Mapping[str, object] | None = None,
+                   tokens: Iterable[str] = ()) -> web.Response:
     """The one JSON shape of every error: {"status": code, "message": text}, and `extra`
-    fields where an answer needs them."""
+    fields where an answer needs them; `tokens` are redacted from the message."""
     headers = {
         key: value
         for key, value in exc.headers.items()
         if key.lower() not in ("content-type", "content-length")
     }
+    message = redact_tokens(exc.text or exc.reason, tokens)
     return web.json_response(
-        {"status": exc.status, "message": exc.text or exc.reason, **(extra or {})},
+        {"status": exc.status, "message": message, **(extra or {})},
         status=exc.status,
         headers=headers,
     )
@@ -96,7 +109,7 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     except web.HTTPException as exc:
         if exc.status < 400:
             raise  # redirects and the like are answers, not errors
-        return error_response(exc)
+        return error_response(exc, tokens=request.app[SETTINGS].tokens)
     except HashingStopped:  # shutting down in the middle of the upload's commit
         return error_response(web.HTTPServiceUnavailable(
             text="The receiver is shutting down; retry later",

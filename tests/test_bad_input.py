@@ -503,3 +503,31 @@ async def test_an_unknown_expectation_is_ignored(client, path, status):
     assert "quote-me" not in await response.text()
     if status >= 400:
         assert (await response.json())["status"] == status
+
+
+async def test_a_token_sent_elsewhere_is_never_quoted_back_or_logged(tmp_path, daemon):
+    """A client that puts its token in another header, the path or a value the daemon quotes
+    in its answer never finds it in an answer, nor the daemon's log."""
+    daemon.start()
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    answers = []
+    async with aiohttp.ClientSession() as session:
+        echoing = {"X-Token": TOKEN, "X_Auth_Token": TOKEN, "Proxy-Authorization": TOKEN,
+                   "X-Note": f"sent with {TOKEN} inside"}
+        async with session.post(f"{daemon.url}/rest/api/files", data=multipart_file(content),
+                                headers={**dqm_headers(), **echoing}) as answer:
+            assert answer.status == 200
+            echoed = (await answer.json())["receivedHeaders"]
+            assert echoed["X-Note"] == "sent with [redacted] inside"
+            answers.append(await answer.text())
+        for extra in ({"runNumber": TOKEN}, {"Expect": "100-continue", "runNumber": TOKEN}):
+            async with session.post(f"{daemon.url}/rest/api/files", data=content,
+                                    headers={**dqm_headers(), **extra}) as answer:
+                assert answer.status == 400
+                answers.append(await answer.text())
+        for path in (f"/rest/api/files/{TOKEN}", f"/runs/{TOKEN}"):
+            async with session.get(f"{daemon.url}{path}", headers={"token": TOKEN}) as answer:
+                assert answer.status == 404, path
+                answers.append(await answer.text())
+    assert all(TOKEN not in text for text in answers), answers
+    assert TOKEN not in daemon.log_path.read_text()

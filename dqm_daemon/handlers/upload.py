@@ -22,7 +22,13 @@ from ..appkeys import (
 from ..catalog import INVALID, OK, FileRecord
 from ..digests import check_digests, expected_digests
 from ..ingest import Commit
-from ..middlewares import UPLOADER, error_response, new_request_id, uploader_for_token
+from ..middlewares import (
+    UPLOADER,
+    error_response,
+    new_request_id,
+    redact_tokens,
+    uploader_for_token,
+)
 from ..naming import parse_dqm_headers
 from ..storage import IncomingFile
 from ..upload_body import receive_body
@@ -33,8 +39,8 @@ log = structlog.get_logger(__name__)
 SUCCESS_MESSAGE = "Successfully received file and extracted information"
 INVALID_MESSAGE = "Successfully received the file, but the file is not valid! Perhaps it was corrupted?"
 EMPTY_MESSAGE = "No file uploaded and the payload was empty"
-# Headers never echoed back in `receivedHeaders`.
-SECRET_HEADERS = frozenset({"token", "authorization", "cookie"})
+# Headers never echoed back in `receivedHeaders` (nor any whose name holds "token").
+SECRET_HEADERS = frozenset({"token", "authorization", "proxy-authorization", "cookie"})
 
 
 
@@ -76,7 +82,8 @@ async def expect_continue(request: web.Request) -> web.Response | None:
         # No middleware sees this answer: it gets its request id, log line and count here.
         request_id = new_request_id()
         response.headers["X-Request-Id"] = request_id
-        log.info("request", request_id=request_id, method=request.method, path=request.path,
+        log.info("request", request_id=request_id, method=request.method,
+                 path=redact_tokens(request.path, settings.tokens),
                  status=response.status, expect="100-continue",
                  duration_ms=round((time.perf_counter() - started) * 1000, 1))
         if agent is not None:  # past the token check, as post_file counts
@@ -105,11 +112,12 @@ async def _receive(request: web.Request, incoming: IncomingFile, progress: Uploa
 def received_headers(request: web.Request) -> dict[str, str]:
     """The request's headers as the Overwatch receiver echoed them, spelled as Flask gave them
     (`Runnumber`, `Amoreagent`, `Content-Type`; repeated ones joined), the secret ones left out."""
+    tokens = request.app[SETTINGS].tokens
     echoed: dict[str, str] = {}
     for key, value in request.headers.items():
-        if key.lower() in SECRET_HEADERS:
+        if key.lower() in SECRET_HEADERS or "token" in key.lower():
             continue
-        key = key.replace("_", "-").title()
+        key, value = key.replace("_", "-").title(), redact_tokens(value, tokens)
         echoed[key] = f"{echoed[key]}, {value}" if key in echoed else value
     return echoed
 
@@ -118,9 +126,11 @@ def upload_refusal(exc: web.HTTPException, request: web.Request) -> web.Response
     """A refused upload's answer: the JSON error, with `received: null` and the echoed headers
     as every answer to the Overwatch receiver's POST had them (but those of its token check,
     which held the message alone)."""
+    tokens = request.app[SETTINGS].tokens
     if exc.status == web.HTTPUnauthorized.status_code:
-        return error_response(exc)
-    return error_response(exc, {"received": None, "receivedHeaders": received_headers(request)})
+        return error_response(exc, tokens=tokens)
+    return error_response(exc, {"received": None, "receivedHeaders": received_headers(request)},
+                          tokens)
 
 
 def _answer(record: FileRecord, request: web.Request, *, status: int, message: str) -> web.Response:

@@ -27,8 +27,11 @@ from .root_structure import Entry, StructureError, read_structure
 
 OK, INVALID, FAILED = "ok", "invalid", "failed"
 ROOT_MAGIC = b"root"
-# A file declaring more objects than this is listed only up to it (flagged `objects_truncated`).
+# A file declaring more objects than this is listed only up to it (flagged `objects_truncated`),
+# and so is one whose listing would hold more characters (paths, classes, titles, members):
+# a file of a few MB, deep directories of long names, would list gigabytes.
 MAX_LISTED_OBJECTS = 100_000
+MAX_LISTED_CHARS = 8 * 1024 * 1024
 # A list with more members than this names only the first ones (with `member_count` beside).
 MAX_LISTED_MEMBERS = 1000
 DIRECTORY_CLASSES = ("TDirectory", "TDirectoryFile")
@@ -55,7 +58,7 @@ def received_entry(name: str, class_name: str) -> str:
 def inspect_file(path: Path) -> dict[str, Any]:
     """Check one file; returns a JSON-able result with `state` "ok" or "invalid"."""
     try:
-        structure = read_structure(path, MAX_LISTED_OBJECTS)
+        structure = read_structure(path, MAX_LISTED_OBJECTS, MAX_LISTED_CHARS)
         objects = [_listed(entry) for entry in structure.entries]
         received = {entry.path: received_entry(entry.path, entry.class_name)
                     for entry in structure.entries if entry.top_level}
@@ -140,18 +143,21 @@ def _read_objects(path: Path) -> tuple[list[dict[str, Any]], bool]:
         if actual_size < declared_end:
             raise InvalidFile(f"truncated: {actual_size} bytes of the {declared_end} declared")
         objects: list[dict[str, Any]] = []
-        truncated = _walk(root_file, "", objects)
+        truncated = _walk(root_file, "", objects, [MAX_LISTED_CHARS])
     return objects, truncated
 
 
-def _walk(directory: Any, prefix: str, objects: list[dict[str, Any]]) -> bool:
-    """Append an entry per key (highest cycle), depth first; True if the listing was cut short."""
+def _walk(directory: Any, prefix: str, objects: list[dict[str, Any]],
+          chars_left: list[int]) -> bool:
+    """Append an entry per key (highest cycle), depth first; True if the listing was cut short
+    (`chars_left`: what the listing may still hold, shared along the walk)."""
     for key in newest_keys(directory):
-        if len(objects) >= MAX_LISTED_OBJECTS:
-            return True
         path = f"{prefix}{key.fName}"
         entry: dict[str, Any] = {"path": path, "class": key.fClassName,
                                  "title": short_title(key.fTitle)}
+        chars_left[0] -= len(path) + len(entry["class"]) + len(entry["title"])
+        if len(objects) >= MAX_LISTED_OBJECTS or chars_left[0] < 0:
+            return True
         objects.append(entry)
         try:
             payload = key.get()  # decompresses the payload and interprets it
@@ -165,7 +171,7 @@ def _walk(directory: Any, prefix: str, objects: list[dict[str, Any]]) -> bool:
             entry["note"] = short_reason(exc)
             continue
         if key.fClassName in DIRECTORY_CLASSES:
-            if _walk(payload, f"{path}/", objects):
+            if _walk(payload, f"{path}/", objects, chars_left):
                 return True
             continue
         try:
@@ -178,6 +184,8 @@ def _walk(directory: Any, prefix: str, objects: list[dict[str, Any]]) -> bool:
             continue
         entry["interpreted"] = True
         entry.update(summary)
+        for member in summary.get("members", ()):
+            chars_left[0] -= len(member["name"] or "") + len(member["class"])
     return False
 
 

@@ -51,7 +51,8 @@ class Entry:
 @dataclass
 class Structure:
     entries: list[Entry] = field(default_factory=list)
-    truncated: bool = False  # more objects than the listing limit
+    truncated: bool = False  # more objects than the listing limits
+    listed_chars: int = 0  # of the entries' paths, classes and titles (titles cut as listed)
 
 
 @dataclass
@@ -148,14 +149,18 @@ _DIR_SEEKS_SMALL, _DIR_SEEKS_LARGE = struct.Struct(">iii"), struct.Struct(">qqq"
 RECORD_HEAD_BYTES = 64
 # Reads allowed beyond twice the file's size (small files' headers overlap a little).
 READ_BUDGET_SLACK_BYTES = 1024 * 1024
+# A title counts this much at most against the listing's size (the listing cuts it so).
+LISTED_TITLE_CHARS = 300
 # Files up to this size are read whole before the walk (most DQM files are far smaller).
 WHOLE_FILE_BYTES = 4 * 1024 * 1024
 
 
-def read_structure(path: Path, max_entries: int) -> Structure:
+def read_structure(path: Path, max_entries: int, max_listed_chars: int) -> Structure:
     """Every key of the file in the order uproot lists them (highest cycle of each name,
-    directories depth first; the first `max_entries`), each payload's framing checked (all
-    of them). Raises StructureError."""
+    directories depth first; the first `max_entries`, as long as their paths, classes and
+    titles hold no more than `max_listed_chars`: deep directories of long names make a small
+    file list gigabytes), each payload's framing checked (all of them). Raises
+    StructureError."""
     with open(path, "rb") as stored:
         root_file = _File(stored.fileno(), os.fstat(stored.fileno()).st_size)
         header = root_file.head(0, _FILE_LARGE.size)
@@ -169,7 +174,8 @@ def read_structure(path: Path, max_entries: int) -> Structure:
                 f"truncated: {root_file.size} bytes of the {declared_end} declared")
         structure = Structure()
         # The top directory's record follows the file's own key and name at fBEGIN.
-        _walk_directory(root_file, begin + nbytes_name, "", structure, max_entries, depth=0,
+        limits = (max_entries, max_listed_chars)
+        _walk_directory(root_file, begin + nbytes_name, "", structure, limits, depth=0,
                         visited=set())
     return structure
 
@@ -196,7 +202,7 @@ def _read_key(record: _Record, offset: int) -> _Key:
 
 
 def _walk_directory(root_file: _File, record_offset: int, prefix: str, structure: Structure,
-                    max_entries: int, depth: int, visited: set[int]) -> None:
+                    limits: tuple[int, int], depth: int, visited: set[int]) -> None:
     where = prefix or "/"
     if depth > MAX_DIRECTORY_DEPTH:
         raise StructureError(f"{where}: directories nested deeper than {MAX_DIRECTORY_DEPTH}")
@@ -230,14 +236,18 @@ def _walk_directory(root_file: _File, record_offset: int, prefix: str, structure
             newest[key.name] = key
     for name, key in newest.items():
         path = f"{prefix}{name}"
-        # Past the listing's limit every key is still checked, only no longer listed.
-        if len(structure.entries) < max_entries:
-            structure.entries.append(Entry(path, key.class_name, key.title, depth == 0))
-        else:
-            structure.truncated = True
+        # Past the listing's limits every key is still checked, only no longer listed.
+        if not structure.truncated:
+            listed_chars = (structure.listed_chars + len(path) + len(key.class_name)
+                            + min(len(key.title), LISTED_TITLE_CHARS))
+            if len(structure.entries) < limits[0] and listed_chars <= limits[1]:
+                structure.entries.append(Entry(path, key.class_name, key.title, depth == 0))
+                structure.listed_chars = listed_chars
+            else:
+                structure.truncated = True
         payload_offset = key.seek_key + key.key_len
         if key.class_name in DIRECTORY_CLASSES:
-            _walk_directory(root_file, payload_offset, f"{path}/", structure, max_entries,
+            _walk_directory(root_file, payload_offset, f"{path}/", structure, limits,
                             depth + 1, visited)
         else:
             _check_payload(root_file, key, payload_offset, path)

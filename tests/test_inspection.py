@@ -376,7 +376,8 @@ def test_keys_past_the_listing_limit_are_still_checked(tmp_path, monkeypatch):
 
 def _structure_or_reason(path: Path) -> object:
     try:
-        structure = root_structure.read_structure(path, inspection.MAX_LISTED_OBJECTS)
+        structure = root_structure.read_structure(path, inspection.MAX_LISTED_OBJECTS,
+                                                  inspection.MAX_LISTED_CHARS)
     except root_structure.StructureError as exc:
         return str(exc)
     return [(entry.path, entry.class_name, entry.title) for entry in structure.entries]
@@ -482,3 +483,30 @@ def test_previews_carry_short_titles(tmp_path):
     assert preview["values"] == [1, 2]
     assert len(preview["title"]) == 300 and preview["title"].endswith("…")
     assert len(preview["axes"][0]["title"]) == 300
+
+
+def test_deep_directories_of_long_names_are_listed_within_the_size_limit(tmp_path,
+                                                                         monkeypatch):
+    """Every object's path repeats its directories' names: a file of a few MB, deep directories
+    of long names over many objects, would list gigabytes (the catalog, the pages). The check
+    and the analysis list objects up to the size limit, flag the listing cut, and the file is
+    still sound."""
+    path = tmp_path / "deep.root"
+    deep = "/".join(f"d{level}{'x' * 300}" for level in range(8))  # a path of 2.4 kB
+    with uproot.recreate(path) as root_file:
+        root_file["top"] = th1f("top", "at the top", [1, 2])
+        for index in range(50):
+            root_file[f"{deep}/h{index}"] = th1f(f"h{index}", "deep down", [index, 1])
+    monkeypatch.setattr(inspection, "MAX_LISTED_CHARS", 40_000)
+    for result in (inspect_file(path), analyse_file(path)):
+        assert result["state"] == "ok", result
+        assert result["objects_truncated"] is True
+        listed = sum(len(entry["path"]) + len(entry["class"]) + len(entry["title"])
+                     for entry in result["objects"])
+        assert 30_000 < listed <= 40_000
+        assert result["objects"][0]["path"] == "top"
+    assert inspect_file(path)["received"] == {
+        "top": "Obj name: top, Obj IsA() Name: TH1F",
+        "d0" + "x" * 300: f"Obj name: d0{'x' * 300}, Obj IsA() Name: TDirectoryFile"}
+    monkeypatch.setattr(inspection, "MAX_LISTED_CHARS", 10_000_000)
+    assert inspect_file(path)["objects_truncated"] is False

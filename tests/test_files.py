@@ -128,6 +128,16 @@ async def test_download_range_and_etag(client, one_histogram_file):
     tail = await client.get(url, headers={**AUTH, "Range": "bytes=-10"})
     assert tail.status == 206
     assert await tail.read() == one_histogram_file[-10:]
+    # Preconditions: met, the file; failed, a 412 in JSON.
+    for headers in ({"If-Match": etag}, {"If-Match": "*"},
+                    {"If-Unmodified-Since": "Fri, 31 Dec 9999 23:59:59 GMT"}):
+        matched = await client.get(url, headers={**AUTH, **headers})
+        assert (matched.status, await matched.read()) == (200, one_histogram_file), headers
+    for headers in ({"If-Match": '"another-version"'}, {"If-Match": f"W/{etag}"},
+                    {"If-Unmodified-Since": "Thu, 01 Jan 1970 00:00:01 GMT"}):
+        failed = await client.get(url, headers={**AUTH, **headers})
+        assert failed.status == 412, headers
+        assert "If-Match or If-Unmodified-Since" in (await failed.json())["message"]
 
 
 async def test_downloads_hold_no_descriptor_once_answered(client, one_histogram_file):

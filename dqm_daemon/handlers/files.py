@@ -11,6 +11,7 @@ from typing import Any
 
 import pendulum
 from aiohttp import hdrs, web
+from aiohttp.helpers import ETAG_ANY
 from aiohttp.abc import AbstractStreamWriter
 from pendulum.parsing.exceptions import ParserError
 
@@ -104,6 +105,11 @@ async def download_file(request: web.Request) -> web.FileResponse:
         if exc.errno not in (errno.ENOENT, errno.ELOOP):
             raise
         raise web.HTTPNotFound(text=f"No such file: {name}") from None
+    try:
+        await asyncio.to_thread(_refuse_failed_preconditions, request, descriptor)
+    except BaseException:
+        os.close(descriptor)
+        raise
     return HeldFileResponse(
         descriptor,
         headers={
@@ -127,6 +133,23 @@ class HeldFileResponse(web.FileResponse):
             return await super().prepare(request)
         finally:
             self._close_descriptor()
+
+
+def _refuse_failed_preconditions(request: web.Request, descriptor: int) -> None:
+    """If-Match and If-Unmodified-Since, judged as FileResponse judges them (same ETag), but
+    answered 412 in the API's JSON rather than with an empty body."""
+    stat = os.fstat(descriptor)
+    etag = f"{stat.st_mtime_ns:x}-{stat.st_size:x}"
+    if_match = request.if_match
+    if if_match is not None:
+        matches = (len(if_match) == 1 and if_match[0].value == ETAG_ANY) or any(
+            tag.value == etag and not tag.is_weak for tag in if_match)
+    else:
+        since = request.if_unmodified_since
+        matches = since is None or stat.st_mtime <= since.timestamp()
+    if not matches:
+        raise web.HTTPPreconditionFailed(
+            text="The file is not the version If-Match or If-Unmodified-Since names")
 
 
 def _refuse_unsatisfiable_range(request: web.Request, size: int) -> None:

@@ -1,7 +1,7 @@
 """The `dqm-daemon` command.
 
     dqm-daemon serve [--config PATH] [--host HOST] [--port PORT] [--data-dir DIR]
-    dqm-daemon check-config [--config PATH]
+    dqm-daemon check-config [--config PATH] [--tokens PATH]
     dqm-daemon upload FILE... --url URL --run N [--agent NAME] [--timestamp T] [--data-status S]
 """
 
@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                                 help="validate a config and print the effective settings")
     for command in (run, check):
         command.add_argument("--config", type=Path, help="TOML config file (see README)")
+    check.add_argument("--tokens", type=Path, metavar="PATH",
+                       help="also check a tokens file, as the unit's LoadCredential= gives it")
     upload = commands.add_parser(
         "upload", help="upload DQM files to a receiver (token from $DQM_DAEMON_TOKEN or "
         "--token-file, never from the command line)")
@@ -59,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _settings(arguments: argparse.Namespace) -> Settings:
     overrides = {key: getattr(arguments, key, None) for key in ("host", "port", "data_dir")}
-    settings = load_settings(arguments.config, **overrides)
+    settings = load_settings(arguments.config, tokens_path=getattr(arguments, "tokens", None),
+                             **overrides)
     if arguments.command == "serve":
         settings.require_tokens()
     return settings
@@ -112,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if arguments.command == "check-config":
         if not settings.tokens:  # under systemd they come from LoadCredential= at start
-            print("dqm-daemon: note: no token here (config, $CREDENTIALS_DIRECTORY or "
-                  "DQM_DAEMON_TOKEN); `serve` refuses to start without one", file=sys.stderr)
+            print("dqm-daemon: note: no token here (config, --tokens, $CREDENTIALS_DIRECTORY "
+                  "or DQM_DAEMON_TOKEN); `serve` refuses to start without one", file=sys.stderr)
         print(json.dumps(settings.redacted(), indent=2, default=str))
         return 0
     configure_logging()

@@ -17,6 +17,12 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 
 TOKEN_ENV_VAR = "DQM_DAEMON_TOKEN"
+# The start of systemd/tokens.example.toml's placeholder tokens: never accepted.
+PLACEHOLDER_TOKEN_PREFIX = "replace-with"
+# Below this address-space cap an inspection child cannot run uproot (its threads' stacks).
+MIN_INSPECTION_MEMORY_CAP = 256 * 1024 * 1024
+# Each check worker is a process: more than this is a typo, not a machine.
+MAX_INSPECTION_WORKERS = 64
 # The credential (systemd LoadCredential=) holding tokens, in $CREDENTIALS_DIRECTORY.
 CREDENTIAL_NAME = "tokens"
 # The uploader name shown for the token given through the environment.
@@ -98,8 +104,17 @@ class Settings:
             raise SettingsError("pages_basic_auth: expected \"user:password\"")
         if self.port > 65535:
             raise SettingsError(f"port: {self.port} is not a TCP port (1-65535)")
-        if self.disk_reserve_bytes < 0 or self.retry_after_seconds < 0:
-            raise SettingsError("disk_reserve_bytes and retry_after_seconds must not be negative")
+        for name in ("disk_reserve_bytes", "retry_after_seconds"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name}: {getattr(self, name)!r} must not be negative")
+        if self.inspection_memory_cap_bytes < MIN_INSPECTION_MEMORY_CAP:
+            raise SettingsError(
+                f"inspection_memory_cap_bytes: {self.inspection_memory_cap_bytes} is below the "
+                f"minimum of {MIN_INSPECTION_MEMORY_CAP} (an inspection child needs that much "
+                "address space to start uproot)")
+        if self.inspection_workers > MAX_INSPECTION_WORKERS:
+            raise SettingsError(f"inspection_workers: {self.inspection_workers} is above the "
+                                f"maximum of {MAX_INSPECTION_WORKERS}")
         if self.chunk_bytes < 4096:
             raise SettingsError(f"chunk_bytes: {self.chunk_bytes} is below the minimum of 4096")
 
@@ -158,7 +173,7 @@ def _coerce(key: str, value: Any) -> Any:
     if key in _SECRET_SETTINGS and not isinstance(value, str):
         raise SettingsError(f"{key}: expected a string")
     if kind == "Path":
-        if not isinstance(value, str):
+        if not isinstance(value, str) or not value.strip():
             raise SettingsError(f"{key}: expected a path string, got {value!r}")
         return Path(value)
     if kind == "int":
@@ -179,10 +194,14 @@ def _coerce(key: str, value: Any) -> Any:
 
 def check_token(token: str, where: str) -> None:
     """A token an HTTP header can carry as it is: printable ASCII, no space at either end
-    (clients and servers strip those, so such a token could never match)."""
+    (clients and servers strip those, so such a token could never match); and not the
+    example file's placeholder, public for anyone to send."""
     if token != token.strip(" \t") or not all(" " <= character <= "~" for character in token):
         raise SettingsError(f"{where}: a token must be printable ASCII, without spaces at its "
                             "ends (an HTTP header cannot carry it otherwise)")
+    if token.startswith(PLACEHOLDER_TOKEN_PREFIX):
+        raise SettingsError(f"{where}: still the example's placeholder; put a long random "
+                            "token there (e.g. from `openssl rand -hex 24`)")
 
 
 def _tokens_from_table(table: Any) -> dict[str, str]:
@@ -200,9 +219,12 @@ def _tokens_from_table(table: Any) -> dict[str, str]:
     return tokens
 
 
-def _tokens_from_credentials(path: Path, known: Mapping[str, str]) -> dict[str, str]:
+def _tokens_from_credentials(path: Path, known: Mapping[str, str],
+                             required: bool = False) -> dict[str, str]:
     """systemd's LoadCredential= file: TOML lines `uploader-name = "token"`."""
     if not path.exists():
+        if required:
+            raise SettingsError(f"tokens file {path} does not exist")
         return {}
     try:
         with open(path, "rb") as credential_file:
@@ -219,11 +241,13 @@ def _tokens_from_credentials(path: Path, known: Mapping[str, str]) -> dict[str, 
 def load_settings(
     config_path: Path | None = None,
     environ: Mapping[str, str] | None = None,
+    tokens_path: Path | None = None,
     **overrides: Any,
 ) -> Settings:
     """Build the settings: embedded defaults, then the TOML file, then the environment
     (tokens from $CREDENTIALS_DIRECTORY/tokens and DQM_DAEMON_TOKEN), then the command-line
-    overrides (entries that are None are ignored)."""
+    overrides (entries that are None are ignored). `tokens_path`: a tokens file read as the
+    credential is (for `check-config --tokens`)."""
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     tokens: dict[str, str] = {}
@@ -246,6 +270,8 @@ def load_settings(
     credentials = environ.get("CREDENTIALS_DIRECTORY")
     if credentials:
         tokens.update(_tokens_from_credentials(Path(credentials) / CREDENTIAL_NAME, tokens))
+    if tokens_path is not None:
+        tokens.update(_tokens_from_credentials(tokens_path, tokens, required=True))
     env_token = environ.get(TOKEN_ENV_VAR, "").strip()
     if env_token:
         check_token(env_token, TOKEN_ENV_VAR)

@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from dqm_daemon import cli
 from dqm_daemon import metrics as metrics_module
 from dqm_daemon.app import create_app
 from dqm_daemon.middlewares import refuse_malformed_requests_in_json
@@ -44,10 +45,15 @@ CONSOLE_SCRIPT = Path(sys.executable).with_name("dqm-daemon")
 
 # --- the unit ------------------------------------------------------------------------------
 
-def test_unit_has_the_service_settings():
-    """The unit asks for notify, watchdog, restarts, a dynamic user, credentials, hardening."""
+def test_unit_has_the_service_settings(tmp_path):
+    """The unit asks for notify, watchdog, restarts (not after a bad config, which exits 2), a
+    dynamic user, credentials, hardening."""
     text = UNIT.read_text()
+    bad_config = tmp_path / "config.toml"
+    bad_config.write_text("port = 'eighty'\n")
+    assert cli.main(["serve", "--config", str(bad_config)]) == 2
     for directive in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "TimeoutStopSec=60",
+                      "RestartPreventExitStatus=2", "StartLimitBurst=",
                       "DynamicUser=yes", "StateDirectory=dqm-daemon",
                       "LoadCredential=tokens:/etc/dqm-daemon/tokens.toml",
                       "--config /etc/dqm-daemon/config.toml", "NoNewPrivileges=yes",

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from dqm_daemon import cli
 from dqm_daemon.naming import dqm_filename, headers_from_filename
 from dqm_daemon.settings import (
     ENV_TOKEN_UPLOADER,
@@ -61,6 +63,12 @@ def test_redacted_settings_never_show_tokens():
         ("[tokens]\na = 'emc-secret '\n", "tokens.a: a token must be printable ASCII, without"),
         ("[tokens]\na = 'caf\u00e9'\n", "tokens.a: a token must be printable ASCII"),
         ("pages_basic_auth = ['shift:hunter2']\n", "pages_basic_auth: expected a string$"),
+        ("data_dir = ''\n", "data_dir: expected a path string"),  # not the working directory
+        ("disk_reserve_bytes = -1\n", "^disk_reserve_bytes: -1 must not be negative$"),
+        ("inspection_memory_cap_bytes = 104857600\n", "below the minimum of 268435456"),
+        ("inspection_workers = 1000\n", "inspection_workers: 1000 is above the maximum of 64"),
+        ("[tokens]\nemc = 'replace-with-a-long-random-token'\n",
+         "tokens.emc: still the example's placeholder"),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(tmp_path, text, fragment):
@@ -102,3 +110,19 @@ def test_overwatch_file_names(agent, run, timestamp, expected):
     assert dqm_filename(agent, run, timestamp) == expected
     recovered = headers_from_filename(expected)
     assert (recovered.agent, recovered.run_number, recovered.timestamp) == (agent, run, timestamp)
+
+
+def test_the_example_tokens_file_is_refused_and_a_real_one_checked(tmp_path, capsys):
+    """`check-config --tokens` reads a tokens file as the unit's LoadCredential= gives it: the
+    example's placeholders are refused (anyone could send them), a real one is named."""
+    example = Path(__file__).parents[1] / "systemd" / "tokens.example.toml"
+    assert cli.main(["check-config", "--tokens", str(example)]) == 2
+    assert "still the example's placeholder" in capsys.readouterr().err
+    real = tmp_path / "tokens.toml"
+    real.write_text('emc-agent = "9f2c4e1a7b3d5f60"\n')
+    assert cli.main(["check-config", "--tokens", str(real)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["tokens"] == ["emc-agent"]
+    assert "9f2c4e1a7b3d5f60" not in captured.out + captured.err
+    assert cli.main(["check-config", "--tokens", str(tmp_path / "missing.toml")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -4,6 +4,7 @@ Also the answer to requests no middleware sees: those aiohttp's parser refuses."
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import time
@@ -57,12 +58,17 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     request_id = new_request_id()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = time.perf_counter()
-    status = 500
+    status, cut = 500, {}
     try:
         response = await handler(request)
         status = response.status
         response.headers["X-Request-Id"] = request_id
         return response
+    except asyncio.CancelledError:
+        # Cut by the shutdown once its grace ran out: the client's connection is closed with
+        # no answer; not a failure of the daemon's (no 5xx alert on every restart).
+        status, cut = 503, {"cut_by_shutdown": True}
+        raise
     finally:
         log.info(
             "request",
@@ -70,6 +76,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             path=redact_tokens(request.path, request.app[SETTINGS].tokens),
             status=status,
             duration_ms=round((time.perf_counter() - started) * 1000, 1),
+            **cut,
         )
         structlog.contextvars.clear_contextvars()
 

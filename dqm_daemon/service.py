@@ -32,14 +32,17 @@ def status_line(app: web.Application) -> str:
             f"inspection queue: {app[INSPECTION_QUEUE].depth}")
 
 
-async def _heartbeat(app: web.Application, notifier: SystemdNotifier) -> None:
+async def _heartbeat(app: web.Application, notifier: SystemdNotifier,
+                     stop_requested: asyncio.Event) -> None:
     """WATCHDOG=1 from the event loop itself: if the loop blocks, the pings stop and systemd
-    restarts the daemon. Each ping also refreshes STATUS=."""
+    restarts the daemon. Each ping also refreshes STATUS= (still saying "stopping" once a stop
+    was asked for: the pings go on while uploads finish)."""
     interval = notifier.watchdog_interval_seconds or STATUS_INTERVAL_SECONDS
     while True:
         if notifier.watchdog_interval_seconds:
             notifier.watchdog()
-        notifier.status(status_line(app))
+        stopping = "stopping: " if stop_requested.is_set() else ""
+        notifier.status(stopping + status_line(app))
         await asyncio.sleep(interval)
 
 
@@ -88,7 +91,8 @@ async def serve(settings: Settings, environ: Mapping[str, str]) -> int:
     notifier.ready(status_line(app))
     # The first upload should not wait for an inspection child to import uproot.
     warm_ups = [asyncio.create_task(inspector.warm_up()) for inspector in app[INSPECTORS]]
-    heartbeat = asyncio.create_task(_heartbeat(app, notifier), name="systemd-heartbeat")
+    heartbeat = asyncio.create_task(_heartbeat(app, notifier, stop_requested),
+                                    name="systemd-heartbeat")
 
     await stop_requested.wait()
     notifier.stopping(f"stopping: {status_line(app)}")

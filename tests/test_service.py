@@ -4,6 +4,7 @@ graceful and forced shutdown, logs of a whole session, health, metrics and check
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pty
@@ -164,6 +165,29 @@ def test_ready_watchdog_status_and_stopping(daemon, notify_socket):
     stopping = notify_socket.wait_for("STOPPING", 10)
     assert stopping["STOPPING"] == "1"
     assert daemon.process.wait(timeout=30) == 0
+
+
+async def test_status_says_stopping_while_uploads_finish(tmp_path, daemon, notify_socket):
+    """After STOPPING=1 the watchdog pings go on while uploads finish, and every STATUS= they
+    refresh still says the daemon is stopping."""
+    config = tmp_path / "config.toml"
+    config.write_text("shutdown_grace_seconds = 1.5\n")
+    daemon.extra_args = ["--config", str(config)]
+    await asyncio.to_thread(_start_notified, daemon, notify_socket, 200_000)
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    async with aiohttp.ClientSession() as session:
+        upload, _ = await _start_held_upload(session, daemon, content, run=8)
+        daemon.process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(daemon.process.wait, 30) == 0
+        with contextlib.suppress(aiohttp.ClientError):
+            await upload
+    with contextlib.suppress(AssertionError):  # take in every message sent
+        await asyncio.to_thread(notify_socket.wait_for, "NEVER-SENT", 0.5)
+    messages = [message for _, message in notify_socket.messages]
+    stopping_at = next(index for index, message in enumerate(messages) if "STOPPING" in message)
+    after = [message["STATUS"] for message in messages[stopping_at:] if "STATUS" in message]
+    assert len(after) >= 3, after  # pings every 0.1 s for the grace of 1.5 s
+    assert all(status.startswith("stopping: ") for status in after), after
 
 
 def test_ready_does_not_wait_for_start_up_recovery(daemon, notify_socket):
@@ -334,6 +358,10 @@ async def test_sigterm_grace_runs_out_and_nothing_partial_is_left(tmp_path, daem
             await upload
     assert list((daemon.data_dir / ".incoming").iterdir()) == []
     assert list(daemon.data_dir.glob("*.root")) == []
+    # Logged as cut by the shutdown, not as a failure of the daemon's (a 5xx alert).
+    (cut,) = [line for line in map(json.loads, daemon.log_path.read_text().splitlines())
+              if line["event"] == "request" and line.get("method") == "POST"]
+    assert (cut["status"], cut["cut_by_shutdown"]) == (503, True)
 
 
 async def test_stopped_while_its_check_children_start_it_leaves_none_behind(daemon):

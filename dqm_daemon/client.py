@@ -21,6 +21,8 @@ from typing import Any, TextIO
 
 import aiohttp
 
+from .page_format import human_bytes
+
 CHUNK_BYTES = 1024 * 1024
 LOCKED_WAIT_SECONDS = 15
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_GAVE_UP = 0, 1, 2, 3
@@ -89,8 +91,9 @@ class Progress:
         rate = self.sent / elapsed
         eta = (self.total - self.sent) / rate if rate else 0
         percent = 100 * self.sent / self.total if self.total else 100
-        return (f"{self.label}: {percent:5.1f}% {self.sent / 2**20:,.1f}/"
-                f"{self.total / 2**20:,.1f} MiB {rate / 1e6:,.1f} MB/s ETA {eta:,.0f} s")
+        # Units scaled to the file: a 24 KB file is not "0.0/0.0 MiB".
+        return (f"{self.label}: {percent:5.1f}% {human_bytes(self.sent)}/"
+                f"{human_bytes(self.total)} {human_bytes(rate)}/s ETA {eta:,.0f} s")
 
 
 def sha256_of(path: Path) -> bytes:

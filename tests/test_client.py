@@ -244,7 +244,7 @@ async def test_progress_bar_on_a_terminal(tmp_path, daemon):
         screen += data
     os.close(controller)
     assert process.returncode == 0
-    assert b"\r" in screen and b"MB/s ETA" in screen and b"100.0%" in screen
+    assert b"\r" in screen and b"/s ETA" in screen and b"100.0%" in screen
     assert b"big.root ->" in stdout
 
 

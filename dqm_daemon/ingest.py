@@ -197,6 +197,11 @@ class Ingest:
     def stop_hashing(self) -> None:
         self._stop_hashing.set()
 
+    @property
+    def hashing_stop(self) -> threading.Event:
+        """Set at shutdown: hashing a file on disk stops (HashingStopped)."""
+        return self._stop_hashing
+
     async def _adopt(self, path: Path, chunk_bytes: int) -> bool:
         dqm = headers_from_filename(path.name) or DQMHeaders(0, 0, DEFAULT_AGENT, 0)
         sha256 = await asyncio.to_thread(sha256_of_file, path, chunk_bytes,

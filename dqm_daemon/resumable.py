@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -192,15 +193,17 @@ class ResumableUploads:
         upload.last_activity = time.time()
         await asyncio.to_thread(self._save, upload)
 
-    async def finish(self, upload: ResumableUpload, chunk_bytes: int) -> FinishedUpload:
-        """The complete file, fsynced, with its SHA-256; no longer an unfinished upload."""
+    async def finish(self, upload: ResumableUpload, chunk_bytes: int,
+                     stop: threading.Event | None = None) -> FinishedUpload:
+        """The complete file, fsynced, with its SHA-256; no longer an unfinished upload.
+        Hashing it (after a restart) stops with HashingStopped once `stop` is set."""
 
         def finish_sync() -> str:
             with open(upload.path, "rb+") as part:
                 os.fsync(part.fileno())
             if upload.hasher is not None:
                 return upload.hasher.hexdigest()
-            return sha256_of_file(upload.path, chunk_bytes)  # after a restart
+            return sha256_of_file(upload.path, chunk_bytes, stop)  # after a restart
 
         sha256 = await asyncio.to_thread(finish_sync)
         return FinishedUpload(upload.path, upload.length, sha256,

@@ -9,8 +9,11 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import random
+import signal
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -457,3 +460,31 @@ async def test_a_chunk_cut_by_a_crash_before_its_checksum_was_checked_is_not_kep
             name = answer.headers["DQM-Filename"]
         async with session.get(f"{daemon.url}/rest/api/files/{name}", headers=TUS) as stored:
             assert await stored.read() == content
+
+
+async def test_a_shutdown_does_not_wait_for_the_hash_of_a_complete_upload(tmp_path, daemon):
+    """A complete upload committed at start-up is hashed first (its running hash died with the
+    daemon): a SIGTERM meanwhile stops the hashing, the daemon exits at once, and the upload
+    stays, whole, for the next start."""
+    length = 8 << 30  # sparse: seconds to hash
+    daemon.start()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{daemon.url}/rest/api/uploads/", headers={
+                **TUS, "Upload-Length": str(length),
+                "Upload-Metadata": _metadata(runNumber="32", timeStamp="1700000000",
+                                             amoreAgent="TUS")}) as answer:
+            if answer.status == 507:
+                pytest.skip("not 8 GiB of free disk here")
+            assert answer.status == 201
+    daemon.kill()
+    (part,) = (daemon.data_dir / ".resumable").glob("*.part")
+    os.truncate(part, length)  # all its bytes reached the disk before the crash
+    daemon.start()
+    await asyncio.sleep(0.5)  # hashing it
+    signalled = time.monotonic()
+    daemon.process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(daemon.process.wait, 60) == 0
+    assert time.monotonic() - signalled < 3, "the exit waited for the upload's hash"
+    assert part.stat().st_size == length
+    assert part.with_suffix(".json").exists()
+    assert list(daemon.data_dir.glob("*.root")) == []

@@ -23,7 +23,7 @@ from ..ingest import Commit
 from ..middlewares import UPLOADER
 from ..naming import bounded_integer, parse_dqm_headers
 from ..resumable import ResumableUpload, TooManyUnfinished
-from ..storage import WRITEBACK_BYTES, start_writeback
+from ..storage import WRITEBACK_BYTES, HashingStopped, start_writeback
 from .upload import check_room, inspect_within_budget
 
 log = structlog.get_logger(__name__)
@@ -264,10 +264,13 @@ async def patch(request: web.Request) -> web.Response:
 
 async def _commit_finished(app: web.Application, upload: ResumableUpload) -> Commit:
     """Commit a complete upload exactly as a POST's file."""
-    finished = await app[RESUMABLE].finish(upload, app[SETTINGS].chunk_bytes)
+    finished = await app[RESUMABLE].finish(upload, app[SETTINGS].chunk_bytes,
+                                           app[INGEST].hashing_stop)
     try:
         check_digests(ExpectedDigests(sha256=upload.expected_sha256), finished.sha256, None)
         commit = await app[INGEST].commit(finished, upload.dqm, upload.uploader)
+    except HashingStopped:
+        raise  # shutting down: the complete upload stays, committed at the next start
     except BaseException:
         app[RESUMABLE].forget(upload)
         await asyncio.shield(finished.discard())
@@ -306,6 +309,8 @@ async def commit_complete_uploads(app: web.Application) -> int:
                 continue
             try:
                 commit = await _commit_finished(app, upload)
+            except HashingStopped:
+                break  # shutting down: the rest are committed at the next start
             except Exception as exc:  # e.g. not the Repr-Digest it was created with
                 log.warning("resumable_upload_not_committed", upload_id=upload.upload_id,
                             error=getattr(exc, "text", None) or type(exc).__name__)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -153,9 +155,29 @@ async def continue_or_ignore(request: web.Request) -> None:
 class _JsonRefusals(RequestHandler):
     """aiohttp's connection handler, answering a request its parser refuses (before any
     middleware runs) in the one JSON shape, without quoting what was sent: aiohttp's own answer
-    is plain text that echoes the offending bytes, a token among them."""
+    is plain text that echoes the offending bytes, a token among them.
+
+    Also: a client that stops taking its answer (a download, a listing of megabytes) would
+    hold its connection, the open file and the answer's memory for ever. The kernel aborts a
+    connection whose sent bytes stay unacknowledged for the keep-alive timeout
+    (TCP_USER_TIMEOUT, Linux), and that abort is logged as a client gone, not an error."""
 
     __slots__ = ()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        connection = transport.get_extra_info("socket")
+        if connection is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
+            with contextlib.suppress(OSError):
+                connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                                      max(1000, int(self.keepalive_timeout * 1000)))
+        super().connection_made(transport)
+
+    def log_exception(self, *args: object, **kwargs: object) -> None:
+        error = kwargs.get("exc_info")
+        if isinstance(error, (TimeoutError, *CLIENT_GONE)):
+            log.info("client_gone", error=type(error).__name__)
+            return
+        super().log_exception(*args, **kwargs)
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None,

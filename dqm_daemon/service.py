@@ -68,7 +68,12 @@ async def serve(settings: Settings, environ: Mapping[str, str]) -> int:
 
     # A socket buffer of a whole chunk: uploads arrive in fewer, larger reads.
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=FINAL_SHUTDOWN_SECONDS,
-                           read_bufsize=settings.chunk_bytes)
+                           read_bufsize=settings.chunk_bytes,
+                           # A connection silent before or between requests is closed after
+                           # this (aiohttp's default is an hour: a thousand silent clients would
+                           # hold a thousand descriptors), and one whose client stops taking
+                           # its answer too (`middlewares._JsonRefusals`).
+                           keepalive_timeout=settings.read_timeout_seconds)
     try:
         await runner.setup()  # catalog open, temporaries removed, workers and recovery started
         refuse_malformed_requests_in_json(runner)

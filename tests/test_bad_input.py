@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
 import sys
 import time
 from pathlib import Path
 
 import aiohttp
+import numpy as np
 import pytest
+import uproot
 
 from dqm_daemon.app import create_app
 from dqm_daemon.appkeys import CATALOG, UPLOADS
@@ -531,3 +535,59 @@ async def test_a_token_sent_elsewhere_is_never_quoted_back_or_logged(tmp_path, d
                 answers.append(await answer.text())
     assert all(TOKEN not in text for text in answers), answers
     assert TOKEN not in daemon.log_path.read_text()
+
+
+async def test_silent_and_stalled_clients_are_let_go(tmp_path, daemon):
+    """A connection that never sends a request, and a client that stops taking its download,
+    are closed after the read timeout: neither holds a descriptor (socket, open file) or the
+    answer's memory for ever. The kernel's abort of the stalled one is no error in the log."""
+    config = tmp_path / "config.toml"
+    config.write_text("read_timeout_seconds = 2\n")
+    daemon.extra_args = ["--config", str(config)]
+    daemon.start()
+    path = tmp_path / "noise.root"
+    with uproot.recreate(path) as root_file:  # random contents: 24 MB
+        root_file["noise"] = (np.random.default_rng(7).random(3_000_000),
+                              np.linspace(0, 1, 3_000_001))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{daemon.url}/rest/api/files",
+                                data=multipart_file(path.read_bytes()),
+                                headers=dqm_headers()) as answer:
+            assert answer.status == 200
+            name = (await answer.json())["filename"]
+
+    def open_on(suffix: str) -> int:
+        count = 0
+        for descriptor in Path(f"/proc/{daemon.process.pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                count += os.readlink(descriptor).endswith(suffix)
+        return count
+
+    silent = socket.create_connection(("127.0.0.1", daemon.port))
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect(("127.0.0.1", daemon.port))
+    stalled.sendall(f"GET /rest/api/files/{name} HTTP/1.1\r\nHost: x\r\n"
+                    f"token: {TOKEN}\r\n\r\n".encode())
+    try:
+        for _ in range(100):
+            if open_on(name):
+                break
+            await asyncio.sleep(0.05)
+        assert open_on(name) >= 1  # the download is under way, its file open
+        await asyncio.sleep(1)
+        assert open_on(name) >= 1  # and held: the client takes nothing
+        silent.settimeout(15)
+        started = time.monotonic()
+        assert silent.recv(100) == b""  # closed by the daemon
+        assert time.monotonic() - started < 10
+        for _ in range(300):
+            if not open_on(name):
+                break
+            await asyncio.sleep(0.05)
+        assert open_on(name) == 0
+    finally:
+        silent.close()
+        stalled.close()
+    log = daemon.log_path.read_text()
+    assert "Unhandled exception" not in log and "Traceback" not in log

@@ -39,6 +39,9 @@ START_OF_DATA, END_OF_DATA = 1, 2
 INTERVAL_SMOOTHING = 0.3
 # Queries never return more rows than these.
 MAX_RUN_FILES = 5000
+MAX_BOARD_AGENTS = 200
+# The agents board shows agents heard from within this many days.
+BOARD_AGENT_DAYS = 7
 
 
 def _seconds_between(earlier_iso: str, later_iso: str) -> float:
@@ -98,15 +101,19 @@ def record_upload(connection: sqlite3.Connection, agent: str, run: int, name: st
     )
 
 
-def agents_board(connection: sqlite3.Connection) -> list[dict[str, Any]]:
-    """Every agent with its latest run's start and end (one row per agent)."""
+def agents_board(connection: sqlite3.Connection, since_iso: str,
+                 limit: int = MAX_BOARD_AGENTS) -> list[dict[str, Any]]:
+    """The agents heard from since `since_iso` (at most `limit`, the latest heard), by name,
+    each with its latest run's start and end. Every name a client ever sent stays in the
+    catalog; the pages and /metrics show the ones at work."""
     rows = connection.execute(
         "SELECT a.agent, a.last_run, a.last_file, a.last_received_at, a.files,"
         " a.interval_seconds, r.started_at, r.ended_at, r.files AS run_files"
         " FROM agents a LEFT JOIN agent_runs r ON r.agent = a.agent AND r.run = a.last_run"
-        " ORDER BY a.agent"
+        " WHERE a.last_received_at >= ? ORDER BY a.last_received_at DESC LIMIT ?",
+        (since_iso, limit),
     ).fetchall()
-    return [dict(row) for row in rows]
+    return sorted((dict(row) for row in rows), key=lambda agent: agent["agent"])
 
 
 def recent_runs(connection: sqlite3.Connection, limit: int) -> list[dict[str, Any]]:

@@ -348,8 +348,8 @@ class Catalog:
         """`view`, or None when a fault of the catalog stops it (kept for /healthz)."""
         return await self._read_if_readable(lambda connection: query(connection, *args))
 
-    async def status_snapshot(self, latest: int, runs: int,
-                              invalid_since: str) -> dict[str, Any] | None:
+    async def status_snapshot(self, latest: int, runs: int, invalid_since: str,
+                              agents_since: str) -> dict[str, Any] | None:
         """Everything the status page reads, in one trip to the reader thread: under load,
         each trip waits its turn on a busy event loop. None when a fault of the catalog stops
         it: the page still shows the live state, and the fault."""
@@ -366,7 +366,7 @@ class Catalog:
                 "oldest_pending_at": oldest_pending,
                 "awaiting_analysis": connection.execute(
                     "SELECT count(*) FROM files WHERE analysis = ?", (PENDING,)).fetchone()[0],
-                "agents": activity.agents_board(connection),
+                "agents": activity.agents_board(connection, agents_since),
                 "runs": activity.recent_runs(connection, runs),
                 "invalid_since": activity.count_invalid_since(connection, invalid_since),
             }

@@ -12,7 +12,7 @@ from typing import Any
 import pendulum
 from aiohttp import web
 
-from . import __version__
+from . import __version__, activity
 from .appkeys import (
     ANALYST,
     CATALOG,
@@ -26,6 +26,7 @@ from .appkeys import (
 )
 from .catalog import INVALID
 from .health_checks import health_problems
+from .ingest import iso_utc
 from .page_format import duration, human_bytes
 from .settings import Settings
 
@@ -41,6 +42,11 @@ def _seconds_since(iso_time: str | None, now: pendulum.DateTime) -> float | None
     if iso_time is None:
         return None
     return (now - pendulum.parse(iso_time)).total_seconds()
+
+
+def agents_since(now: pendulum.DateTime) -> str:
+    """The agents board's horizon: agents heard from since then are shown."""
+    return iso_utc(now.subtract(days=activity.BOARD_AGENT_DAYS))
 
 
 def agent_silence(agent: dict[str, Any], settings: Settings, now: pendulum.DateTime) -> dict:
@@ -84,7 +90,8 @@ async def status_report(app: web.Application) -> dict[str, Any]:
     settings, catalog = app[SETTINGS], app[CATALOG]
     now = pendulum.now("UTC")
     invalid_since = now.subtract(seconds=INVALID_WINDOW_SECONDS).to_iso8601_string()
-    snapshot = await catalog.status_snapshot(LATEST_FILES, RECENT_RUNS, invalid_since)
+    snapshot = await catalog.status_snapshot(LATEST_FILES, RECENT_RUNS, invalid_since,
+                                             agents_since(now))
     catalog_readable = snapshot is not None
     if snapshot is None:  # the live state still shows; the banner says what failed
         snapshot = dict.fromkeys(("pending_files", "oldest_pending_at", "awaiting_analysis",

@@ -12,6 +12,7 @@ from dqm_daemon.settings import Settings
 from dqm_daemon.status import agent_silence
 
 START = datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
+EVER = ""  # an agents board since the beginning
 
 
 def _record(connection: sqlite3.Connection, agent: str, run: int, name: str, data_status: int,
@@ -41,7 +42,7 @@ def test_the_pause_between_runs_is_not_an_interval_and_silence_is_seen_early():
     run_2 = START + timedelta(hours=10)
     _send(connection, 2, run_2, activity.START_OF_DATA)
     _send(connection, 2, run_2 + timedelta(minutes=1))
-    (agent,) = activity.agents_board(connection)
+    (agent,) = activity.agents_board(connection, EVER)
     assert 55 <= agent["interval_seconds"] <= 65
     settings = Settings()  # silent after 3 intervals, at least 120 s
     later = pendulum.instance(run_2 + timedelta(minutes=1, seconds=200))
@@ -51,7 +52,7 @@ def test_the_pause_between_runs_is_not_an_interval_and_silence_is_seen_early():
 
 
 def _board(connection: sqlite3.Connection) -> dict:
-    (agent,) = activity.agents_board(connection)
+    (agent,) = activity.agents_board(connection, EVER)
     return agent
 
 
@@ -143,3 +144,20 @@ def test_a_start_of_data_arriving_after_its_end_does_not_open_the_run_again():
     assert agent_silence(agent, Settings(), later)["in_run"] is False
     (run,) = activity.recent_runs(connection, 12)
     assert run["ended_at"] is not None
+
+
+def test_the_agents_board_shows_the_agents_at_work():
+    """Every agent name a client ever sent stays in the catalog; the board (the status page,
+    /metrics) shows those heard from since its horizon, at most its limit, the latest heard."""
+    connection = _catalog()
+    for number in range(30):
+        _record(connection, f"OLD{number:02}", 1, f"old-{number}", 0,
+                START - timedelta(days=30, minutes=number))
+    for number in range(5):
+        _record(connection, f"NEW{number}", 2, f"new-{number}", 0, START + timedelta(minutes=number))
+    horizon = (START - timedelta(days=7)).isoformat()
+    assert [agent["agent"] for agent in activity.agents_board(connection, horizon)] == [
+        "NEW0", "NEW1", "NEW2", "NEW3", "NEW4"]
+    assert [agent["agent"] for agent in activity.agents_board(connection, horizon, 2)] == [
+        "NEW3", "NEW4"]  # the latest heard, by name
+    assert len(activity.agents_board(connection, EVER)) == 35

@@ -657,6 +657,30 @@ async def test_metrics_agent_labels_are_bounded(client, one_histogram_file, monk
     assert labels == {"A1", "A2", "A3", metrics_module.OTHER_AGENTS}
 
 
+async def test_agents_long_gone_neither_crowd_the_pages_nor_take_the_labels(
+        aiohttp_client, data_dir, one_histogram_file):
+    """Every agent name a client ever sent stays in the catalog: after a restart, 600 names
+    last heard a month ago are on no page and take no metric label from the agent at work."""
+    first = await aiohttp_client(create_app(make_settings(data_dir)))
+    response = await first.post("/rest/api/files", data=one_histogram_file,
+                                headers=dqm_headers(agent="EMC"))
+    assert response.status == 200
+    await first.close()
+    with sqlite3.connect(data_dir / "catalog.sqlite3") as catalog:
+        catalog.executemany(
+            "INSERT INTO agents VALUES (?, 1, 'old.root', '2026-10-01T00:00:00.000000Z', 1, NULL)",
+            [(f"A{number:03}",) for number in range(600)])
+    restarted = await aiohttp_client(create_app(make_settings(data_dir)))
+    status = await (await restarted.get("/status.json")).json()
+    assert [agent["agent"] for agent in status["agents"]] == ["EMC"]
+    response = await restarted.get("/metrics")
+    labels = {family_sample.labels["agent"]
+              for family in text_string_to_metric_families(await response.text())
+              if family.name == "dqm_last_upload_timestamp_seconds"
+              for family_sample in family.samples}
+    assert labels == {"EMC"}
+
+
 # --- configuration -------------------------------------------------------------------------
 
 def _check_config(tmp_path: Path, text: str) -> subprocess.CompletedProcess:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pendulum
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -18,6 +19,7 @@ from ..appkeys import (
     UPLOADS,
 )
 from ..health_checks import health_problems
+from ..status import agents_since
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -47,7 +49,10 @@ async def metrics(request: web.Request) -> web.Response:
                          or {}).items():
         registry.files.labels(state).set(count)
     latest: dict[str, float] = {}  # by label: agents past the label limit share one
-    for agent in await app[CATALOG].view_if_readable(activity.agents_board) or []:
+    board = await app[CATALOG].view_if_readable(activity.agents_board,
+                                                agents_since(pendulum.now("UTC"))) or []
+    # The latest heard first: after a restart, labels go to the agents at work.
+    for agent in sorted(board, key=lambda agent: agent["last_received_at"], reverse=True):
         label = registry.agent_label(agent["agent"])
         latest[label] = max(latest.get(label, 0.0),
                             activity.unix_seconds(agent["last_received_at"]))

@@ -16,6 +16,7 @@ import jinja2
 import structlog
 from aiohttp import web
 
+from . import quarantine
 from .analysis import Analyst
 from .appkeys import (
     ANALYST,
@@ -71,6 +72,17 @@ async def storage_and_catalog(app: web.Application) -> AsyncIterator[None]:
     await asyncio.to_thread(app[UPLOAD_THREADS].shutdown, wait=True)
     await asyncio.to_thread(app[PAGE_THREAD].shutdown, wait=True)
     await app[CATALOG].close()
+
+
+async def quarantine_retention(app: web.Application) -> AsyncIterator[None]:
+    """Remove quarantined files past their retention, hourly."""
+    sweeper = asyncio.create_task(quarantine.run_sweeper(
+        app[CATALOG], app[STORAGE], app[SETTINGS].quarantine_retention_days),
+        name="quarantine-sweeper")
+    yield
+    sweeper.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await sweeper
 
 
 async def resumable_uploads(app: web.Application) -> AsyncIterator[None]:
@@ -171,6 +183,7 @@ def create_app(
     app[STARTED_MONOTONIC] = time.monotonic()
     app.cleanup_ctx.append(storage_and_catalog)
     app.cleanup_ctx.append(resumable_uploads)
+    app.cleanup_ctx.append(quarantine_retention)
     app.cleanup_ctx.append(inspection_workers)
     web_files = importlib.resources.files("dqm_daemon.web")
     pages = aiohttp_jinja2.setup(

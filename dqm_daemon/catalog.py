@@ -530,6 +530,17 @@ class Catalog:
 
         return await self._run(claim)
 
+    async def quarantined_before(self, before_iso: str, limit: int) -> list[str]:
+        """Names of quarantined files that arrived before `before_iso`, the oldest first."""
+        return await self._read(lambda connection: [row[0] for row in connection.execute(
+            "SELECT name FROM files WHERE state = ? AND received_at < ? AND location = ?"
+            " ORDER BY received_at LIMIT ?", (INVALID, before_iso, IN_QUARANTINE, limit))])
+
+    async def forget_quarantined(self, name: str) -> None:
+        """Remove a quarantined file's row (its file is gone)."""
+        await self._run(lambda connection: connection.execute(
+            "DELETE FROM files WHERE name = ? AND location = ?", (name, IN_QUARANTINE)))
+
     async def rename_quarantined(self, name: str, new_name: str) -> bool:
         """Give a quarantined file's row another name (its name goes to a sound upload);
         False if `name` is not a quarantined row any more."""

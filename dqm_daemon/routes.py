@@ -9,7 +9,15 @@ from aiohttp import web
 from .handlers import resumable_uploads as tus
 from .handlers.files import download_file, file_info, list_files
 from .handlers.health import healthz, metrics
-from .handlers.pages import file_data, page, root, run_data, static_files, status_data, twin
+from .handlers.pages import (
+    file_data,
+    page,
+    root,
+    run_data,
+    static_files,
+    status_data,
+    twin,
+)
 from .handlers.upload import expect_continue, post_file
 from .middlewares import Handler, continue_or_ignore
 

@@ -82,6 +82,9 @@ class Settings:
     max_unfinished_resumable_uploads: int = 1000
     # How often expired resumable uploads are looked for.
     resumable_sweep_seconds: float = 60.0
+    # Quarantined (invalid) files and their catalog rows are removed this many days after they
+    # arrived; 0 keeps them for ever.
+    quarantine_retention_days: float = 30.0
     # On SIGTERM, uploads in flight get this long to finish (systemd's TimeoutStopSec is longer).
     shutdown_grace_seconds: float = 30.0
     # Pages reload themselves this often.
@@ -104,7 +107,7 @@ class Settings:
             raise SettingsError("pages_basic_auth: expected \"user:password\"")
         if self.port > 65535:
             raise SettingsError(f"port: {self.port} is not a TCP port (1-65535)")
-        for name in ("disk_reserve_bytes", "retry_after_seconds"):
+        for name in ("disk_reserve_bytes", "retry_after_seconds", "quarantine_retention_days"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name}: {getattr(self, name)!r} must not be negative")
         if self.inspection_memory_cap_bytes < MIN_INSPECTION_MEMORY_CAP:

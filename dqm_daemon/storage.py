@@ -223,6 +223,13 @@ class Storage:
             os.rename(self.quarantine_dir / name, self.quarantine_dir / new_name)
             fsync_directory(self.quarantine_dir)
 
+    def _remove_quarantined_sync(self, name: str) -> None:
+        (self.quarantine_dir / name).unlink(missing_ok=True)
+        fsync_directory(self.quarantine_dir)
+
+    async def remove_quarantined(self, name: str) -> None:
+        await asyncio.to_thread(self._remove_quarantined_sync, name)
+
     async def rename_quarantined(self, name: str, new_name: str) -> None:
         await asyncio.to_thread(self._rename_quarantined_sync, name, new_name)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import os
 import socket
 import sys
@@ -15,8 +16,9 @@ import numpy as np
 import pytest
 import uproot
 
+from dqm_daemon import quarantine
 from dqm_daemon.app import create_app
-from dqm_daemon.appkeys import CATALOG, UPLOADS
+from dqm_daemon.appkeys import CATALOG, STORAGE, UPLOADS
 
 from .conftest import TOKEN, dqm_headers, make_settings, multipart_file
 from .rootfiles import write_one_histogram_file
@@ -591,3 +593,22 @@ async def test_silent_and_stalled_clients_are_let_go(tmp_path, daemon):
         stalled.close()
     log = daemon.log_path.read_text()
     assert "Unhandled exception" not in log and "Traceback" not in log
+
+
+async def test_quarantined_files_are_removed_after_their_retention(client, data_dir,
+                                                                    one_histogram_file):
+    """Broken uploads are kept in quarantine for `quarantine_retention_days` (30), then removed
+    with their rows, so a stream of them cannot fill the disk over months; sound files stay."""
+    app = client.server.app
+    status, broken = await post(client, b"not a ROOT file" * 100, dqm_headers(run=1))
+    assert status == 400
+    status, sound = await post(client, one_histogram_file, dqm_headers(run=2))
+    assert status == 200
+    now = datetime.datetime.now(datetime.UTC)
+    for days, retention, removed in ((29, 30.0, 0), (31, 0.0, 0), (31, 30.0, 1)):
+        assert await quarantine.remove_expired(app[CATALOG], app[STORAGE], retention,
+                                               now + datetime.timedelta(days=days)) == removed
+    assert not (data_dir / "quarantine" / broken["filename"]).exists()
+    assert await app[CATALOG].get(broken["filename"]) is None
+    assert (data_dir / sound["filename"]).read_bytes() == one_histogram_file
+    assert (await app[CATALOG].get(sound["filename"])).state == "ok"

@@ -67,6 +67,7 @@ def test_redacted_settings_never_show_tokens():
         ("disk_reserve_bytes = -1\n", "^disk_reserve_bytes: -1 must not be negative$"),
         ("inspection_memory_cap_bytes = 104857600\n", "below the minimum of 268435456"),
         ("inspection_workers = 1000\n", "inspection_workers: 1000 is above the maximum of 64"),
+        ("quarantine_retention_days = -1\n", "quarantine_retention_days: -1.0 must not be"),
         ("[tokens]\nemc = 'replace-with-a-long-random-token'\n",
          "tokens.emc: still the example's placeholder"),
     ],

@@ -11,8 +11,8 @@ from typing import Any
 
 import pendulum
 from aiohttp import hdrs, web
-from aiohttp.helpers import ETAG_ANY
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.helpers import ETAG_ANY
 from pendulum.parsing.exceptions import ParserError
 
 from ..appkeys import CATALOG, STORAGE

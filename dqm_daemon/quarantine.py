@@ -1,0 +1,49 @@
+"""Quarantine retention: files that were not sound ROOT (their agents were answered 400) are
+kept for experts for `quarantine_retention_days`, then removed with their catalog rows, so a
+stream of broken uploads cannot fill the disk over months."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+
+import structlog
+
+from .catalog import Catalog
+from .ingest import iso_utc
+from .storage import Storage
+
+log = structlog.get_logger(__name__)
+
+# How often the quarantine is swept, and how many files at most each time.
+SWEEP_SECONDS = 3600.0
+SWEEP_BATCH = 1000
+
+
+async def remove_expired(catalog: Catalog, storage: Storage, retention_days: float,
+                         now: datetime.datetime) -> int:
+    """Remove the quarantined files that arrived more than `retention_days` before `now`: the
+    file first, then its row (a crash between leaves a row without a file, removed next time,
+    never a file the catalog forgot)."""
+    if retention_days <= 0:
+        return 0
+    before = iso_utc(now - datetime.timedelta(days=retention_days))
+    removed = 0
+    for name in await catalog.quarantined_before(before, SWEEP_BATCH):
+        await storage.remove_quarantined(name)
+        await catalog.forget_quarantined(name)
+        removed += 1
+    if removed:
+        log.info("quarantine_expired", removed=removed, retention_days=retention_days)
+    return removed
+
+
+async def run_sweeper(catalog: Catalog, storage: Storage, retention_days: float) -> None:
+    while True:
+        try:
+            while await remove_expired(catalog, storage, retention_days,
+                                       datetime.datetime.now(datetime.UTC)) == SWEEP_BATCH:
+                pass  # a backlog: on at once
+        except Exception:  # a disk or catalog fault: tried again at the next sweep
+            log.exception("quarantine_sweep_failed")
+        await asyncio.sleep(SWEEP_SECONDS)

@@ -138,6 +138,10 @@ async def test_download_range_and_etag(client, one_histogram_file):
         failed = await client.get(url, headers={**AUTH, **headers})
         assert failed.status == 412, headers
         assert "If-Match or If-Unmodified-Since" in (await failed.json())["message"]
+    # Preconditions are judged before the Range (RFC 9110, 13.2.2).
+    failed = await client.get(url, headers={**AUTH, "If-Match": '"another-version"',
+                                            "Range": "bytes=999999-"})
+    assert failed.status == 412
 
 
 async def test_downloads_hold_no_descriptor_once_answered(client, one_histogram_file):
@@ -346,3 +350,10 @@ async def test_symlinks_and_unsafe_names_in_the_data_directory_are_not_adopted(
     response = await client.get(f"/rest/api/files/{adopted.name}", headers=AUTH)
     assert response.status == 404
     assert (await response.json())["message"] == f"No such file: {adopted.name}"
+    adopted.unlink()
+    os.mkfifo(adopted)  # opening it to read would wait for a writer, holding a thread
+    for _ in range(8):  # more than the default thread pool has threads
+        response = await asyncio.wait_for(
+            client.get(f"/rest/api/files/{adopted.name}", headers=AUTH), 5)
+        assert response.status == 404
+    assert (await asyncio.wait_for(client.get("/healthz"), 5)).status == 200

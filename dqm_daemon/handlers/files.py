@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import weakref
+from stat import S_ISREG
 from typing import Any
 
 import pendulum
@@ -94,19 +95,21 @@ async def download_file(request: web.Request) -> web.FileResponse:
     record = await request.app[CATALOG].get(name)
     if record is None or record.location != IN_DATA_DIR or record.state == INVALID:
         raise web.HTTPNotFound(text=f"No such file: {name}")
-    _refuse_unsatisfiable_range(request, record.size)
     path = request.app[STORAGE].path_of(record.name, record.location)
     try:
+        # Never blocking (a FIFO put there by hand would hold a thread for ever), never
+        # following a symlink out of the data directory.
         descriptor = await asyncio.to_thread(
-            os.open, path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            os.open, path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
-        # Quarantined by its check just now, or replaced by hand by a symlink: never followed
-        # out of the data directory.
+        # Quarantined by its check just now, or replaced by hand by a symlink.
         if exc.errno not in (errno.ENOENT, errno.ELOOP):
             raise
         raise web.HTTPNotFound(text=f"No such file: {name}") from None
     try:
-        await asyncio.to_thread(_refuse_failed_preconditions, request, descriptor)
+        # Preconditions first, then the Range (RFC 9110, section 13.2.2).
+        await asyncio.to_thread(_refuse_failed_preconditions, request, descriptor, name)
+        _refuse_unsatisfiable_range(request, record.size)
     except BaseException:
         os.close(descriptor)
         raise
@@ -135,10 +138,13 @@ class HeldFileResponse(web.FileResponse):
             self._close_descriptor()
 
 
-def _refuse_failed_preconditions(request: web.Request, descriptor: int) -> None:
-    """If-Match and If-Unmodified-Since, judged as FileResponse judges them (same ETag), but
-    answered 412 in the API's JSON rather than with an empty body."""
+def _refuse_failed_preconditions(request: web.Request, descriptor: int, name: str) -> None:
+    """Not a regular file (replaced by hand): 404. If-Match and If-Unmodified-Since, judged as
+    FileResponse judges them (same ETag), but answered 412 in the API's JSON rather than with
+    an empty body."""
     stat = os.fstat(descriptor)
+    if not S_ISREG(stat.st_mode):
+        raise web.HTTPNotFound(text=f"No such file: {name}")
     etag = f"{stat.st_mtime_ns:x}-{stat.st_size:x}"
     if_match = request.if_match
     if if_match is not None:

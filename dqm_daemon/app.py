@@ -77,7 +77,7 @@ async def storage_and_catalog(app: web.Application) -> AsyncIterator[None]:
 async def quarantine_retention(app: web.Application) -> AsyncIterator[None]:
     """Remove quarantined files past their retention, hourly."""
     sweeper = asyncio.create_task(quarantine.run_sweeper(
-        app[CATALOG], app[STORAGE], app[SETTINGS].quarantine_retention_days),
+        app[CATALOG], app[INGEST], app[SETTINGS].quarantine_retention_days),
         name="quarantine-sweeper")
     yield
     sweeper.cancel()

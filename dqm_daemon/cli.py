@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     upload.add_argument("--json", action="store_true", help="one JSON line per file")
     run.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     run.add_argument("--port", type=int, help="TCP port (default 8080)")
-    run.add_argument("--data-dir", type=Path, help="files and catalog (default ./dqm-data)")
+    run.add_argument("--data-dir", help="files and catalog (default ./dqm-data)")
     return parser
 
 

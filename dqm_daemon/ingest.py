@@ -176,6 +176,21 @@ class Ingest:
         log.info("quarantined_file_set_aside", file=quarantined.name, now=new_name)
         return True
 
+    async def remove_quarantined(self, name: str, arrived_before: str) -> bool:
+        """Remove a quarantined file that arrived before `arrived_before` (ISO UTC), and its
+        row: the file first (a crash between leaves a row without a file, removed next time).
+        Under the naming lock of its DQM name, and only if it is still that old: an upload
+        may meanwhile have set it aside and put a fresh broken file under the name."""
+        dqm = headers_from_filename(name)
+        async with self._naming_lock(dqm.filename if dqm else name):
+            record = await self._catalog.get(name)
+            if (record is None or record.location != IN_QUARANTINE
+                    or record.received_at >= arrived_before):
+                return False
+            await self._storage.remove_quarantined(name)
+            await self._catalog.forget_quarantined(name)
+        return True
+
     async def adopt_unknown_files(self, chunk_bytes: int) -> int:
         """Catalog the DQM files found in the data directory but not in the catalog (copied in
         by hand, or left by a crash), as pending: the inspection sweeper queues them."""

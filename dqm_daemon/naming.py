@@ -88,8 +88,9 @@ def bounded_integer(raw: str, what: str, maximum: int, minimum: int = 0) -> int:
 
 
 def _quoted(raw: str, limit: int = 60) -> str:
-    """A client's value quoted in an answer, cut short: an answer need not echo kilobytes."""
-    return repr(raw) if len(raw) <= limit else f"{raw[:limit]!r}… ({len(raw)} characters)"
+    """A client's value quoted in an answer; a long one is not quoted at all (an answer need
+    not echo kilobytes, and a part of it could be part of a token, past redaction)."""
+    return repr(raw) if len(raw) <= limit else f"a value of {len(raw)} characters"
 
 
 def _integer_header(headers: Mapping[str, str], name: str, default: int | None,

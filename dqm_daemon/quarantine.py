@@ -10,8 +10,7 @@ import datetime
 import structlog
 
 from .catalog import Catalog
-from .ingest import iso_utc
-from .storage import Storage
+from .ingest import Ingest, iso_utc
 
 log = structlog.get_logger(__name__)
 
@@ -20,28 +19,25 @@ SWEEP_SECONDS = 3600.0
 SWEEP_BATCH = 1000
 
 
-async def remove_expired(catalog: Catalog, storage: Storage, retention_days: float,
+async def remove_expired(catalog: Catalog, ingest: Ingest, retention_days: float,
                          now: datetime.datetime) -> int:
-    """Remove the quarantined files that arrived more than `retention_days` before `now`: the
-    file first, then its row (a crash between leaves a row without a file, removed next time,
-    never a file the catalog forgot)."""
+    """Remove the quarantined files (and rows) that arrived more than `retention_days` before
+    `now`; returns how many of the batch looked at were removed."""
     if retention_days <= 0:
         return 0
     before = iso_utc(now - datetime.timedelta(days=retention_days))
     removed = 0
     for name in await catalog.quarantined_before(before, SWEEP_BATCH):
-        await storage.remove_quarantined(name)
-        await catalog.forget_quarantined(name)
-        removed += 1
+        removed += await ingest.remove_quarantined(name, before)
     if removed:
         log.info("quarantine_expired", removed=removed, retention_days=retention_days)
     return removed
 
 
-async def run_sweeper(catalog: Catalog, storage: Storage, retention_days: float) -> None:
+async def run_sweeper(catalog: Catalog, ingest: Ingest, retention_days: float) -> None:
     while True:
         try:
-            while await remove_expired(catalog, storage, retention_days,
+            while await remove_expired(catalog, ingest, retention_days,
                                        datetime.datetime.now(datetime.UTC)) == SWEEP_BATCH:
                 pass  # a backlog: on at once
         except Exception:  # a disk or catalog fault: tried again at the next sweep

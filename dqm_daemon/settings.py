@@ -21,6 +21,8 @@ TOKEN_ENV_VAR = "DQM_DAEMON_TOKEN"
 PLACEHOLDER_TOKEN_PREFIX = "replace-with"
 # Below this address-space cap an inspection child cannot run uproot (its threads' stacks).
 MIN_INSPECTION_MEMORY_CAP = 256 * 1024 * 1024
+# A century: more is a typo (and past what dates can count back to).
+MAX_RETENTION_DAYS = 36500
 # Each check worker is a process: more than this is a typo, not a machine.
 MAX_INSPECTION_WORKERS = 64
 # The credential (systemd LoadCredential=) holding tokens, in $CREDENTIALS_DIRECTORY.
@@ -115,6 +117,9 @@ class Settings:
                 f"inspection_memory_cap_bytes: {self.inspection_memory_cap_bytes} is below the "
                 f"minimum of {MIN_INSPECTION_MEMORY_CAP} (an inspection child needs that much "
                 "address space to start uproot)")
+        if self.quarantine_retention_days > MAX_RETENTION_DAYS:
+            raise SettingsError(f"quarantine_retention_days: {self.quarantine_retention_days} "
+                                f"is above the maximum of {MAX_RETENTION_DAYS} (0 keeps for ever)")
         if self.inspection_workers > MAX_INSPECTION_WORKERS:
             raise SettingsError(f"inspection_workers: {self.inspection_workers} is above the "
                                 f"maximum of {MAX_INSPECTION_WORKERS}")
@@ -281,5 +286,7 @@ def load_settings(
         tokens.setdefault(env_token, ENV_TOKEN_UPLOADER)
     for key, value in overrides.items():
         if value is not None:
+            if _FIELD_TYPES[key] == "Path" and not str(value).strip():
+                raise SettingsError(f"{key}: expected a path, got an empty one")
             values[key] = Path(value) if _FIELD_TYPES[key] == "Path" else value
     return Settings(tokens=tokens, **values)

@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import os
 import socket
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import uproot
 
 from dqm_daemon import quarantine
 from dqm_daemon.app import create_app
-from dqm_daemon.appkeys import CATALOG, STORAGE, UPLOADS
+from dqm_daemon.appkeys import CATALOG, INGEST, STORAGE, UPLOADS
 
 from .conftest import TOKEN, dqm_headers, make_settings, multipart_file
 from .rootfiles import write_one_histogram_file
@@ -77,9 +78,10 @@ async def test_listing_and_download_need_a_token(client):
         ("timeStamp", "253402300799", "timeStamp must be at most 253402297199"),
         ("dataStatus", str(2**40), "dataStatus must be at most 2147483647"),
         # More digits than int() converts: still the client's mistake, not a 500.
-        ("runNumber", "9" * 5000, "runNumber must be at most 9223372036854775807, got '999"),
+        ("runNumber", "9" * 5000,
+         "runNumber must be at most 9223372036854775807, got a value of 5000 characters"),
         ("timeStamp", "-" + "9" * 5000, "timeStamp must not be negative"),
-        ("runNumber", "12a" * 2000, "(6000 characters)"),  # a long value is quoted cut short
+        ("runNumber", "12a" * 2000, "got a value of 6000 characters"),  # not quoted
     ],
 )
 async def test_bad_integer_headers(client, one_histogram_file, data_dir, header, value, fragment):
@@ -606,9 +608,45 @@ async def test_quarantined_files_are_removed_after_their_retention(client, data_
     assert status == 200
     now = datetime.datetime.now(datetime.UTC)
     for days, retention, removed in ((29, 30.0, 0), (31, 0.0, 0), (31, 30.0, 1)):
-        assert await quarantine.remove_expired(app[CATALOG], app[STORAGE], retention,
+        assert await quarantine.remove_expired(app[CATALOG], app[INGEST], retention,
                                                now + datetime.timedelta(days=days)) == removed
     assert not (data_dir / "quarantine" / broken["filename"]).exists()
     assert await app[CATALOG].get(broken["filename"]) is None
     assert (data_dir / sound["filename"]).read_bytes() == one_histogram_file
     assert (await app[CATALOG].get(sound["filename"])).state == "ok"
+
+
+async def test_the_quarantine_sweep_never_removes_a_fresh_file_under_a_reused_name(
+        client, data_dir):
+    """An expired broken file is being removed when its agent sends other broken bytes under
+    the same name: the upload waits for the removal (or sets the old one aside first), and
+    its fresh file and row, just answered 400, stay."""
+    app = client.server.app
+    status, first = await post(client, b"not ROOT, the first" * 50, dqm_headers(run=7))
+    assert status == 400
+    name = first["filename"]
+    with sqlite3.connect(data_dir / "catalog.sqlite3") as catalog:  # a month and more ago
+        catalog.execute("UPDATE files SET received_at = '2000-01-01T00:00:00.000000Z'"
+                        " WHERE name = ?", (name,))
+    storage, removing, release = app[STORAGE], asyncio.Event(), asyncio.Event()
+    remove = storage.remove_quarantined
+
+    async def slow_remove(removed_name: str) -> None:  # the sweep caught between its steps
+        removing.set()
+        await release.wait()
+        await remove(removed_name)
+
+    storage.remove_quarantined = slow_remove
+    sweep = asyncio.create_task(quarantine.remove_expired(
+        app[CATALOG], app[INGEST], 30, datetime.datetime.now(datetime.UTC)))
+    await removing.wait()
+    second = asyncio.create_task(post(client, b"not ROOT, the second" * 50, dqm_headers(run=7)))
+    await asyncio.sleep(0.5)
+    release.set()
+    status, fresh = await second
+    await sweep
+    assert status == 400
+    row = await app[CATALOG].get(fresh["filename"])
+    assert row is not None and row.received_at > "2001"
+    assert (data_dir / "quarantine" / fresh["filename"]).read_bytes() == (
+        b"not ROOT, the second" * 50)

@@ -488,3 +488,42 @@ async def test_a_shutdown_does_not_wait_for_the_hash_of_a_complete_upload(tmp_pa
     assert part.stat().st_size == length
     assert part.with_suffix(".json").exists()
     assert list(daemon.data_dir.glob("*.root")) == []
+
+
+async def test_a_checksummed_patch_refused_for_room_leaves_nothing_to_drop(tmp_path, daemon):
+    """A PATCH with an Upload-Checksum refused (503: every upload slot taken) marks nothing:
+    the bytes a later PATCH appends are still there after a restart."""
+    config = tmp_path / "config.toml"
+    config.write_text("max_concurrent_uploads = 1\n")
+    daemon.extra_args = ["--config", str(config)]
+    daemon.start()
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    checksum = base64.b64encode(hashlib.sha1(content[:2000]).digest()).decode()
+    release = asyncio.Event()
+
+    async def slow():
+        yield content[:1000]
+        await release.wait()
+        yield content[1000:2000]
+
+    async with aiohttp.ClientSession() as session:
+        location = await _create(session, daemon.url, len(content))
+        other = await _create(session, daemon.url, len(content))
+        holder = asyncio.create_task(_patch(session, other, 0, slow()))
+        for _ in range(200):  # the holder takes the one slot
+            async with session.get(f"{daemon.url}/status.json") as status:
+                if (await status.json())["uploads"]:
+                    break
+            await asyncio.sleep(0.05)
+        async with await _patch(session, location, 0, content[:2000],
+                                **{"Upload-Checksum": f"sha1 {checksum}"}) as answer:
+            assert answer.status == 503
+        release.set()
+        async with await holder as answer:
+            assert answer.status == 204
+        async with await _patch(session, location, 0, content[:2000]) as answer:
+            assert answer.status == 204
+    daemon.kill()
+    daemon.start()
+    async with aiohttp.ClientSession() as session, session.head(location, headers=TUS) as answer:
+        assert answer.headers["Upload-Offset"] == "2000"

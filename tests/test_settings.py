@@ -68,6 +68,7 @@ def test_redacted_settings_never_show_tokens():
         ("inspection_memory_cap_bytes = 104857600\n", "below the minimum of 268435456"),
         ("inspection_workers = 1000\n", "inspection_workers: 1000 is above the maximum of 64"),
         ("quarantine_retention_days = -1\n", "quarantine_retention_days: -1.0 must not be"),
+        ("quarantine_retention_days = 3000000\n", "above the maximum of 36500"),
         ("[tokens]\nemc = 'replace-with-a-long-random-token'\n",
          "tokens.emc: still the example's placeholder"),
     ],
@@ -127,3 +128,9 @@ def test_the_example_tokens_file_is_refused_and_a_real_one_checked(tmp_path, cap
     assert "9f2c4e1a7b3d5f60" not in captured.out + captured.err
     assert cli.main(["check-config", "--tokens", str(tmp_path / "missing.toml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_an_empty_data_dir_on_the_command_line_is_refused(capsys):
+    """`--data-dir ''` is no way to say the working directory."""
+    assert cli.main(["serve", "--data-dir", ""]) == 2
+    assert "data_dir: expected a path, got an empty one" in capsys.readouterr().err

@@ -204,10 +204,10 @@ async def patch(request: web.Request) -> web.Response:
         checksum = _chunk_checksum(request)
         start = upload.offset
         settings = request.app[SETTINGS]
-        if checksum is not None:
-            await request.app[RESUMABLE].begin_checksummed_chunk(upload)
         with request.app[UPLOADS].slot(upload.uploader, upload.dqm.agent,
                                        upload.dqm.run_number) as progress:
+            if checksum is not None:
+                await request.app[RESUMABLE].begin_checksummed_chunk(upload)
             try:
                 while chunk := await asyncio.wait_for(
                         request.content.read(settings.chunk_bytes),
@@ -244,6 +244,13 @@ async def patch(request: web.Request) -> web.Response:
                     raise web.HTTPRequestTimeout(
                         text=f"No data received for {settings.read_timeout_seconds} s; the "
                         f"upload stands at offset {upload.offset}", headers=TUS) from None
+                raise
+            except BaseException:
+                # Any other way out (a disk error, too many bytes): a chunk its checksum did
+                # not vouch for is not kept, and no longer marked for the next start to drop.
+                if checksum is not None and upload.unverified_from is not None:
+                    await asyncio.shield(asyncio.to_thread(_truncate_sync, upload, start))
+                    await asyncio.shield(request.app[RESUMABLE].record_progress(upload))
                 raise
             if checksum is not None:
                 if checksum[0].digest() != checksum[1]:

@@ -49,29 +49,15 @@ def _seconds_between(earlier_iso: str, later_iso: str) -> float:
 
 
 def record_upload(connection: sqlite3.Connection, agent: str, run: int, name: str,
-                  data_status: int, received_at: str, timestamp: int) -> None:
-    """Fold one received file (`timestamp`: the agent's timeStamp) into its agent's and its
-    run's activity. The file's own row is already in `files`."""
-    started_at = received_at if data_status == START_OF_DATA else None
-    ended_at = received_at if data_status == END_OF_DATA else None
-    # A start of data sent after the run's end of data opens the run again (the agent
-    # restarted): it is watched for silence again. One sent before it (a retry arriving late)
-    # does not. (SQLite evaluates every SET from the row as it was.)
-    reopens = False
-    if data_status == START_OF_DATA:
-        (end_sent,) = connection.execute(
-            "SELECT max(timestamp) FROM files WHERE run = ? AND agent = ? AND data_status = ?",
-            (run, agent, END_OF_DATA)).fetchone()
-        reopens = end_sent is not None and timestamp > end_sent
+                  received_at: str) -> None:
+    """Fold one received file into its agent's and its run's activity (the file's own row is
+    already in `files`). Its start or end of data counts once its check finds it sound
+    (`record_data_status`): a broken file neither opens nor closes a run."""
     connection.execute(
-        "INSERT INTO agent_runs VALUES (?, ?, 1, ?, ?, ?, ?, ?)"
+        "INSERT INTO agent_runs VALUES (?, ?, 1, ?, ?, ?, NULL, NULL)"
         " ON CONFLICT (agent, run) DO UPDATE SET files = files + 1,"
-        " last_received_at = excluded.last_received_at, last_file = excluded.last_file,"
-        " started_at = CASE WHEN ? THEN excluded.started_at"
-        "   ELSE coalesce(started_at, excluded.started_at) END,"
-        " ended_at = CASE WHEN excluded.ended_at IS NOT NULL THEN excluded.ended_at"
-        "   WHEN ? THEN NULL ELSE ended_at END",
-        (agent, run, received_at, received_at, name, started_at, ended_at, reopens, reopens),
+        " last_received_at = excluded.last_received_at, last_file = excluded.last_file",
+        (agent, run, received_at, received_at, name),
     )
     previous = connection.execute(
         "SELECT last_received_at, last_run, last_file, interval_seconds FROM agents"
@@ -99,6 +85,26 @@ def record_upload(connection: sqlite3.Connection, agent: str, run: int, name: st
         " files = files + 1, interval_seconds = excluded.interval_seconds",
         (agent, current_run, current_file, current_received_at, interval),
     )
+
+
+def record_data_status(connection: sqlite3.Connection, agent: str, run: int,
+                       data_status: int, received_at: str, timestamp: int) -> None:
+    """A sound file's start or end of data (dataStatus 1 or 2; `received_at`: when it arrived,
+    `timestamp`: the agent's timeStamp). A start of data sent after the run's (sound) end of
+    data opens the run again (the agent restarted): it is watched for silence again. One sent
+    before it (a retry arriving late) does not."""
+    if data_status == END_OF_DATA:
+        connection.execute("UPDATE agent_runs SET ended_at = ? WHERE agent = ? AND run = ?",
+                           (received_at, agent, run))
+    elif data_status == START_OF_DATA:
+        (end_sent,) = connection.execute(
+            "SELECT max(timestamp) FROM files WHERE run = ? AND agent = ? AND data_status = ?"
+            " AND state = 'ok'", (run, agent, END_OF_DATA)).fetchone()
+        reopens = end_sent is not None and timestamp > end_sent
+        connection.execute(
+            "UPDATE agent_runs SET started_at = CASE WHEN ? THEN ? ELSE coalesce(started_at, ?)"
+            " END, ended_at = CASE WHEN ? THEN NULL ELSE ended_at END WHERE agent = ? AND run = ?",
+            (reopens, received_at, received_at, reopens, agent, run))
 
 
 def agents_board(connection: sqlite3.Connection, since_iso: str,

@@ -336,7 +336,7 @@ class Catalog:
             connection.execute(f"INSERT INTO files ({columns}) VALUES ({placeholders})", row)
             if uploaded:
                 activity.record_upload(connection, record.agent, record.run, record.name,
-                                       record.data_status, record.received_at, record.timestamp)
+                                       record.received_at)
 
         await self._run(insert)
 
@@ -418,7 +418,12 @@ class Catalog:
                 f"SELECT {_SUMMARY_COLUMNS} FROM files WHERE name = ?", (name,)).fetchone()
             if row is None:
                 raise LookupError(f"{name} is not in the catalog")
-            return FileRecord.from_row(row)
+            record = FileRecord.from_row(row)
+            if state == OK:  # only a sound file starts or ends its agent's run
+                activity.record_data_status(connection, record.agent, record.run,
+                                            record.data_status, record.received_at,
+                                            record.timestamp)
+            return record
 
         return await self._run(update)
 
@@ -525,7 +530,13 @@ class Catalog:
                      adopted.uploader)).rowcount != 1:
                 return False
             activity.record_upload(connection, upload.agent, upload.run, adopted.name,
-                                   upload.data_status, upload.received_at, upload.timestamp)
+                                   upload.received_at)
+            (state,) = connection.execute("SELECT state FROM files WHERE name = ?",
+                                          (adopted.name,)).fetchone()
+            if state == OK:  # checked already; a pending one's verdict counts it
+                activity.record_data_status(connection, upload.agent, upload.run,
+                                            upload.data_status, upload.received_at,
+                                            upload.timestamp)
             return True
 
         return await self._run(claim)

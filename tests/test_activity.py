@@ -24,7 +24,8 @@ def _record(connection: sqlite3.Connection, agent: str, run: int, name: str, dat
         "INSERT INTO files (name, location, size, sha256, agent, run, timestamp, data_status,"
         " received_at, uploader, state) VALUES (?, 'data', 1, ?, ?, ?, ?, ?, ?, 'u', 'ok')",
         (name, name, agent, run, timestamp, data_status, at.isoformat()))
-    activity.record_upload(connection, agent, run, name, data_status, at.isoformat(), timestamp)
+    activity.record_upload(connection, agent, run, name, at.isoformat())
+    activity.record_data_status(connection, agent, run, data_status, at.isoformat(), timestamp)
 
 
 def _send(connection: sqlite3.Connection, run: int, at: datetime, data_status: int = 0,

@@ -12,7 +12,7 @@ import uproot
 
 from dqm_daemon.app import create_app
 
-from .conftest import RUN_START, TOKEN, make_settings
+from .conftest import FAST_CLOCK, RUN_START, TOKEN, dqm_headers, make_settings
 from .rootfiles import write_one_histogram_file
 
 
@@ -59,6 +59,35 @@ async def test_status_page_shows_it_to_the_crew(control_room):
     assert 'href="/runs/100"' in html
     assert "ago" in html
     assert TOKEN not in html
+
+
+async def test_a_broken_file_neither_starts_nor_ends_a_run(aiohttp_client, data_dir,
+                                                            one_histogram_file):
+    """A file answered 400 (not ROOT) with dataStatus 2 does not end its agent's run, nor does
+    one with dataStatus 1 open a run: the crew would read "ended" while the agent, still in its
+    run, goes unwatched. The sound end of data that follows ends it."""
+    client = await aiohttp_client(create_app(make_settings(data_dir, **FAST_CLOCK)))
+    broken = b"not a ROOT file" * 100
+
+    async def send(content: bytes, run: int, second: int, data_status: int) -> int:
+        response = await client.post(
+            "/rest/api/files", data=content,
+            headers=dqm_headers(run=run, timestamp=RUN_START + second, agent="EMC",
+                                dataStatus=str(data_status)))
+        return response.status
+
+    assert await send(one_histogram_file, 600, 0, 1) == 200
+    assert await send(broken, 600, 1, 2) == 400
+    (agent,) = (await (await client.get("/runs/600.json")).json())["agents"]
+    assert (agent["started_at"] is not None, agent["ended_at"]) == (True, None)
+    (emc,) = (await (await client.get("/status.json")).json())["agents"]
+    assert emc["in_run"] is True
+    assert await send(broken, 601, 2, 1) == 400
+    (agent,) = (await (await client.get("/runs/601.json")).json())["agents"]
+    assert agent["started_at"] is None
+    assert await send(one_histogram_file, 600, 3, 2) == 200
+    (agent,) = (await (await client.get("/runs/600.json")).json())["agents"]
+    assert agent["ended_at"] is not None
 
 
 async def test_root_redirects_to_status(client):

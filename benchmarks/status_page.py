@@ -60,7 +60,7 @@ async def fill_catalog(data_dir: Path, total_files: int) -> tuple[str, int]:
                      received_at, agent.lower(), state, None, "{}", None, 120,
                      json.dumps([{"kind": "objects_appeared", "count": 1}] if number % 50 == 0
                                 else []), received_at, 500.0))
-        activity.record_upload(connection, agent, run, name, received_at)
+        activity.record_upload(connection, agent, run, name, received_at, "")
         if state == "ok":
             activity.record_data_status(connection, agent, run, data_status, received_at,
                                         timestamp)

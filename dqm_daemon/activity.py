@@ -49,10 +49,12 @@ def _seconds_between(earlier_iso: str, later_iso: str) -> float:
 
 
 def record_upload(connection: sqlite3.Connection, agent: str, run: int, name: str,
-                  received_at: str) -> None:
+                  received_at: str, daemon_up_since: str) -> None:
     """Fold one received file into its agent's and its run's activity (the file's own row is
     already in `files`). Its start or end of data counts once its check finds it sound
-    (`record_data_status`): a broken file neither opens nor closes a run."""
+    (`record_data_status`): a broken file neither opens nor closes a run. A pause since the
+    agent's previous file that spans `daemon_up_since` (the daemon was down) is not one of its
+    intervals."""
     connection.execute(
         "INSERT INTO agent_runs VALUES (?, ?, 1, ?, ?, ?, NULL, NULL)"
         " ON CONFLICT (agent, run) DO UPDATE SET files = files + 1,"
@@ -72,7 +74,7 @@ def record_upload(connection: sqlite3.Connection, agent: str, run: int, name: st
         interval = old = previous["interval_seconds"]
         # The pause between two runs is no interval of sending: an agent's usual interval
         # comes from files of one run only (else it would not count as silent for hours).
-        if previous["last_run"] == run:
+        if previous["last_run"] == run and previous["last_received_at"] >= daemon_up_since:
             latest = max(_seconds_between(previous["last_received_at"], received_at), 0.0)
             interval = latest if old is None else old + INTERVAL_SMOOTHING * (latest - old)
         elif run < previous["last_run"]:  # its current run's last file stays its last word

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import json
 import sqlite3
 import threading
@@ -268,6 +269,12 @@ class _Lane:
         self._thread.shutdown(wait=True)
 
 
+def iso_utc(moment: datetime.datetime) -> str:
+    """UTC, ISO 8601, always with microseconds: the catalog sorts these as text, and a time on
+    a whole second written without its fraction would sort after the rest of that second."""
+    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 class Catalog:
     """Writes go through one connection; reads through another, so a page or a listing never
     waits behind a commit's fsync (WAL lets readers see every committed write)."""
@@ -278,6 +285,9 @@ class Catalog:
         self._reader = _Lane("catalog-reader")
         # The latest fault of the catalog itself: when (monotonic) and what.
         self._last_fault: tuple[float, str] | None = None
+        # When this daemon opened it: a pause in an agent's files spanning that moment is the
+        # daemon's downtime, not the agent's usual interval.
+        self._opened_at = ""
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         try:
@@ -314,6 +324,7 @@ class Catalog:
         return what if time.monotonic() - when <= within_seconds else None
 
     async def open(self) -> None:
+        self._opened_at = iso_utc(datetime.datetime.now(datetime.UTC))
         await self._writer.connect(self._path, writer=True)  # creates the schema first
         await self._reader.connect(self._path, writer=False)
 
@@ -336,7 +347,7 @@ class Catalog:
             connection.execute(f"INSERT INTO files ({columns}) VALUES ({placeholders})", row)
             if uploaded:
                 activity.record_upload(connection, record.agent, record.run, record.name,
-                                       record.received_at)
+                                       record.received_at, self._opened_at)
 
         await self._run(insert)
 
@@ -530,7 +541,7 @@ class Catalog:
                      adopted.uploader)).rowcount != 1:
                 return False
             activity.record_upload(connection, upload.agent, upload.run, adopted.name,
-                                   upload.received_at)
+                                   upload.received_at, self._opened_at)
             (state,) = connection.execute("SELECT state FROM files WHERE name = ?",
                                           (adopted.name,)).fetchone()
             if state == OK:  # checked already; a pending one's verdict counts it

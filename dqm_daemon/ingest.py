@@ -19,7 +19,7 @@ from pathlib import Path
 import structlog
 
 from .cancellation import run_to_the_end
-from .catalog import IN_DATA_DIR, IN_QUARANTINE, Catalog, FileRecord
+from .catalog import IN_DATA_DIR, IN_QUARANTINE, Catalog, FileRecord, iso_utc
 from .naming import DEFAULT_AGENT, DQMHeaders, headers_from_filename, variant_filename
 from .storage import HashingStopped, IncomingFile, Storage, sha256_of_file
 
@@ -34,12 +34,6 @@ HASH_CHUNK_BYTES = 1024 * 1024
 class Commit:
     record: FileRecord
     duplicate: bool  # True: the same file was already stored; nothing new was kept
-
-
-def iso_utc(moment: datetime.datetime) -> str:
-    """UTC, ISO 8601, always with microseconds: the catalog sorts these as text, and a time on
-    a whole second written without its fraction would sort after the rest of that second."""
-    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def utc_now() -> str:

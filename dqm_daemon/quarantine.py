@@ -9,8 +9,8 @@ import datetime
 
 import structlog
 
-from .catalog import Catalog
-from .ingest import Ingest, iso_utc
+from .catalog import Catalog, iso_utc
+from .ingest import Ingest
 
 log = structlog.get_logger(__name__)
 

@@ -24,9 +24,8 @@ from .appkeys import (
     STORAGE,
     UPLOADS,
 )
-from .catalog import INVALID
+from .catalog import INVALID, iso_utc
 from .health_checks import health_problems
-from .ingest import iso_utc
 from .page_format import duration, human_bytes
 from .settings import Settings
 

@@ -24,7 +24,7 @@ def _record(connection: sqlite3.Connection, agent: str, run: int, name: str, dat
         "INSERT INTO files (name, location, size, sha256, agent, run, timestamp, data_status,"
         " received_at, uploader, state) VALUES (?, 'data', 1, ?, ?, ?, ?, ?, ?, 'u', 'ok')",
         (name, name, agent, run, timestamp, data_status, at.isoformat()))
-    activity.record_upload(connection, agent, run, name, at.isoformat())
+    activity.record_upload(connection, agent, run, name, at.isoformat(), EVER)
     activity.record_data_status(connection, agent, run, data_status, at.isoformat(), timestamp)
 
 
@@ -162,3 +162,20 @@ def test_the_agents_board_shows_the_agents_at_work():
     assert [agent["agent"] for agent in activity.agents_board(connection, horizon, 2)] == [
         "NEW3", "NEW4"]  # the latest heard, by name
     assert len(activity.agents_board(connection, EVER)) == 35
+
+
+def test_the_daemon_down_is_no_interval_of_the_agent():
+    """An agent sending every minute while the daemon is down for half an hour: that pause is
+    the daemon's, so its usual interval stays a minute (else it would count as silent only
+    after an hour and a half, just after the restart)."""
+    connection = _catalog()
+    for minute in range(6):
+        _send(connection, 1, START + timedelta(minutes=minute), 1 if minute == 0 else 0)
+    (before,) = activity.agents_board(connection, EVER)
+    restarted = START + timedelta(minutes=35)
+    at = restarted + timedelta(seconds=5)
+    activity.record_upload(connection, "EMC", 1, "after-restart", at.isoformat(),
+                           restarted.isoformat())
+    (after,) = activity.agents_board(connection, EVER)
+    assert after["interval_seconds"] == before["interval_seconds"] == 60
+    assert after["last_received_at"] == at.isoformat()

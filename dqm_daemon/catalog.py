@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import activity
+from .naming import variant_filename
 
 T = TypeVar("T")
 
@@ -128,6 +129,14 @@ class FileRecord:
     def as_dict(self) -> dict[str, Any]:
         # Shallow: the object list can be long, and deep-copying it is wasted work.
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+
+@dataclasses.dataclass(frozen=True)
+class NameHolders:
+    """The rows a commit under one DQM name must see (see `Catalog.name_holders`)."""
+
+    copy: FileRecord | None  # a row of the same headers and bytes, under any variant name
+    variants: list[FileRecord]  # the rows of variants 1, 2, … before the first free one
 
 
 _JSON_COLUMNS = ("received_json", "findings_json", "objects_json")
@@ -513,17 +522,24 @@ class Catalog:
 
         return await self._read(fetch)
 
-    async def copy_of(self, agent: str, run: int, timestamp: int,
-                      sha256: str) -> FileRecord | None:
-        """A file of these DQM headers holding these bytes, whichever variant of the name it
-        has (the run's index finds it)."""
+    async def name_holders(self, filename: str, agent: str, run: int, timestamp: int,
+                           sha256: str) -> NameHolders:
+        """In one read, what a commit of a file under the DQM name `filename` must know: a file
+        of these headers holding these bytes, whichever variant of the name it has (the run's
+        index finds it), and the rows of the name's variants 1, 2, … up to the first variant
+        no row has."""
 
-        def fetch(connection: sqlite3.Connection) -> FileRecord | None:
+        def fetch(connection: sqlite3.Connection) -> NameHolders:
             row = connection.execute(
                 f"SELECT {_SUMMARY_COLUMNS} FROM files WHERE run = ? AND agent = ?"
                 " AND timestamp = ? AND sha256 = ? ORDER BY name LIMIT 1",
                 (run, agent, timestamp, sha256)).fetchone()
-            return FileRecord.from_row(row) if row else None
+            variants: list[FileRecord] = []
+            while variant := connection.execute(
+                    f"SELECT {_SUMMARY_COLUMNS} FROM files WHERE name = ?",
+                    (variant_filename(filename, len(variants) + 1),)).fetchone():
+                variants.append(FileRecord.from_row(variant))
+            return NameHolders(FileRecord.from_row(row) if row else None, variants)
 
         return await self._read(fetch)
 

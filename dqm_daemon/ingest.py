@@ -92,27 +92,35 @@ class Ingest:
             # given away below: by its headers and digest (a failed commit may leave a gap in
             # the variants), and variant by variant (two times may give one name, in the hour
             # the clocks go back).
-            copy = await self._catalog.copy_of(dqm.agent, dqm.run_number, dqm.timestamp,
-                                               incoming.sha256)
-            if copy is not None:
-                return await self._duplicate(incoming, copy, dqm, uploader)
-            taken: list[FileRecord] = []
-            while existing := await self._catalog.get(
-                    variant_filename(dqm.filename, len(taken) + 1)):
+            holders = await self._catalog.name_holders(
+                dqm.filename, dqm.agent, dqm.run_number, dqm.timestamp, incoming.sha256)
+            if holders.copy is not None:
+                return await self._duplicate(incoming, holders.copy, dqm, uploader)
+            taken = holders.variants
+            for existing in taken:
                 if existing.sha256 == incoming.sha256:
                     return await self._duplicate(incoming, existing, dqm, uploader)
-                taken.append(existing)
+            # The first variant no row had: free in the catalog while the lock is held, unless
+            # a quarantined file is set aside to it below.
+            free_in_catalog: int | None = len(taken) + 1
             placed_here = False  # False: the same bytes were on disk under the name already
             for variant in itertools.count(1):
                 name = variant_filename(dqm.filename, variant)
-                existing = (taken[variant - 1] if variant <= len(taken)
-                            else await self._catalog.get(name))
+                if variant <= len(taken):
+                    existing = taken[variant - 1]
+                elif variant == free_in_catalog:
+                    existing = None
+                else:
+                    existing = await self._catalog.get(name)
                 if existing is not None and existing.sha256 == incoming.sha256:
                     # past a gap (a name on disk only, skipped)
                     return await self._duplicate(incoming, existing, dqm, uploader)
                 # A name held by a quarantined (broken) file goes to this upload.
-                if existing is not None and not (existing.location == IN_QUARANTINE
-                                                 and await self._set_aside(existing, dqm)):
+                if existing is not None and existing.location == IN_QUARANTINE:
+                    free_in_catalog = None  # the set-aside file may take that variant
+                    if not await self._set_aside(existing, dqm):
+                        continue
+                elif existing is not None:
                     continue
                 if await self._storage.link_into_place(incoming, name):
                     placed_here = True

@@ -127,8 +127,9 @@ class FileRecord:
         return cls(**values)
 
     def as_dict(self) -> dict[str, Any]:
-        # Shallow: the object list can be long, and deep-copying it is wasted work.
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        # Shallow: the object list can be long, and deep-copying it is wasted work. Every field
+        # is in the instance's __dict__ (no slots), in declaration order.
+        return dict(self.__dict__)
 
 
 @dataclasses.dataclass(frozen=True)

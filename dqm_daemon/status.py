@@ -6,10 +6,10 @@ progress, the inspection queue), as plain JSON-able data; the page only formats 
 
 from __future__ import annotations
 
+import datetime
 import time
 from typing import Any
 
-import pendulum
 from aiohttp import web
 
 from . import __version__, activity
@@ -37,18 +37,20 @@ INVALID_WINDOW_SECONDS = 3600
 BACKLOG_AGE_WARNING_SECONDS = 600
 
 
-def _seconds_since(iso_time: str | None, now: pendulum.DateTime) -> float | None:
+# The standard library, not pendulum, on these paths: a status view parses a time per agent and
+# per file shown, and the page is polled under load.
+def _seconds_since(iso_time: str | None, now: datetime.datetime) -> float | None:
     if iso_time is None:
         return None
-    return (now - pendulum.parse(iso_time)).total_seconds()
+    return (now - datetime.datetime.fromisoformat(iso_time)).total_seconds()
 
 
-def agents_since(now: pendulum.DateTime) -> str:
+def agents_since(now: datetime.datetime) -> str:
     """The agents board's horizon: agents heard from since then are shown."""
-    return iso_utc(now.subtract(days=activity.BOARD_AGENT_DAYS))
+    return iso_utc(now - datetime.timedelta(days=activity.BOARD_AGENT_DAYS))
 
 
-def agent_silence(agent: dict[str, Any], settings: Settings, now: pendulum.DateTime) -> dict:
+def agent_silence(agent: dict[str, Any], settings: Settings, now: datetime.datetime) -> dict:
     """Is this agent silent: it started its run (dataStatus 1), has not ended it (dataStatus 2),
     and has sent nothing for several of its usual intervals?"""
     interval = agent["interval_seconds"] or settings.default_agent_interval_seconds
@@ -87,8 +89,8 @@ def _banner(report: dict[str, Any], settings: Settings,
 
 async def status_report(app: web.Application) -> dict[str, Any]:
     settings, catalog = app[SETTINGS], app[CATALOG]
-    now = pendulum.now("UTC")
-    invalid_since = now.subtract(seconds=INVALID_WINDOW_SECONDS).to_iso8601_string()
+    now = datetime.datetime.now(datetime.UTC)
+    invalid_since = iso_utc(now - datetime.timedelta(seconds=INVALID_WINDOW_SECONDS))
     snapshot = await catalog.status_snapshot(LATEST_FILES, RECENT_RUNS, invalid_since,
                                              agents_since(now))
     catalog_readable = snapshot is not None
@@ -98,7 +100,7 @@ async def status_report(app: web.Application) -> dict[str, Any]:
         snapshot.update(latest_files=[], agents=[], runs=[])
     queue = app[INSPECTION_QUEUE]
     report: dict[str, Any] = {
-        "generated_at": now.to_iso8601_string(),
+        "generated_at": iso_utc(now),
         "catalog_readable": catalog_readable,
         "version": __version__,
         "uptime_seconds": round(time.monotonic() - app[STARTED_MONOTONIC]),

@@ -3,9 +3,9 @@ GET /metrics: Prometheus text format."""
 
 from __future__ import annotations
 
+import datetime
 import time
 
-import pendulum
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -50,7 +50,7 @@ async def metrics(request: web.Request) -> web.Response:
         registry.files.labels(state).set(count)
     latest: dict[str, float] = {}  # by label: agents past the label limit share one
     board = await app[CATALOG].view_if_readable(activity.agents_board,
-                                                agents_since(pendulum.now("UTC"))) or []
+                                                agents_since(datetime.datetime.now(datetime.UTC))) or []
     # The latest heard first: after a restart, labels go to the agents at work.
     for agent in sorted(board, key=lambda agent: agent["last_received_at"], reverse=True):
         label = registry.agent_label(agent["agent"])

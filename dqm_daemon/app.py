@@ -43,6 +43,7 @@ from .metrics import Metrics
 from .middlewares import (
     basic_auth_for_pages,
     errors_as_json,
+    log_file_answer,
     request_context,
     token_auth,
 )
@@ -195,6 +196,7 @@ def create_app(
     for template in pages.list_templates():
         pages.get_template(template)  # compiled now, not on the first page view (~0.1 s)
     setup_routes(app, static_dir=Path(str(web_files / "static")))
+    app.on_response_prepare.append(log_file_answer)
     app.on_response_prepare.append(tus_resumable_header)
     app.on_response_prepare.append(close_detached_connections)
     return app

@@ -53,6 +53,10 @@ def new_request_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+# A file's answer not sent yet when its handler returned: when it began, and its log context.
+_UNSENT_FILE_ANSWER = web.RequestKey("unsent_file_answer", tuple)
+
+
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bind a request id to every log line of the request and log one line when it ends."""
@@ -60,11 +64,16 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     request_id = new_request_id()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = time.perf_counter()
-    status, cut = 500, {}
+    status, cut, logged_later = 500, {}, False
     try:
         response = await handler(request)
         status = response.status
         response.headers["X-Request-Id"] = request_id
+        if isinstance(response, web.FileResponse) and not response.prepared:
+            # Its status (206, 304, …) is decided as it is sent: logged then, by
+            # `log_file_answer`, with this request's context.
+            request[_UNSENT_FILE_ANSWER] = (started, structlog.contextvars.get_contextvars())
+            logged_later = True
         return response
     except asyncio.CancelledError:
         # Cut by the shutdown once its grace ran out: the client's connection is closed with
@@ -72,15 +81,31 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         status, cut = 503, {"cut_by_shutdown": True}
         raise
     finally:
-        log.info(
-            "request",
-            method=request.method,
-            path=redact_tokens(request.path, request.app[SETTINGS].tokens),
-            status=status,
-            duration_ms=round((time.perf_counter() - started) * 1000, 1),
-            **cut,
-        )
+        if not logged_later:
+            _log_request(request, status, started, **cut)
         structlog.contextvars.clear_contextvars()
+
+
+async def log_file_answer(request: web.Request, response: web.StreamResponse) -> None:
+    """On response prepare: the request log line of a file's answer, with its real status."""
+    unsent = request.get(_UNSENT_FILE_ANSWER)
+    if unsent is None:
+        return
+    del request[_UNSENT_FILE_ANSWER]
+    started, context = unsent
+    with structlog.contextvars.bound_contextvars(**context):
+        _log_request(request, response.status, started)
+
+
+def _log_request(request: web.Request, status: int, started: float, **extra: object) -> None:
+    log.info(
+        "request",
+        method=request.method,
+        path=redact_tokens(request.path, request.app[SETTINGS].tokens),
+        status=status,
+        duration_ms=round((time.perf_counter() - started) * 1000, 1),
+        **extra,
+    )
 
 
 def redact_tokens(text: str, tokens: Iterable[str]) -> str:

@@ -114,6 +114,27 @@ async def test_download_is_identical_to_upload(client, tmp_path):
     assert hashlib.sha256(downloaded).hexdigest() == body["sha256"]
 
 
+async def test_the_request_log_says_what_a_download_answered(client, one_histogram_file):
+    """A download's status is decided as the file is sent (Range, ETag): the request log line
+    says that status, with its request id and the uploader, once per download."""
+    from structlog.contextvars import merge_contextvars
+    from structlog.testing import capture_logs
+
+    body = await upload(client, one_histogram_file)
+    url = f"/rest/api/files/{body['filename']}"
+    etag = (await client.get(url, headers=AUTH)).headers["ETag"]
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        answers = [await client.get(url, headers={**AUTH, **headers}) for headers in (
+            {"Range": "bytes=100-199"}, {"If-None-Match": etag}, {})]
+        for answer in answers:
+            await answer.read()
+    lines = [entry for entry in logs if entry["event"] == "request"]
+    assert [(line["status"], line["request_id"], line["path"], line["uploader"])
+            for line in lines] == [
+        (answer.status, answer.headers["X-Request-Id"], url, "emc-agent") for answer in answers]
+    assert [answer.status for answer in answers] == [206, 304, 200]
+
+
 async def test_download_range_and_etag(client, one_histogram_file):
     """Downloads support Range (resume) and ETag (no re-download of an unchanged file)."""
     body = await upload(client, one_histogram_file)

@@ -22,6 +22,19 @@ from .handlers.upload import expect_continue, post_file
 from .middlewares import Handler, continue_or_ignore
 
 
+async def no_such_route(request: web.Request) -> web.StreamResponse:
+    """What no route takes: 404, or 405 (with Allow) when the path has routes for other
+    methods, as aiohttp answers, but past the middlewares (JSON, a request id, a log line)."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        match, methods = await resource.resolve(request)
+        if match is None:
+            allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
+
+
 def setup_routes(app: web.Application, static_dir: Path) -> None:
     def get(path: str, handler: Handler) -> None:
         app.router.add_get(path, handler, expect_handler=continue_or_ignore)
@@ -53,3 +66,6 @@ def setup_routes(app: web.Application, static_dir: Path) -> None:
     route("HEAD", "/rest/api/uploads/{upload_id}", tus.head)
     route("PATCH", "/rest/api/uploads/{upload_id}", tus.patch)
     route("DELETE", "/rest/api/uploads/{upload_id}", tus.terminate)
+    # Last, every other path and method. aiohttp answers those itself, but an `Expect` other
+    # than 100-continue it refuses first, in plain text quoting the header (417).
+    route("*", "/{path:.*}", no_such_route)

@@ -500,17 +500,23 @@ async def test_malformed_part_headers_leave_no_trace_in_the_log_or_memory(tmp_pa
     assert daemon.rss_kib() - rss_before < 1024  # 300 remembered warnings: over 2.4 MB
 
 
-@pytest.mark.parametrize(("path", "status"), [("/healthz", 200), ("/rest/api/files", 401),
-                                              ("/static/nowhere.css", 404), ("/status", 200),
-                                              ("/static/style.css", 200)])
-async def test_an_unknown_expectation_is_ignored(client, path, status):
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("GET", "/healthz", 200), ("GET", "/rest/api/files", 401), ("GET", "/static/nowhere.css", 404),
+    ("GET", "/status", 200), ("GET", "/static/style.css", 200),
+    # no route at all, or none for the method
+    ("GET", "/nothing-here", 404), ("DELETE", "/healthz", 405), ("PUT", "/status", 405)])
+async def test_an_unknown_expectation_is_ignored(client, method, path, status):
     """An `Expect` other than 100-continue is ignored (RFC 9110 allows it): the request gets
-    its usual answer, errors in JSON; aiohttp would answer 417 in plain text quoting it."""
-    response = await client.get(path, headers={"Expect": "quote-me-" + TOKEN})
+    its usual answer, errors in JSON with a request id; aiohttp would answer 417 in plain text
+    quoting it."""
+    response = await client.request(method, path, headers={"Expect": "quote-me-" + TOKEN})
     assert response.status == status
     assert "quote-me" not in await response.text()
     if status >= 400:
         assert (await response.json())["status"] == status
+        assert response.headers["X-Request-Id"]
+    if status == 405:
+        assert "GET" in response.headers["Allow"]
 
 
 async def test_a_token_sent_elsewhere_is_never_quoted_back_or_logged(tmp_path, daemon):

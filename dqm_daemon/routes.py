@@ -68,4 +68,4 @@ def setup_routes(app: web.Application, static_dir: Path) -> None:
     route("DELETE", "/rest/api/uploads/{upload_id}", tus.terminate)
     # Last, every other path and method. aiohttp answers those itself, but an `Expect` other
     # than 100-continue it refuses first, in plain text quoting the header (417).
-    route("*", "/{path:.*}", no_such_route)
+    route("*", "/{path:(?s:.*)}", no_such_route)  # (?s): a path may hold a newline (%0A)

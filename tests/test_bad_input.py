@@ -504,7 +504,8 @@ async def test_malformed_part_headers_leave_no_trace_in_the_log_or_memory(tmp_pa
     ("GET", "/healthz", 200), ("GET", "/rest/api/files", 401), ("GET", "/static/nowhere.css", 404),
     ("GET", "/status", 200), ("GET", "/static/style.css", 200),
     # no route at all, or none for the method
-    ("GET", "/nothing-here", 404), ("DELETE", "/healthz", 405), ("PUT", "/status", 405)])
+    ("GET", "/nothing-here", 404), ("GET", "/nothing%0Ahere", 404), ("DELETE", "/healthz", 405),
+    ("PUT", "/status", 405)])
 async def test_an_unknown_expectation_is_ignored(client, method, path, status):
     """An `Expect` other than 100-continue is ignored (RFC 9110 allows it): the request gets
     its usual answer, errors in JSON with a request id; aiohttp would answer 417 in plain text

@@ -16,6 +16,7 @@ from http import HTTPStatus
 
 import structlog
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_exceptions import (
     BadHttpMethod,
     BadStatusLine,
@@ -69,16 +70,16 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         response = await handler(request)
         status = response.status
         response.headers["X-Request-Id"] = request_id
-        if isinstance(response, web.FileResponse) and not response.prepared:
-            # Its status (206, 304, …) is decided as it is sent: logged then, by
-            # `log_file_answer`, with this request's context.
+        if isinstance(response, LoggedFileResponse) and not response.prepared:
+            # Its status (206, 304, …) is decided as it is sent: logged then, with this
+            # request's context (see LoggedFileResponse).
             request[_UNSENT_FILE_ANSWER] = (started, structlog.contextvars.get_contextvars())
             logged_later = True
         return response
     except asyncio.CancelledError:
         # Cut by the shutdown once its grace ran out: the client's connection is closed with
         # no answer; not a failure of the daemon's (no 5xx alert on every restart).
-        status, cut = 503, {"cut_by_shutdown": True}
+        status, cut = 503, CUT_BY_SHUTDOWN
         raise
     finally:
         if not logged_later:
@@ -86,18 +87,41 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         structlog.contextvars.clear_contextvars()
 
 
+CUT_BY_SHUTDOWN = {"cut_by_shutdown": True}
+
+
+class LoggedFileResponse(web.FileResponse):
+    """aiohttp's FileResponse, whose request log line `request_context` leaves until the
+    status is known: written as the answer is prepared (`log_file_answer`), or, if preparing
+    fails before that (a shutdown cutting it, a fault), with the failure's status."""
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        try:
+            return await super().prepare(request)
+        except asyncio.CancelledError:
+            _log_unsent_file_answer(request, 503, **CUT_BY_SHUTDOWN)
+            raise
+        except BaseException:
+            _log_unsent_file_answer(request, 500)
+            raise
+
+
 async def log_file_answer(request: web.Request, response: web.StreamResponse) -> None:
     """On response prepare: the request log line of a file's answer, with its real status."""
+    _log_unsent_file_answer(request, response.status)
+
+
+def _log_unsent_file_answer(request: web.BaseRequest, status: int, **extra: object) -> None:
     unsent = request.get(_UNSENT_FILE_ANSWER)
-    if unsent is None:
+    if unsent is None:  # not a file's answer, or logged already
         return
     del request[_UNSENT_FILE_ANSWER]
     started, context = unsent
     with structlog.contextvars.bound_contextvars(**context):
-        _log_request(request, response.status, started)
+        _log_request(request, status, started, **extra)
 
 
-def _log_request(request: web.Request, status: int, started: float, **extra: object) -> None:
+def _log_request(request: web.BaseRequest, status: int, started: float, **extra: object) -> None:
     log.info(
         "request",
         method=request.method,

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import os
 
+import aiohttp
 import pytest
 
 from dqm_daemon.app import create_app
@@ -133,6 +134,25 @@ async def test_the_request_log_says_what_a_download_answered(client, one_histogr
             for line in lines] == [
         (answer.status, answer.headers["X-Request-Id"], url, "emc-agent") for answer in answers]
     assert [answer.status for answer in answers] == [206, 304, 200]
+
+
+async def test_a_file_answer_that_fails_before_it_is_sent_is_logged(client, monkeypatch):
+    """A file's log line waits for its status; if preparing the answer fails first, the
+    request is still logged, once, as failed."""
+    from aiohttp import web
+    from structlog.contextvars import merge_contextvars
+    from structlog.testing import capture_logs
+
+    def fail(*_args, **_kwargs):
+        raise RuntimeError("injected fault before the answer's headers")
+
+    monkeypatch.setattr(web.FileResponse, "_make_response", fail)
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        with contextlib.suppress(aiohttp.ClientError):
+            await (await client.get("/static/style.css")).read()
+    lines = [entry for entry in logs if entry["event"] == "request"]
+    assert [(line["status"], line["path"]) for line in lines] == [(500, "/static/style.css")]
+    assert lines[0]["request_id"]
 
 
 async def test_download_range_and_etag(client, one_histogram_file):

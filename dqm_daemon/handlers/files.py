@@ -18,6 +18,7 @@ from pendulum.parsing.exceptions import ParserError
 
 from ..appkeys import CATALOG, STORAGE
 from ..catalog import IN_DATA_DIR, INVALID
+from ..middlewares import LoggedFileResponse
 from ..naming import MAX_RUN_NUMBER, bounded_integer
 
 
@@ -88,7 +89,7 @@ async def file_info(request: web.Request) -> web.Response:
     return web.json_response(text=body)
 
 
-async def download_file(request: web.Request) -> web.FileResponse:
+async def download_file(request: web.Request) -> HeldFileResponse:
     """The stored bytes, with Range and ETag support. The name is looked up in the catalog,
     never joined into a path, so nothing outside the data directory can be reached."""
     name = request.match_info["filename"]
@@ -122,10 +123,11 @@ async def download_file(request: web.Request) -> web.FileResponse:
     )
 
 
-class HeldFileResponse(web.FileResponse):
-    """aiohttp's FileResponse (Range, ETag, sendfile) of a file opened by the handler: a file
-    moved away (to quarantine) between the handler and the send is still the file sent, not an
-    empty 404. The descriptor is closed once sent, or when the response is dropped unsent."""
+class HeldFileResponse(LoggedFileResponse):
+    """aiohttp's FileResponse (Range, ETag, sendfile), logged as sent, of a file opened by the
+    handler: a file moved away (to quarantine) between the handler and the send is still the
+    file sent, not an empty 404. The descriptor is closed once sent, or when the response is
+    dropped unsent."""
 
     def __init__(self, descriptor: int, **kwargs: Any) -> None:
         super().__init__(f"/proc/self/fd/{descriptor}", **kwargs)  # reopens the same file

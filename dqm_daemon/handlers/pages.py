@@ -15,7 +15,7 @@ from aiohttp import web
 from .. import activity
 from ..appkeys import CATALOG, PAGE_THREAD, PREVIEWER, SETTINGS
 from ..catalog import IN_DATA_DIR, OK, PENDING
-from ..middlewares import is_token_probe
+from ..middlewares import LoggedFileResponse, is_token_probe
 from ..naming import MAX_RUN_NUMBER, bounded_integer
 from ..status import file_summary, status_report
 
@@ -114,7 +114,7 @@ def static_files(directory: Path) -> Callable[[web.Request], Awaitable[web.Strea
         path = files.get(request.match_info["name"])
         if path is None:
             raise web.HTTPNotFound(text="No such static file")
-        return web.FileResponse(path)
+        return LoggedFileResponse(path)
 
     return handler
 

@@ -81,10 +81,22 @@ def _upload(arguments: argparse.Namespace) -> int:
         print(f"dqm-daemon: no token: set {TOKEN_ENV_VAR} or pass --token-file",
               file=sys.stderr)
         return EXIT_USAGE
-    url = urlsplit(arguments.url)
-    if url.scheme not in ("http", "https") or not url.hostname:
+    try:
+        url = urlsplit(arguments.url)
+        url.port  # noqa: B018 (raises ValueError for a port that is not a port)
+    except ValueError:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.hostname:
         print(f"dqm-daemon: --url must be http://host:port or https://host:port, got "
               f"{arguments.url!r}", file=sys.stderr)
+        return EXIT_USAGE
+    # A header value cannot hold control characters: no attempt could ever send it.
+    if _has_control_characters(token):
+        print("dqm-daemon: the token holds a control character", file=sys.stderr)
+        return EXIT_USAGE
+    if _has_control_characters(arguments.agent):
+        print(f"dqm-daemon: --agent holds a control character: {arguments.agent!r}",
+              file=sys.stderr)
         return EXIT_USAGE
     if arguments.retries < 0:
         print("dqm-daemon: --retries must be 0 or more", file=sys.stderr)
@@ -102,6 +114,10 @@ def _upload(arguments: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("dqm-daemon: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _has_control_characters(text: str) -> bool:
+    return any(ord(character) < 32 or ord(character) == 127 for character in text)
 
 
 def main(argv: list[str] | None = None) -> int:

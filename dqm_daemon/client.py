@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,6 +27,8 @@ from .page_format import human_bytes
 
 CHUNK_BYTES = 1024 * 1024
 LOCKED_WAIT_SECONDS = 15
+# How long an abandoned resumable upload is asked to be dropped (see `_terminate`).
+TERMINATE_SECONDS = 5.0
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_GAVE_UP = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report it
 
@@ -32,9 +36,10 @@ EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report it
 class UploadRefused(Exception):
     """The daemon answered 4xx: retrying the same upload cannot help."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, filename: str | None = None) -> None:
         super().__init__(f"{status}: {message}")
         self.status, self.message = status, message
+        self.filename = filename  # the name an invalid file was kept under (quarantined)
 
 
 class GaveUp(Exception):
@@ -63,6 +68,7 @@ class Progress:
     def __init__(self, label: str, total: int, stream: TextIO) -> None:
         self.label, self.total, self.stream = label, total, stream
         self.sent = 0
+        self._sent_before = 0  # bytes the daemon had when this attempt began (a resume)
         self.started = time.monotonic()
         self._drawn_at = 0.0
         self._next_tenth = 1
@@ -79,16 +85,28 @@ class Progress:
             self._next_tenth = self.sent * 10 // self.total + 1
             self.stream.write(self._line(now) + "\n")
 
-    def restart(self) -> None:
-        self.sent, self.started, self._next_tenth = 0, time.monotonic(), 1
+    def restart(self, offset: int = 0) -> None:
+        """A new attempt, from `offset` (what the daemon has of a resumable upload): the rate
+        counts only the bytes of this attempt."""
+        self.sent = self._sent_before = offset
+        self.started = time.monotonic()
+        self._next_tenth = offset * 10 // self.total + 1 if self.total else 1
 
     def done(self) -> None:
         if self._terminal:
             self.stream.write(f"\r{self._line(time.monotonic())}\n")
+            self._drawn_at = 0.0
+
+    def note(self, message: str) -> None:
+        """A message of its own line, not written over the progress redrawn in place."""
+        if self._terminal and self._drawn_at:
+            self.stream.write("\n")
+            self._drawn_at = 0.0
+        self.stream.write(message + "\n")
 
     def _line(self, now: float) -> str:
         elapsed = max(now - self.started, 1e-6)
-        rate = self.sent / elapsed
+        rate = (self.sent - self._sent_before) / elapsed
         eta = (self.total - self.sent) / rate if rate else 0
         percent = 100 * self.sent / self.total if self.total else 100
         # Units scaled to the file: a 24 KB file is not "0.0/0.0 MiB".
@@ -96,12 +114,25 @@ class Progress:
                 f"{human_bytes(self.total)} {human_bytes(rate)}/s ETA {eta:,.0f} s")
 
 
-def sha256_of(path: Path) -> bytes:
+def sha256_of(path: Path, stop: threading.Event | None = None) -> bytes:
+    """The file's SHA-256; stops part way (CancelledError) once `stop` is set."""
     digest = hashlib.sha256()
     with open(path, "rb") as source:
         while chunk := source.read(CHUNK_BYTES):
+            if stop is not None and stop.is_set():
+                raise asyncio.CancelledError
             digest.update(chunk)
     return digest.digest()
+
+
+async def _sha256(path: Path) -> bytes:
+    """`sha256_of` in a thread, which a Ctrl-C stops at once (the interpreter waits for its
+    threads before it exits: hashing gigabytes to the end would hold it up)."""
+    stop = threading.Event()
+    try:
+        return await asyncio.to_thread(sha256_of, path, stop)
+    finally:
+        stop.set()
 
 
 async def _file_body(path: Path, progress: Progress, offset: int = 0) -> AsyncIterator[bytes]:
@@ -137,7 +168,7 @@ async def upload_file(session: aiohttp.ClientSession, path: Path, options: Uploa
                       progress_stream: TextIO) -> dict[str, Any]:
     """Upload one file; the daemon's answer (200 or 202) or UploadRefused / GaveUp."""
     size = path.stat().st_size
-    digest = await asyncio.to_thread(sha256_of, path)
+    digest = await _sha256(path)
     headers = _upload_headers(path, options, digest)
     if size >= options.resumable_threshold:
         return await _resumable_upload(session, path, options, headers, size, progress_stream)
@@ -151,7 +182,8 @@ async def upload_file(session: aiohttp.ClientSession, path: Path, options: Uploa
                                     data=_file_body(path, progress), headers=headers,
                                     allow_redirects=False) as answer:
                 body = await _json_or_text(answer)
-                if answer.status in (200, 202) and isinstance(body, dict) and "filename" in body:
+                if (answer.status in (200, 202) and isinstance(body, dict)
+                        and {"filename", "sha256"} <= body.keys()):
                     progress.done()
                     return body
                 _refuse_for_good(answer, body)
@@ -164,7 +196,7 @@ async def upload_file(session: aiohttp.ClientSession, path: Path, options: Uploa
             last_problem = f"{type(exc).__name__}: {exc}"
             delay = _retry_delay(attempt, options, None)
         if attempt < options.retries:
-            progress_stream.write(f"{path.name}: {last_problem}; retrying in {delay:g} s\n")
+            progress.note(f"{path.name}: {last_problem}; retrying in {delay:g} s")
             await asyncio.sleep(delay)
     raise GaveUp(f"{path.name}: gave up after {options.retries + 1} attempts ({last_problem})")
 
@@ -175,61 +207,101 @@ TUS = {"Tus-Resumable": "1.0.0"}
 async def _resumable_upload(session: aiohttp.ClientSession, path: Path, options: UploadOptions,
                             headers: dict[str, str], size: int,
                             progress_stream: TextIO) -> dict[str, Any]:
-    """Create a tus upload, then PATCH from wherever the daemon says it stands, until done."""
-    base = options.url.rstrip("/")
-    progress = Progress(path.name, size, progress_stream)
-    location = None
-    last_problem = ""
-    attempt, best_offset = 0, -1
-    while attempt <= options.retries:
-        try:
-            if location is None:
-                async with session.post(f"{base}/rest/api/uploads/", headers={
-                        **headers, **TUS, "Upload-Length": str(size)},
-                        allow_redirects=False) as answer:
-                    if answer.status != 201:
+    """Create a tus upload, then PATCH from wherever the daemon says it stands, until done.
+    An upload left unfinished (given up, refused, Ctrl-C) is terminated: nothing could resume
+    it (its address is not kept), and the daemon would hold its bytes, and the disk it
+    reserved for the rest, until it expires."""
+    upload = _ResumableUpload(session, path, options, headers, size, progress_stream)
+    try:
+        return await upload.run()
+    except BaseException:
+        if upload.location is not None and not upload.finished:
+            await _terminate(session, upload.location, options.token)
+        raise
+
+
+class _ResumableUpload:
+    def __init__(self, session: aiohttp.ClientSession, path: Path, options: UploadOptions,
+                 headers: dict[str, str], size: int, progress_stream: TextIO) -> None:
+        self.session, self.path, self.options = session, path, options
+        self.headers, self.size = headers, size
+        self.progress = Progress(path.name, size, progress_stream)
+        self.location: str | None = None  # the upload's address once created
+        self.finished = False  # the daemon has the whole file (stored, or refused as invalid)
+
+    def _finish(self, headers: Any) -> dict[str, Any]:
+        self.finished = True
+        return _finished(headers)
+
+    async def run(self) -> dict[str, Any]:
+        session, path, options, size = self.session, self.path, self.options, self.size
+        base = options.url.rstrip("/")
+        progress = self.progress
+        last_problem = ""
+        attempt, best_offset = 0, -1
+        while attempt <= options.retries:
+            try:
+                if self.location is None:
+                    async with session.post(f"{base}/rest/api/uploads/", headers={
+                            **self.headers, **TUS, "Upload-Length": str(size)},
+                            allow_redirects=False) as answer:
+                        if answer.status != 201:
+                            await _refuse_or_retry(answer)
+                        self.location = base + answer.headers["Location"]
+                async with session.head(self.location, headers={"token": options.token, **TUS},
+                                        allow_redirects=False) as answer:
+                    if answer.status == 404:
+                        self.location = None  # expired: start a new upload (the daemon dedups)
+                        raise aiohttp.ClientError("the unfinished upload expired")
+                    if answer.status != 200:
                         await _refuse_or_retry(answer)
-                    location = base + answer.headers["Location"]
-            async with session.head(location, headers={"token": options.token, **TUS},
-                                    allow_redirects=False) as answer:
-                if answer.status == 404:
-                    location = None  # expired: start a new upload (the daemon dedups)
-                    raise aiohttp.ClientError("the unfinished upload expired")
-                if answer.status != 200:
-                    await _refuse_or_retry(answer)
-                if "DQM-Filename" in answer.headers:
-                    return _finished(answer.headers)
-                offset = int(answer.headers["Upload-Offset"])
-            if offset > best_offset:  # progress since the last try: the retries start afresh
-                attempt, best_offset = 0, offset
-            progress.restart()
-            progress.sent = offset
-            async with session.patch(location, data=_file_body(path, progress, offset), headers={
-                    "token": options.token, **TUS, "Upload-Offset": str(offset),
-                    "Content-Type": "application/offset+octet-stream",
-                    "Content-Length": str(size - offset)}, allow_redirects=False) as answer:
-                if answer.status != 204:
-                    await _refuse_or_retry(answer)
-                if "DQM-Filename" in answer.headers:
-                    progress.done()
-                    return _finished(answer.headers)
-            attempt += 1  # the PATCH ended early: ask where we stand
-            continue
-        except UploadRefused:
-            raise
-        except aiohttp.ClientSSLError as exc:
-            raise GaveUp(f"{path.name}: TLS failed, retrying cannot help ({exc})") from None
-        except _RetryLater as exc:
-            last_problem, delay = str(exc), _retry_delay(attempt, options, exc.retry_after)
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError) as exc:
-            last_problem = f"{type(exc).__name__}: {exc}"
-            delay = _retry_delay(attempt, options, None)
-        if attempt < options.retries:
-            progress_stream.write(f"{path.name}: {last_problem}; resuming in {delay:g} s\n")
-            await asyncio.sleep(delay)
-        attempt += 1
-    raise GaveUp(f"{path.name}: gave up after {options.retries + 1} attempts without "
-                 f"progress ({last_problem})")
+                    if "DQM-Filename" in answer.headers:
+                        return self._finish(answer.headers)
+                    offset = int(answer.headers["Upload-Offset"])
+                if offset > best_offset:  # progress since the last try: the retries start afresh
+                    attempt, best_offset = 0, offset
+                progress.restart(offset)
+                async with session.patch(self.location, data=_file_body(path, progress, offset),
+                                         headers={
+                        "token": options.token, **TUS, "Upload-Offset": str(offset),
+                        "Content-Type": "application/offset+octet-stream",
+                        "Content-Length": str(size - offset)}, allow_redirects=False) as answer:
+                    if answer.status != 204:
+                        await _refuse_or_retry(answer)
+                    if "DQM-Filename" in answer.headers:
+                        progress.done()
+                        return self._finish(answer.headers)
+                attempt += 1  # the PATCH ended early: ask where we stand
+                continue
+            except UploadRefused:
+                raise
+            except aiohttp.ClientSSLError as exc:
+                raise GaveUp(f"{path.name}: TLS failed, retrying cannot help ({exc})") from None
+            except _RetryLater as exc:
+                last_problem, delay = str(exc), _retry_delay(attempt, options, exc.retry_after)
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError) as exc:
+                last_problem = f"{type(exc).__name__}: {exc}"
+                delay = _retry_delay(attempt, options, None)
+            if attempt < options.retries:
+                progress.note(f"{path.name}: {last_problem}; resuming in {delay:g} s")
+                await asyncio.sleep(delay)
+            attempt += 1
+        raise GaveUp(f"{path.name}: gave up after {options.retries + 1} attempts without "
+                     f"progress ({last_problem})")
+
+
+async def _terminate(session: aiohttp.ClientSession, location: str, token: str) -> None:
+    """Best effort, for TERMINATE_SECONDS at most: ask the daemon to drop an unfinished
+    resumable upload (tus termination). A PATCH just cut on our side may still hold it (423)
+    until the daemon notices the cut."""
+    with contextlib.suppress(TimeoutError, aiohttp.ClientError, OSError):
+        async with asyncio.timeout(TERMINATE_SECONDS):
+            while True:
+                async with session.delete(location, headers={"token": token, **TUS},
+                                          allow_redirects=False) as answer:
+                    if answer.status != 423:
+                        return
+                await asyncio.sleep(0.2)
 
 
 class _RetryLater(Exception):
@@ -260,11 +332,14 @@ def _refuse_for_good(answer: aiohttp.ClientResponse, body: dict[str, Any] | str,
     redirect (never followed: it would turn the upload into a GET, and could take the token
     to another host), or a success that is not the daemon's."""
     message = body.get("message", "") if isinstance(body, dict) else body
+    if isinstance(body, dict) and body.get("reason"):  # why a file is not sound ROOT
+        message = f"{message} ({body['reason']})"
     if 300 <= answer.status < 400:
         raise UploadRefused(answer.status, f"redirected to {answer.headers.get('Location')!r};"
                             " give the receiver's own address as --url")
     if 400 <= answer.status < 500 and answer.status not in retried:
-        raise UploadRefused(answer.status, message)
+        raise UploadRefused(answer.status, message,
+                            body.get("filename") if isinstance(body, dict) else None)
     if 200 <= answer.status < 300:
         raise UploadRefused(answer.status, f"not an answer of dqm-daemon: {str(body)[:300]}")
 
@@ -284,7 +359,7 @@ def _finished(headers: Any) -> dict[str, Any]:
     state = headers.get("DQM-State")
     if state == "invalid":
         raise UploadRefused(400, "Successfully received the file, but the file is not valid! "
-                            f"({headers.get('DQM-Reason', '')})")
+                            f"({headers.get('DQM-Reason', '')})", headers.get("DQM-Filename"))
     return {"status": 200 if state == "ok" else 202, "filename": headers["DQM-Filename"],
             "sha256": headers["DQM-Sha256"], "state": state}
 
@@ -300,6 +375,8 @@ async def upload_all(paths: list[Path], options: UploadOptions, as_json: bool,
             except UploadRefused as exc:
                 err.write(f"{path}: refused ({exc.status}): {exc.message}\n")
                 result = {"file": str(path), "status": exc.status, "message": exc.message}
+                if exc.filename:  # kept, quarantined, under this name
+                    result["filename"] = exc.filename
                 exit_code = max(exit_code, EXIT_REFUSED)
             except GaveUp as exc:
                 err.write(f"{exc}\n")

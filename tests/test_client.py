@@ -9,6 +9,7 @@ import io
 import json
 import os
 import random
+import signal
 import sys
 from pathlib import Path
 
@@ -357,10 +358,148 @@ async def test_a_redirect_is_refused_and_never_followed(tmp_path, unused_tcp_por
     assert seen == []
 
 
-@pytest.mark.parametrize("url", ["127.0.0.1:8080", "ftp://127.0.0.1/", "http://"])
+@pytest.mark.parametrize("url", ["127.0.0.1:8080", "ftp://127.0.0.1/", "http://",
+                                 "http://127.0.0.1:abc", "http://127.0.0.1:99999", "http://[::1"])
 async def test_an_address_that_is_not_http_is_a_usage_error(tmp_path, url):
-    """A --url without http(s):// and a host is refused at once (exit 2), not retried."""
+    """A --url without http(s):// and a host, or with a port that is none, is refused at once
+    (exit 2), not retried."""
     path = write_one_histogram_file(tmp_path / "h.root")
     code, out, err = await run_client(str(path), "--url", url, "--run", "1")
-    assert code == EXIT_USAGE
+    assert code == EXIT_USAGE, err
     assert "--url must be http://host:port or https://host:port" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("token", "agent", "complaint"), [
+    ("a-good-token-1234\r\nX-Injected: 1", "EMC", "the token holds a control character"),
+    (TOKEN, "EMC\nTPC", "--agent holds a control character")])
+async def test_a_header_that_cannot_be_sent_is_a_usage_error(tmp_path, token, agent, complaint):
+    """A token or agent no HTTP header can carry is refused at once (exit 2), not retried as if
+    the network had failed; the token is not printed."""
+    path = write_one_histogram_file(tmp_path / "h.root")
+    code, _out, err = await run_client(str(path), "--url", "http://127.0.0.1:9", "--run", "1",
+                                      "--agent", agent, token=token)
+    assert code == EXIT_USAGE, err
+    assert complaint in err and "retrying" not in err
+    assert "a-good-token" not in err
+
+
+@pytest.mark.parametrize("resume_above", ["1", "1000000000"])
+async def test_an_invalid_file_is_reported_with_its_reason_and_stored_name(tmp_path, daemon,
+                                                                           resume_above):
+    """A file that is not sound ROOT: refused (exit 1) with the daemon's reason, and with
+    --json the name it was kept under (in quarantine), through either endpoint."""
+    daemon.start()
+    path = tmp_path / "broken.root"
+    path.write_bytes(random.Random(5).randbytes(5000))
+    code, out, err = await run_client(str(path), "--url", daemon.url, "--run", "21", "--json",
+                                      "--resume-above", resume_above)
+    assert code == 1, err
+    assert "not a ROOT file" in err
+    (line,) = [json.loads(text) for text in out.splitlines()]
+    assert line["status"] == 400 and "not a ROOT file" in line["message"]
+    assert (daemon.data_dir / "quarantine" / line["filename"]).read_bytes() == path.read_bytes()
+
+
+class SlowProxy(LoopbackProxy):
+    """Forwards the client's bytes at about 1 MB/s. `sever_bulk()` cuts the connections that
+    carried more than a megabyte, as a client's end closing would, rather than going on to
+    forward what the client had sent before it died."""
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port)
+        self.bytes_by_connection: dict[asyncio.StreamWriter, int] = {}
+        self.severed: set[asyncio.StreamWriter] = set()
+
+    def sever_bulk(self) -> None:
+        self.severed = {writer for writer, count in self.bytes_by_connection.items()
+                        if count > 1024 * 1024}
+
+    async def forward(self, data: bytes, writer: asyncio.StreamWriter, upstream: bool) -> None:
+        if upstream:
+            if writer in self.severed:
+                raise ConnectionAbortedError("severed by the test")
+            self.bytes_by_connection[writer] = self.bytes_by_connection.get(writer, 0) + len(data)
+            await asyncio.sleep(len(data) / 1e6)
+        await super().forward(data, writer, upstream)
+
+
+async def test_an_interrupted_resumable_upload_is_dropped_on_the_daemon(tmp_path, daemon):
+    """Ctrl-C in the middle of a resumable upload: the client exits 130 and asks the daemon to
+    drop the unfinished upload, so its bytes and the disk reserved for the rest are freed now,
+    not when it would expire a day later."""
+    daemon.start()
+    path = tmp_path / "big.root"
+    path.write_bytes(write_one_histogram_file(tmp_path / "h.root").read_bytes()
+                     + random.Random(7).randbytes(16 * 1024 * 1024))
+    proxy = SlowProxy(daemon.port)
+    port = await proxy.start()
+    environment = dict(os.environ, DQM_DAEMON_TOKEN=TOKEN)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dqm_daemon", "upload", str(path), "--url",
+        f"http://127.0.0.1:{port}", "--run", "31", "--resume-above", "1", env=environment,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    status_url = f"{daemon.url}/status.json"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(300):  # until the daemon holds some of the upload's bytes
+                parts = list((daemon.data_dir / ".resumable").glob("*.part"))
+                if parts and parts[0].stat().st_size > 1024 * 1024:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the upload never started")
+            async with session.get(status_url) as answer:
+                assert (await answer.json())["disk"]["promised_bytes"] > 0
+            process.send_signal(signal.SIGINT)
+            proxy.sever_bulk()
+            _, err = await asyncio.wait_for(process.communicate(), 30)
+            assert process.returncode == 130, err
+            for _ in range(100):
+                async with session.get(status_url) as answer:
+                    promised = (await answer.json())["disk"]["promised_bytes"]
+                if not promised:
+                    break
+                await asyncio.sleep(0.1)
+            assert promised == 0, (err, daemon.log_path.read_text()[-3000:])
+            assert list((daemon.data_dir / ".resumable").glob("*.part")) == []
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await proxy.stop()
+    assert stored_dqm_files(daemon.data_dir) == []
+
+
+def test_the_rate_after_a_resume_counts_only_the_bytes_sent_since():
+    """Resumed half-way, the progress line's rate and ETA come from this attempt's bytes, not
+    from what the daemon already had."""
+    stream = io.StringIO()
+    progress = client_module.Progress("f.root", 100 * 1024 * 1024, stream)
+    progress.restart(50 * 1024 * 1024)
+    progress.advance(2 * 1024 * 1024)
+    line = progress._line(progress.started + 2.0)
+    assert "52.0%" in line and "1.0 MiB/s" in line and "ETA 48 s" in line, line
+
+
+async def test_a_success_that_is_not_the_daemons_is_refused(tmp_path, unused_tcp_port_factory):
+    """A 200 without the daemon's stored name and digest (another server, a proxy's page) is
+    not taken for a stored file: refused with what it said, no traceback."""
+    from aiohttp import web
+
+    async def answer(_request):
+        return web.json_response({"status": 200, "filename": "x.root"})
+
+    app = web.Application()
+    app.router.add_post("/rest/api/files", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = unused_tcp_port_factory()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        path = write_one_histogram_file(tmp_path / "h.root")
+        code, _out, err = await run_client(str(path), "--url", f"http://127.0.0.1:{port}",
+                                          "--run", "1")
+    finally:
+        await runner.cleanup()
+    assert code == 1, err
+    assert "not an answer of dqm-daemon" in err and "Traceback" not in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.resources
 import time
 from collections.abc import AsyncIterator
@@ -87,13 +88,16 @@ async def quarantine_retention(app: web.Application) -> AsyncIterator[None]:
 
 
 async def resumable_uploads(app: web.Application) -> AsyncIterator[None]:
-    """Take back unfinished resumable uploads, and sweep the expired ones."""
+    """Take back unfinished resumable uploads; sweep: commit the complete ones, remove the
+    expired ones."""
     uploads = app[RESUMABLE]
     restored = await asyncio.to_thread(uploads.load)
     if restored:
         log.info("resumable_uploads_restored", count=restored)
-    sweeper = asyncio.create_task(uploads.run_sweeper(app[SETTINGS].resumable_sweep_seconds),
-                                  name="resumable-sweeper")
+    sweeper = asyncio.create_task(
+        uploads.run_sweeper(app[SETTINGS].resumable_sweep_seconds,
+                            functools.partial(commit_complete_uploads, app)),
+        name="resumable-sweeper")
     yield
     sweeper.cancel()
     with contextlib.suppress(asyncio.CancelledError):

@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,9 @@ class ResumableUploads:
                     offset=min(offset, state["length"]), dqm=DQMHeaders(**state["dqm"]),
                     uploader=state["uploader"],
                     expected_sha256=bytes.fromhex(expected) if expected else None,
-                    last_activity=state["last_activity"], path=part)
+                    # The daemon's downtime is not the client's inactivity: it expires a day
+                    # (the expiry) after this start at the soonest.
+                    last_activity=max(state["last_activity"], time.time()), path=part)
                 if unverified_from is not None:
                     self._save(upload)  # bytes appended from here on are not in doubt
                 self._uploads[upload_id] = upload
@@ -146,11 +149,15 @@ class ResumableUploads:
 
     def _save(self, upload: ResumableUpload) -> None:
         temporary = self._state_path(upload.upload_id).with_suffix(".tmp")
-        with open(temporary, "w", encoding="utf-8") as state_file:
-            state_file.write(json.dumps(upload.state()))
-            state_file.flush()
-            os.fsync(state_file.fileno())
-        os.replace(temporary, self._state_path(upload.upload_id))
+        try:
+            with open(temporary, "w", encoding="utf-8") as state_file:
+                state_file.write(json.dumps(upload.state()))
+                state_file.flush()
+                os.fsync(state_file.fileno())
+            os.replace(temporary, self._state_path(upload.upload_id))
+        except BaseException:  # a full disk: the saved state stays as it was, whole
+            temporary.unlink(missing_ok=True)
+            raise
 
     async def create(self, length: int, dqm: DQMHeaders, uploader: str,
                      expected_sha256: bytes | None) -> ResumableUpload:
@@ -180,14 +187,21 @@ class ResumableUploads:
 
     def complete(self) -> list[ResumableUpload]:
         """Unfinished uploads holding all their bytes: after a restart, those whose last PATCH
-        the daemon died answering."""
+        the daemon died answering; while it runs, those whose last PATCH failed after its last
+        byte was written (the client gone before the end of its body, a full disk)."""
         return [upload for upload in self._uploads.values() if upload.offset == upload.length]
 
     async def begin_checksummed_chunk(self, upload: ResumableUpload) -> None:
         """Before a chunk with an Upload-Checksum is written: until it is verified, a restart
         drops it."""
         upload.unverified_from = upload.offset
-        await asyncio.to_thread(self._save, upload)
+        try:
+            await asyncio.to_thread(self._save, upload)
+        except BaseException:
+            # Not marked on disk: bytes appended later (and acknowledged) must not be dropped
+            # at the next start for a mark that stayed in memory.
+            upload.unverified_from = None
+            raise
 
     async def record_progress(self, upload: ResumableUpload) -> None:
         upload.last_activity = time.time()
@@ -219,12 +233,14 @@ class ResumableUploads:
         await FinishedUpload(upload.path, 0, "", self._state_path(upload.upload_id)).discard()
 
     async def sweep_expired(self) -> int:
+        """Remove the unfinished uploads idle beyond their expiry; never a complete one (its
+        client took it as done: it is committed, see `run_sweeper`)."""
         expired = 0
         for upload in list(self._uploads.values()):
             # Checked right before each removal: a PATCH may have started meanwhile.
             idle = time.time() - upload.last_activity
             limit = self.expiry_seconds if upload.offset else self.unstarted_expiry_seconds
-            if idle <= limit or upload.lock.locked():
+            if idle <= limit or upload.lock.locked() or upload.offset == upload.length:
                 continue
             await self.terminate(upload)
             expired += 1
@@ -232,10 +248,15 @@ class ResumableUploads:
                      offset=upload.offset, length=upload.length)
         return expired
 
-    async def run_sweeper(self, interval_seconds: float) -> None:
+    async def run_sweeper(self, interval_seconds: float,
+                          commit_complete: Callable[[], Awaitable[int]]) -> None:
+        """Every `interval_seconds`: commit the complete uploads (`commit_complete`), then
+        remove the expired ones."""
         while True:
             await asyncio.sleep(interval_seconds)
             try:
+                if committed := await commit_complete():
+                    log.info("resumable_uploads_committed", count=committed)
                 await self.sweep_expired()
             except Exception:
                 log.exception("resumable_sweep_failed")

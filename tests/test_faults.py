@@ -5,6 +5,7 @@ partial is ever visible, and the daemon keeps serving."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import random
@@ -287,3 +288,65 @@ async def test_slow_stuck_and_flooding_clients_leave_agents_unaffected(tmp_path,
     async with aiohttp.ClientSession(headers={"token": TOKEN}) as session:
         async with session.get(f"{daemon.url}/status.json") as response:
             assert (await response.json())["uploads"] == []
+
+
+async def test_a_full_disk_while_saving_a_resumable_uploads_state(tmp_path, small_disk):
+    """The disk fills up just as a checksummed PATCH marks its chunk: 507, not a 500; once
+    space returns the upload goes on, and a restart keeps every byte answered 204."""
+    import base64
+    import os
+    import signal
+
+    config = tmp_path / "config.toml"
+    config.write_text("disk_reserve_bytes = 0\n")
+    daemon = DaemonProcess(small_disk / "data", tmp_path / "daemon.log", ["--config", str(config)])
+    daemon.start()
+    tus = {"Tus-Resumable": "1.0.0", "token": TOKEN}
+    content = random.Random(3).randbytes(3_000_000)
+
+    def patch_headers(offset: int, **extra: str) -> dict[str, str]:
+        return {**tus, "Upload-Offset": str(offset),
+                "Content-Type": "application/offset+octet-stream", **extra}
+
+    filler = small_disk / "filler"
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{daemon.url}/rest/api/uploads/", headers={
+                    **tus, "Upload-Length": str(len(content)),
+                    "Upload-Metadata": "runNumber MzE=,timeStamp MTcwMDAwMDAwMA=="}) as answer:
+                assert answer.status == 201, await answer.text()
+                location = daemon.url + answer.headers["Location"]
+            async with session.patch(location, data=content[:1_000_000],
+                                     headers=patch_headers(0)) as answer:
+                assert answer.status == 204
+            descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT)
+            try:
+                for size in (MiB, 4096):  # up to the last page the filesystem gives
+                    with contextlib.suppress(OSError):
+                        while True:
+                            os.write(descriptor, bytes(size))
+            finally:
+                os.close(descriptor)
+            checksum = base64.b64encode(hashlib.sha1(content[1_000_000:2_000_000]).digest())
+            async with session.patch(location, data=content[1_000_000:2_000_000],
+                                     headers=patch_headers(1_000_000, **{
+                                         "Upload-Checksum": f"sha1 {checksum.decode()}"})) as answer:
+                assert answer.status == 507, await answer.text()
+                assert answer.headers["Tus-Resumable"] == "1.0.0"
+            filler.unlink()
+            async with session.head(location, headers=tus) as answer:
+                offset = int(answer.headers["Upload-Offset"])
+            async with session.patch(location, data=content[offset:2_000_000],
+                                     headers=patch_headers(offset)) as answer:
+                assert answer.status == 204, await answer.text()
+                assert answer.headers["Upload-Offset"] == "2000000"
+        daemon.kill(signal.SIGTERM)
+        daemon.start()
+        async with aiohttp.ClientSession() as session:
+            async with session.head(location, headers=tus) as answer:
+                assert answer.headers["Upload-Offset"] == "2000000"
+        assert list((daemon.data_dir / ".resumable").glob("*.tmp")) == []
+    finally:
+        filler.unlink(missing_ok=True)
+        if daemon.process is not None and daemon.process.poll() is None:
+            daemon.kill()

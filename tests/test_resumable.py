@@ -527,3 +527,67 @@ async def test_a_checksummed_patch_refused_for_room_leaves_nothing_to_drop(tmp_p
     daemon.start()
     async with aiohttp.ClientSession() as session, session.head(location, headers=TUS) as answer:
         assert answer.headers["Upload-Offset"] == "2000"
+
+
+async def test_an_upload_whose_last_patch_failed_after_its_last_byte_is_committed(
+        tmp_path, daemon):
+    """The last PATCH's bytes all reach the disk, then its request fails (the client gone
+    before the end of its chunked body). A tus client asking finds the offset at the length
+    and takes the upload as done: the daemon commits it (at its next sweep), never expires it."""
+    config = tmp_path / "config.toml"
+    config.write_text("resumable_expiry_seconds = 1\nresumable_sweep_seconds = 0.3\n")
+    daemon.extra_args = ["--config", str(config)]
+    daemon.start()
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    async with aiohttp.ClientSession() as session:
+        location = await _create(session, daemon.url, len(content))
+        _reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+        writer.write(
+            f"PATCH {location.removeprefix(daemon.url)} HTTP/1.1\r\nHost: x\r\n"
+            f"Tus-Resumable: 1.0.0\r\ntoken: {TOKEN}\r\nUpload-Offset: 0\r\n"
+            "Content-Type: application/offset+octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            f"{len(content):x}\r\n".encode() + content + b"\r\n")  # and never the last chunk
+        await writer.drain()
+        (part,) = (daemon.data_dir / ".resumable").glob("*.part")
+        for _ in range(200):
+            if part.stat().st_size == len(content):
+                break
+            await asyncio.sleep(0.025)
+        writer.close()
+        for _ in range(200):  # well past the expiry
+            async with session.head(location, headers=TUS) as answer:
+                if answer.status != 200 or "DQM-Filename" in answer.headers:
+                    break
+                assert answer.headers["Upload-Offset"] == str(len(content))
+            await asyncio.sleep(0.05)
+        assert answer.status == 200 and "DQM-Filename" in answer.headers, answer.status
+        async with session.get(f"{daemon.url}/rest/api/files/{answer.headers['DQM-Filename']}",
+                               headers=TUS) as stored:
+            assert await stored.read() == content
+    assert list((daemon.data_dir / ".resumable").iterdir()) == []
+
+
+async def test_the_daemons_downtime_is_not_the_clients_inactivity(tmp_path, daemon):
+    """An unfinished upload expires a day after its client's last PATCH, but time the daemon
+    was down does not count: after two days off, the upload is still there to resume."""
+    config = tmp_path / "config.toml"
+    config.write_text("resumable_sweep_seconds = 0.3\n")
+    daemon.extra_args = ["--config", str(config)]
+    daemon.start()
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    async with aiohttp.ClientSession() as session:
+        location = await _create(session, daemon.url, len(content))
+        async with await _patch(session, location, 0, content[:1000]) as answer:
+            assert answer.status == 204
+    daemon.kill(signal.SIGTERM)
+    (state_path,) = (daemon.data_dir / ".resumable").glob("*.json")
+    state = json.loads(state_path.read_text())
+    state["last_activity"] = time.time() - 2 * 86400  # as if the daemon had been off since
+    state_path.write_text(json.dumps(state))
+    daemon.start()
+    await asyncio.sleep(1.0)  # three sweeps
+    async with aiohttp.ClientSession() as session:
+        async with session.head(location, headers=TUS) as answer:
+            assert (answer.status, answer.headers.get("Upload-Offset")) == (200, "1000")
+        async with await _patch(session, location, 1000, content[1000:]) as answer:
+            assert answer.status == 204 and "DQM-Filename" in answer.headers

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import errno
 import hashlib
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import structlog
@@ -207,7 +209,8 @@ async def patch(request: web.Request) -> web.Response:
         with request.app[UPLOADS].slot(upload.uploader, upload.dqm.agent,
                                        upload.dqm.run_number) as progress:
             if checksum is not None:
-                await request.app[RESUMABLE].begin_checksummed_chunk(upload)
+                with _disk_full_is_507(upload):
+                    await request.app[RESUMABLE].begin_checksummed_chunk(upload)
             try:
                 while chunk := await asyncio.wait_for(
                         request.content.read(settings.chunk_bytes),
@@ -227,7 +230,7 @@ async def patch(request: web.Request) -> web.Response:
                             raise
                         if checksum is not None:  # what it did not vouch for is not kept
                             await asyncio.to_thread(_truncate_sync, upload, start)
-                        await request.app[RESUMABLE].record_progress(upload)
+                        await _record_progress_if_room(request.app, upload)
                         raise web.HTTPInsufficientStorage(
                             text=f"The receiver's disk is full; the upload stands at offset "
                             f"{upload.offset}", headers=TUS) from None
@@ -239,7 +242,7 @@ async def patch(request: web.Request) -> web.Response:
                 # vouch for the whole chunk.
                 if checksum is not None:
                     await asyncio.shield(asyncio.to_thread(_truncate_sync, upload, start))
-                await asyncio.shield(request.app[RESUMABLE].record_progress(upload))
+                await asyncio.shield(_record_progress_if_room(request.app, upload))
                 if isinstance(exc, TimeoutError):
                     raise web.HTTPRequestTimeout(
                         text=f"No data received for {settings.read_timeout_seconds} s; the "
@@ -250,16 +253,17 @@ async def patch(request: web.Request) -> web.Response:
                 # not vouch for is not kept, and no longer marked for the next start to drop.
                 if checksum is not None and upload.unverified_from is not None:
                     await asyncio.shield(asyncio.to_thread(_truncate_sync, upload, start))
-                    await asyncio.shield(request.app[RESUMABLE].record_progress(upload))
+                    await asyncio.shield(_record_progress_if_room(request.app, upload))
                 raise
             if checksum is not None:
                 if checksum[0].digest() != checksum[1]:
                     await asyncio.to_thread(_truncate_sync, upload, start)
-                    await request.app[RESUMABLE].record_progress(upload)
+                    await _record_progress_if_room(request.app, upload)
                     raise HTTPChecksumMismatch(text="Upload-Checksum does not match the chunk",
                                                headers=TUS)
                 upload.unverified_from = None
-            await request.app[RESUMABLE].record_progress(upload)
+            with _disk_full_is_507(upload):  # not acknowledged: the client asks where it stands
+                await request.app[RESUMABLE].record_progress(upload)
             headers = {**TUS, "Upload-Offset": str(upload.offset)}
             # The last byte arrived: committed within the slot, like a POST...
             commit = (await _commit_finished(request.app, upload)
@@ -267,6 +271,30 @@ async def patch(request: web.Request) -> web.Response:
         if commit is not None:  # ...and its check awaited outside it, like a POST
             headers.update(await _answer_finished(request, upload, commit))
     return web.Response(status=204, headers=headers)
+
+
+@contextlib.contextmanager
+def _disk_full_is_507(upload: ResumableUpload) -> Iterator[None]:
+    """The upload's state could not be saved for a full disk: 507, as for its bytes."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise web.HTTPInsufficientStorage(
+            text=f"The receiver's disk is full; the upload stands at offset {upload.offset}",
+            headers=TUS) from None
+
+
+async def _record_progress_if_room(app: web.Application, upload: ResumableUpload) -> None:
+    """Save the upload's state on the way out of a failed PATCH, if the disk has room: the
+    bytes on disk decide its offset at the next start, and the failure itself is what the
+    client must hear."""
+    try:
+        await app[RESUMABLE].record_progress(upload)
+    except OSError as exc:
+        log.warning("resumable_state_not_saved", upload_id=upload.upload_id,
+                    error=exc.strerror or type(exc).__name__)
 
 
 async def _commit_finished(app: web.Application, upload: ResumableUpload) -> Commit:
@@ -303,10 +331,11 @@ async def _answer_finished(request: web.Request, upload: ResumableUpload,
 
 
 async def commit_complete_uploads(app: web.Application) -> int:
-    """At start-up: commit every restored upload that holds all its bytes. Its last PATCH was
-    never answered (the daemon died first), yet a tus client asking finds the offset at the
-    length and takes the upload as done: nothing else would ever commit it. The file is then
-    pending, checked like any other; HEAD answers with its name until the next restart."""
+    """Commit every unfinished upload that holds all its bytes: at start-up, those whose last
+    PATCH the daemon died answering; then, at each sweep, those whose last PATCH failed after
+    its last byte was written. A tus client asking finds the offset at the length and takes
+    the upload as done: nothing else would ever commit it. The file is then pending, checked
+    like any other; HEAD answers with its name until the next restart."""
     uploads, committed = app[RESUMABLE], 0
     for upload in uploads.complete():
         if upload.lock.locked():
@@ -328,7 +357,7 @@ async def commit_complete_uploads(app: web.Application) -> int:
             uploads.forget(upload)
         committed += 1
         log.info("resumable_upload_finished", upload_id=upload.upload_id,
-                 file=commit.record.name, duplicate=commit.duplicate, at_startup=True)
+                 file=commit.record.name, duplicate=commit.duplicate, unanswered=True)
     return committed
 
 

@@ -44,6 +44,8 @@ class ResumableUpload:
     # Where a chunk whose Upload-Checksum is not yet verified began: bytes past it are dropped
     # if the daemon dies before the check (what a checksum does not vouch for is not kept).
     unverified_from: int | None = None
+    # Upload-Metadata as the client sent it at creation: HEAD answers it back (tus requires).
+    metadata: str | None = None
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
 
     @property
@@ -54,7 +56,7 @@ class ResumableUpload:
         return {"length": self.length, "offset": self.offset, "uploader": self.uploader,
                 "dqm": dataclasses.asdict(self.dqm), "last_activity": self.last_activity,
                 "expected_sha256": self.expected_sha256.hex() if self.expected_sha256 else None,
-                "unverified_from": self.unverified_from}
+                "unverified_from": self.unverified_from, "metadata": self.metadata}
 
 
 class TooManyUnfinished(Exception):
@@ -134,7 +136,8 @@ class ResumableUploads:
                     expected_sha256=bytes.fromhex(expected) if expected else None,
                     # The daemon's downtime is not the client's inactivity: it expires a day
                     # (the expiry) after this start at the soonest.
-                    last_activity=max(state["last_activity"], time.time()), path=part)
+                    last_activity=max(state["last_activity"], time.time()), path=part,
+                    metadata=state.get("metadata"))
                 if unverified_from is not None:
                     self._save(upload)  # bytes appended from here on are not in doubt
                 self._uploads[upload_id] = upload
@@ -160,7 +163,8 @@ class ResumableUploads:
             raise
 
     async def create(self, length: int, dqm: DQMHeaders, uploader: str,
-                     expected_sha256: bytes | None) -> ResumableUpload:
+                     expected_sha256: bytes | None, metadata: str | None = None,
+                     ) -> ResumableUpload:
         """A new unfinished upload. It counts (in `reserved_bytes` and against the limit) from
         this call on, before its files exist: creations running at once each see the others'."""
         if len(self._uploads) >= self.max_unfinished:
@@ -170,7 +174,7 @@ class ResumableUploads:
                                  uploader=uploader, expected_sha256=expected_sha256,
                                  last_activity=time.time(),
                                  path=self.directory / f"{upload_id}{PART_SUFFIX}",
-                                 hasher=hashlib.sha256())
+                                 hasher=hashlib.sha256(), metadata=metadata)
 
         def create_files() -> None:
             upload.path.touch(exist_ok=False)

@@ -591,3 +591,40 @@ async def test_the_daemons_downtime_is_not_the_clients_inactivity(tmp_path, daem
             assert (answer.status, answer.headers.get("Upload-Offset")) == (200, "1000")
         async with await _patch(session, location, 1000, content[1000:]) as answer:
             assert answer.status == 204 and "DQM-Filename" in answer.headers
+
+
+async def test_malformed_patches_are_400_and_head_repeats_the_metadata(tmp_path, daemon):
+    """What the tus protocol asks of the details: a PATCH without an integer Upload-Offset or
+    with a checksum that is no digest of its algorithm is a bad request (400, not 409 or 460),
+    one longer than what remains is refused before a byte is written (413), and HEAD repeats
+    the creation's Upload-Metadata, also after a restart."""
+    daemon.start()
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    metadata = _metadata(runNumber="31", timeStamp="1700000000", amoreAgent="TUS")
+    async with aiohttp.ClientSession() as session:
+        location = await _create(session, daemon.url, len(content))
+        (part,) = (daemon.data_dir / ".resumable").glob("*.part")
+        headers = {**TUS, "Content-Type": "application/offset+octet-stream"}
+        async with session.patch(location, data=content, headers=headers) as answer:
+            assert answer.status == 400 and "Upload-Offset" in (await answer.json())["message"]
+        for offset in ("abc", "-1", "1e3"):
+            async with await _patch(session, location, offset, content) as answer:
+                assert answer.status == 400, offset
+        for checksum in ("sha1", "sha1 " + base64.b64encode(b"short").decode(),
+                         "sha256 " + base64.b64encode(hashlib.sha1(content).digest()).decode()):
+            async with await _patch(session, location, 0, content,
+                                    **{"Upload-Checksum": checksum}) as answer:
+                assert answer.status == 400, checksum
+        async with await _patch(session, location, 0, content + b"more") as answer:
+            assert answer.status == 413
+        assert part.stat().st_size == 0
+        async with session.head(location, headers=TUS) as answer:
+            assert answer.headers["Upload-Metadata"] == metadata
+            assert answer.headers["Upload-Offset"] == "0"
+    daemon.kill(signal.SIGTERM)
+    daemon.start()
+    async with aiohttp.ClientSession() as session:
+        async with session.head(location, headers=TUS) as answer:
+            assert answer.headers["Upload-Metadata"] == metadata
+        async with await _patch(session, location, 0, content) as answer:
+            assert answer.status == 204 and "DQM-Filename" in answer.headers

@@ -126,8 +126,9 @@ async def create(request: web.Request) -> web.Response:
                                  "send Repr-Digest: sha-256=:…: at creation", headers=TUS)
     check_room(request.app, length)
     try:  # no await in between: the room checked is the room reserved
-        upload = await request.app[RESUMABLE].create(length, dqm, request[UPLOADER],
-                                                     digests.sha256)
+        upload = await request.app[RESUMABLE].create(
+            length, dqm, request[UPLOADER], digests.sha256,
+            request.headers.get("Upload-Metadata"))
     except TooManyUnfinished as exc:
         raise web.HTTPServiceUnavailable(
             text=f"Too many unfinished resumable uploads ({exc}); finish or terminate some, "
@@ -147,9 +148,10 @@ async def head(request: web.Request) -> web.Response:
         return web.Response(status=200, headers={**TUS, "Cache-Control": "no-store",
                                                  **finished})
     upload = _upload(request)
+    metadata = {"Upload-Metadata": upload.metadata} if upload.metadata else {}
     return web.Response(status=200, headers={
         **TUS, "Cache-Control": "no-store", "Upload-Offset": str(upload.offset),
-        "Upload-Length": str(upload.length)})
+        "Upload-Length": str(upload.length), **metadata})
 
 
 def _chunk_checksum(request: web.Request) -> tuple[Any, bytes] | None:
@@ -160,11 +162,16 @@ def _chunk_checksum(request: web.Request) -> tuple[Any, bytes] | None:
     if algorithm not in CHECKSUMS:
         raise web.HTTPBadRequest(text=f"Upload-Checksum algorithm {algorithm!r} is not "
                                  f"supported ({', '.join(CHECKSUMS)})", headers=TUS)
+    hasher = CHECKSUMS[algorithm]()
     try:
-        return CHECKSUMS[algorithm](), base64.b64decode(encoded, validate=True)
+        digest = base64.b64decode(encoded, validate=True)
     except ValueError:  # binascii.Error, or not ASCII at all
         raise web.HTTPBadRequest(text="Upload-Checksum value is not base64",
                                  headers=TUS) from None
+    if len(digest) != hasher.digest_size:  # no chunk could match it: a malformed request
+        raise web.HTTPBadRequest(text=f"Upload-Checksum value is not a {algorithm} digest "
+                                 f"({hasher.digest_size} bytes in base64)", headers=TUS)
+    return hasher, digest
 
 
 def _append_sync(upload: ResumableUpload, chunk: bytes, chunk_hasher: Any) -> None:
@@ -200,9 +207,17 @@ async def patch(request: web.Request) -> web.Response:
     if upload.lock.locked():
         raise HTTPLocked(text="Another PATCH is writing to this upload", headers=TUS)
     async with upload.lock:
-        if request.headers.get("Upload-Offset") != str(upload.offset):
-            raise web.HTTPConflict(text=f"Upload-Offset must be {upload.offset}, got "
-                                   f"{request.headers.get('Upload-Offset')!r}", headers=TUS)
+        if request.headers.get("Upload-Offset") is None:
+            raise web.HTTPBadRequest(text="Upload-Offset is required", headers=TUS)
+        offset = bounded_integer(request.headers["Upload-Offset"], "Header Upload-Offset",
+                                 2**63 - 1)
+        if offset != upload.offset:
+            raise web.HTTPConflict(text=f"Upload-Offset must be {upload.offset}, got {offset}",
+                                   headers=TUS)
+        if (request.content_length or 0) > upload.remaining:  # refused before any byte is read
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=upload.remaining, actual_size=request.content_length or 0,
+                text=f"More bytes than Upload-Length: {upload.remaining} remain", headers=TUS)
         checksum = _chunk_checksum(request)
         start = upload.offset
         settings = request.app[SETTINGS]

@@ -74,6 +74,7 @@ async def storage_and_catalog(app: web.Application) -> AsyncIterator[None]:
     await asyncio.to_thread(app[UPLOAD_THREADS].shutdown, wait=True)
     await asyncio.to_thread(app[PAGE_THREAD].shutdown, wait=True)
     await app[CATALOG].close()
+    app[STORAGE].release()
 
 
 async def quarantine_retention(app: web.Application) -> AsyncIterator[None]:

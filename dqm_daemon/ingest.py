@@ -21,7 +21,13 @@ import structlog
 from .cancellation import run_to_the_end
 from .catalog import IN_DATA_DIR, IN_QUARANTINE, Catalog, FileRecord, iso_utc
 from .naming import DEFAULT_AGENT, DQMHeaders, headers_from_filename, variant_filename
-from .storage import HashingStopped, IncomingFile, Storage, sha256_of_file
+from .storage import (
+    HashingStopped,
+    IncomingFile,
+    Storage,
+    sha256_of_file,
+    sha256_of_regular_file,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -130,11 +136,11 @@ class Ingest:
                 # cataloged now, as this upload; other bytes are never overwritten.
                 try:
                     on_disk = await asyncio.to_thread(
-                        sha256_of_file, self._storage.path_of(name, IN_DATA_DIR),
+                        sha256_of_regular_file, self._storage.path_of(name, IN_DATA_DIR),
                         HASH_CHUNK_BYTES, self._stop_hashing)
                 except FileNotFoundError:
                     continue  # removed meanwhile (by hand): on to the next name
-                if on_disk == incoming.sha256:
+                if on_disk == incoming.sha256:  # None (not a regular file): a name taken
                     break
             record = new_record(name, incoming.size, incoming.sha256, dqm, uploader)
             try:
@@ -192,6 +198,23 @@ class Ingest:
             await self._storage.remove_quarantined(name)
             await self._catalog.forget_quarantined(name)
         return True
+
+    async def untracked_quarantined_files(self) -> list[str]:
+        """Names of the regular files in the quarantine that the catalog has no row for."""
+        known = await self._catalog.all_names()
+        on_disk = await asyncio.to_thread(self._storage.quarantined_file_names)
+        return [name for name in on_disk if name not in known]
+
+    async def remove_untracked_quarantined(self, name: str, modified_before: float) -> bool:
+        """Remove a file of the quarantine that has no catalog row and was last modified
+        before `modified_before` (unix seconds; a move keeps a file's time), under the naming
+        lock of its DQM name: setting a file aside renames its row before the file itself."""
+        dqm = headers_from_filename(name)
+        async with self._naming_lock(dqm.filename if dqm else name):
+            if await self._catalog.get(name) is not None:
+                return False
+            return await asyncio.to_thread(self._storage.remove_untracked_quarantined, name,
+                                           modified_before)
 
     async def adopt_unknown_files(self, chunk_bytes: int) -> int:
         """Catalog the DQM files found in the data directory but not in the catalog (copied in

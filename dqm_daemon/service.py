@@ -17,6 +17,7 @@ from .app import create_app
 from .appkeys import INGEST, INSPECTION_QUEUE, INSPECTORS, UPLOADS
 from .middlewares import refuse_malformed_requests_in_json
 from .settings import Settings
+from .storage import DataDirectoryInUse
 from .systemd_notify import SystemdNotifier
 
 log = structlog.get_logger(__name__)
@@ -88,7 +89,9 @@ async def serve(settings: Settings, environ: Mapping[str, str]) -> int:
             log.exception("startup_failed")
         await runner.cleanup()
         notifier.close()
-        return 1
+        # In use by another daemon: a restart would not change that (the unit does not
+        # restart on 2).
+        return 2 if isinstance(exc, DataDirectoryInUse) else 1
     log.info("listening", host=settings.host, port=settings.port, version=__version__)
     # Ready once listening: uploads are taken while start-up recovery (adopting unknown files,
     # queuing pending checks) goes on, which can take minutes on a large data directory and

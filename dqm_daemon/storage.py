@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import hashlib
 import os
 import re
@@ -30,6 +32,8 @@ log = structlog.get_logger(__name__)
 ADOPTABLE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,+=-]*", re.ASCII)
 
 INCOMING_SUFFIX = ".part"
+# Held locked (flock) by the daemon using the data directory, for its whole life.
+LOCK_FILE = ".lock"
 # A file being written is handed to the disk every this many bytes (see `start_writeback`).
 WRITEBACK_BYTES = 8 * 1024 * 1024
 WRITE_PROBE_SECONDS = 5.0
@@ -115,24 +119,60 @@ class IncomingFile:
         await asyncio.to_thread(self._discard_sync)
 
 
+class DataDirectoryInUse(OSError):
+    """Another process holds the data directory (see `Storage.prepare`)."""
+
+
 class Storage:
     def __init__(self, settings: Settings) -> None:
         self.data_dir = settings.data_dir
         self.incoming_dir = settings.incoming_dir
         self.quarantine_dir = settings.quarantine_dir
         self._write_probe: tuple[float, bool] | None = None  # (when, result)
+        self._lock_descriptor: int | None = None
 
     def prepare(self) -> int:
-        """Create the directories and remove temporaries left by a previous run; return how many."""
-        for directory in (self.data_dir, self.incoming_dir, self.quarantine_dir):
+        """Take the data directory for this process, create the directories and remove
+        temporaries left by a previous run; return how many.
+
+        A second daemon started on the same directory (by hand, a second unit) would empty
+        `.incoming/` under the first one's uploads and commit, adopt and sweep beside it with
+        naming locks it does not share: it stops here (DataDirectoryInUse), before touching
+        anything. The lock is the kernel's (flock): it goes with the process, even killed."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._take_data_directory()
+        for directory in (self.incoming_dir, self.quarantine_dir):
             directory.mkdir(parents=True, exist_ok=True)
         leftovers = 0
         for leftover in self.incoming_dir.iterdir():
+            if stat.S_ISDIR(leftover.lstat().st_mode):  # not the daemon's: left alone
+                log.warning("incoming_directory_left", name=repr(leftover.name)[1:-1][:200])
+                continue
             leftover.unlink(missing_ok=True)
             leftovers += 1
         if leftovers:
             fsync_directory(self.incoming_dir)
         return leftovers
+
+    def _take_data_directory(self) -> None:
+        descriptor = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                             0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(descriptor)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise DataDirectoryInUse(
+                    errno.EBUSY, f"the data directory {self.data_dir} is in use by another "
+                    "dqm-daemon") from None
+            raise
+        self._lock_descriptor = descriptor
+
+    def release(self) -> None:
+        """Give the data directory up (the daemon stops)."""
+        if self._lock_descriptor is not None:
+            os.close(self._lock_descriptor)
+            self._lock_descriptor = None
 
     async def writable(self) -> bool:
         """`can_write`, probed at most every WRITE_PROBE_SECONDS: health checks come often, and
@@ -230,6 +270,29 @@ class Storage:
     async def remove_quarantined(self, name: str) -> None:
         await asyncio.to_thread(self._remove_quarantined_sync, name)
 
+    def quarantined_file_names(self) -> list[str]:
+        """The regular files in the quarantine, by name."""
+        names = []
+        with os.scandir(self.quarantine_dir) as entries:
+            for entry in entries:
+                if entry.is_file(follow_symlinks=False):
+                    names.append(entry.name)
+        return names
+
+    def remove_untracked_quarantined(self, name: str, modified_before: float) -> bool:
+        """Remove a regular file of the quarantine last modified before `modified_before`."""
+        path = self.quarantine_dir / name
+        try:
+            status = path.lstat()
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(status.st_mode) or status.st_mtime >= modified_before:
+            return False
+        path.unlink(missing_ok=True)
+        fsync_directory(self.quarantine_dir)
+        log.info("untracked_quarantined_file_removed", file=repr(name)[1:-1][:200])
+        return True
+
     async def rename_quarantined(self, name: str, new_name: str) -> None:
         await asyncio.to_thread(self._rename_quarantined_sync, name, new_name)
 
@@ -260,13 +323,35 @@ class HashingStopped(Exception):
     """`sha256_of_file` was told to stop (the daemon is shutting down)."""
 
 
+def sha256_of_regular_file(path: Path, chunk_bytes: int,
+                           stop: threading.Event | None = None) -> str | None:
+    """`sha256_of_file` of a regular file; None for anything else at `path` (a symlink, a
+    FIFO that would block the read for ever, a directory), which is never taken as a file."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):  # a symlink; a FIFO or socket
+            return None
+        raise
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):  # a directory, a device
+        os.close(descriptor)
+        return None
+    with open(descriptor, "rb") as opened:
+        return _sha256_of_open_file(opened, chunk_bytes, stop, path)
+
+
 def sha256_of_file(path: Path, chunk_bytes: int, stop: threading.Event | None = None) -> str:
     """The file's SHA-256; with `stop`, given up (HashingStopped) as soon as it is set: a
     thread cannot be cancelled, and one hashing tens of GiB would hold up the daemon's exit."""
-    digest = hashlib.sha256()
     with open(path, "rb") as stored:
-        while chunk := stored.read(chunk_bytes):
-            if stop is not None and stop.is_set():
-                raise HashingStopped(str(path))
-            digest.update(chunk)
+        return _sha256_of_open_file(stored, chunk_bytes, stop, path)
+
+
+def _sha256_of_open_file(stored: BinaryIO, chunk_bytes: int, stop: threading.Event | None,
+                         path: Path) -> str:
+    digest = hashlib.sha256()
+    while chunk := stored.read(chunk_bytes):
+        if stop is not None and stop.is_set():
+            raise HashingStopped(str(path))
+        digest.update(chunk)
     return digest.hexdigest()

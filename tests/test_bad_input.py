@@ -657,3 +657,33 @@ async def test_the_quarantine_sweep_never_removes_a_fresh_file_under_a_reused_na
     assert row is not None and row.received_at > "2001"
     assert (data_dir / "quarantine" / fresh["filename"]).read_bytes() == (
         b"not ROOT, the second" * 50)
+
+
+async def test_files_in_quarantine_without_a_row_go_too_and_one_failure_stops_nothing(
+        client, data_dir):
+    """The retention sweep also removes files of the quarantine that have no catalog row
+    (left by a crash while one was set aside, or kept beside as `.stray-…`) once they are as
+    old, never a younger one; and an entry it cannot remove does not stop it."""
+    import os
+
+    app = client.server.app
+    quarantined = data_dir / "quarantine"
+    old, young = quarantined / "EMChistos_1_DQM_2000_01_01_00_00_00.root", quarantined / "x.stray-1"
+    for path in (old, young):
+        path.write_bytes(b"broken bytes")
+    month_ago = time.time() - 40 * 86400
+    os.utime(old, (month_ago, month_ago))
+    status, blocked = await post(client, b"not ROOT, the first" * 50, dqm_headers(run=8))
+    assert status == 400
+    status, second = await post(client, b"not ROOT, the second" * 50, dqm_headers(run=9))
+    assert status == 400
+    with sqlite3.connect(data_dir / "catalog.sqlite3") as catalog:  # both a month and more ago
+        catalog.execute("UPDATE files SET received_at = '2000-01-01T00:00:00.000000Z'")
+    # The oldest row's file cannot be removed (a directory there, put by hand).
+    (quarantined / blocked["filename"]).unlink()
+    (quarantined / blocked["filename"]).mkdir()
+    assert await quarantine.remove_expired(app[CATALOG], app[INGEST], 30,
+                                           datetime.datetime.now(datetime.UTC)) == 1
+    assert not old.exists() and young.exists()
+    assert not (quarantined / second["filename"]).exists()
+    assert await app[CATALOG].get(second["filename"]) is None

@@ -111,6 +111,35 @@ async def test_a_file_placed_but_not_cataloged_is_the_retried_uploads_own(client
         assert body["sha256"] == hashlib.sha256(content).hexdigest()
 
 
+@pytest.mark.parametrize("planted", ["symlink", "fifo", "directory"])
+async def test_a_name_taken_by_something_not_a_file_is_skipped(client, data_dir, tmp_path,
+                                                                planted):
+    """A symlink (even to the very bytes), a FIFO or a directory under an upload's name is not
+    a stored file: the upload goes to the next variant name, as a real file (a symlink's
+    target could vanish; reading a FIFO would hang the name for good)."""
+    import os
+
+    content = write_dqm_file(tmp_path / "a.root").read_bytes()
+    await asyncio.wait_for(client.server.app[INSPECTION_QUEUE].recovery_queued.wait(), 30)
+    name = dqm_filename("EMC", 603, 1_700_000_000)
+    target = tmp_path / "elsewhere.root"
+    target.write_bytes(content)
+    if planted == "symlink":
+        (data_dir / name).symlink_to(target)
+    elif planted == "fifo":
+        os.mkfifo(data_dir / name)
+    else:
+        (data_dir / name).mkdir()
+    response = await asyncio.wait_for(client.post(
+        "/rest/api/files", data=multipart_file(content),
+        headers=dqm_headers(run=603, timestamp=1_700_000_000)), 30)
+    body = await response.json()
+    assert response.status == 200, body
+    assert body["filename"] == name.replace(".root", ".v2.root")
+    stored = data_dir / body["filename"]
+    assert stored.is_file() and not stored.is_symlink() and stored.read_bytes() == content
+
+
 def test_receipt_times_sort_as_text_in_time_order():
     """The catalog orders files by `received_at` as text: every time has its microseconds, so a
     time on a whole second does not sort after the later times of that second."""

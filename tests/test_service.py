@@ -502,6 +502,33 @@ async def test_a_failure_past_every_middleware_is_answered_in_json():
     assert json.loads(body) == {"status": 504, "message": "Gateway Timeout"}
 
 
+async def test_a_second_daemon_on_the_same_data_directory_stops_before_touching_it(
+        tmp_path, daemon):
+    """A second daemon started on a data directory in use (by hand, a second unit) exits 2
+    (no restart by systemd) with one clear line, before it removes the first one's
+    temporaries; the first goes on. Once the first is gone, even killed, it starts."""
+    from .conftest import DaemonProcess
+
+    daemon.start()
+    in_flight = daemon.data_dir / ".incoming" / "an-upload-streaming.part"
+    in_flight.write_bytes(b"half an upload")
+    second = DaemonProcess(daemon.data_dir, tmp_path / "second.log")
+    with pytest.raises(RuntimeError, match="daemon exited"):
+        second.start()
+    assert second.process.wait(timeout=30) == 2
+    lines = [json.loads(line) for line in second.log_path.read_text().splitlines()]
+    assert any(line["event"] == "startup_failed" and "in use by another dqm-daemon"
+               in line["error"] for line in lines), lines
+    assert in_flight.read_bytes() == b"half an upload"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{daemon.url}/healthz") as answer:
+            assert answer.status == 200
+    daemon.kill(signal.SIGKILL)
+    second.start()
+    assert not in_flight.exists()
+    second.kill(signal.SIGTERM)
+
+
 def test_console_logs_on_a_terminal(tmp_path):
     """On a terminal the logs are readable console lines, not JSON."""
     port = DaemonProcess(tmp_path / "d", tmp_path / "log").port

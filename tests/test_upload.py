@@ -16,6 +16,7 @@ import pytest
 import uproot
 
 from dqm_daemon.appkeys import CATALOG
+from dqm_daemon.storage import LOCK_FILE
 
 from .conftest import TOKEN, UPLOADER_NAME, dqm_headers, multipart_file
 from .rootfiles import write_dqm_file
@@ -26,11 +27,13 @@ INVALID = "Successfully received the file, but the file is not valid! Perhaps it
 
 
 def stored_files(data_dir: Path) -> list[str]:
-    """Every file the daemon holds anywhere, temporaries and quarantine included."""
+    """Every file the daemon holds anywhere, temporaries and quarantine included (but its own
+    bookkeeping: the catalog, and the lock on the data directory)."""
     return sorted(
         str(path.relative_to(data_dir))
         for path in data_dir.rglob("*")
         if path.is_file() and not path.name.startswith("catalog.sqlite3")
+        and path.name != LOCK_FILE
     )
 
 

@@ -120,10 +120,24 @@ def short_reason(exc: BaseException) -> str:
     return readable(f"{type(exc).__name__}: {gist[:200]}" if gist else type(exc).__name__)
 
 
+def file_text(text: str) -> str:
+    """A string uproot read from a file, as the check reads them: bytes that are not UTF-8
+    replaced (U+FFFD). uproot keeps them as lone surrogates (`surrogateescape`), which no page,
+    strict JSON parser or header takes (a Latin-1 'µ' in a title made a file's page a 500)."""
+    if text.isascii():
+        return text
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate of another origin
+        raw = text.encode("utf-8", "replace")
+    return raw.decode("utf-8", "replace")
+
+
 def readable(reason: str) -> str:
-    """A reason quotes names from the file, which may hold control characters or run long; it is
-    shown in pages, JSON answers and a response header: printable, and short."""
-    reason = _UNPRINTABLE.sub("?", reason)
+    """A reason quotes names from the file, which may hold control characters, bytes that are
+    not UTF-8 or run long; it is shown in pages, JSON answers and a response header: printable,
+    and short."""
+    reason = _UNPRINTABLE.sub("?", file_text(reason))
     return reason if len(reason) <= MAX_REASON_CHARS else reason[:MAX_REASON_CHARS - 1] + "…"
 
 
@@ -152,8 +166,8 @@ def _walk(directory: Any, prefix: str, objects: list[dict[str, Any]],
     """Append an entry per key (highest cycle), depth first; True if the listing was cut short
     (`chars_left`: what the listing may still hold, shared along the walk)."""
     for key in newest_keys(directory):
-        path = f"{prefix}{key.fName}"
-        entry: dict[str, Any] = {"path": path, "class": key.fClassName,
+        path = f"{prefix}{file_text(key.fName)}"
+        entry: dict[str, Any] = {"path": path, "class": file_text(key.fClassName),
                                  "title": short_title(key.fTitle)}
         chars_left[0] -= len(path) + len(entry["class"]) + len(entry["title"])
         if len(objects) >= MAX_LISTED_OBJECTS or chars_left[0] < 0:

@@ -10,7 +10,15 @@ from typing import Any
 import numpy as np
 import uproot
 
-from .inspection import DIRECTORY_CLASSES, INVALID, OK, newest_keys, readable, short_reason
+from .inspection import (
+    DIRECTORY_CLASSES,
+    INVALID,
+    OK,
+    file_text,
+    newest_keys,
+    readable,
+    short_reason,
+)
 
 # Bin values beyond this are drawn at it: scales computed from them stay finite.
 MAX_DRAWN_VALUE = 1e150
@@ -74,7 +82,7 @@ def _keys_by_path(directory: Any, prefix: str, wanted: set[str], found: dict[str
     """The keys of the wanted object paths, paths built as the analysis lists them (not looked
     up by name: a name may hold '/' or ';', which a lookup reads as a path or a cycle)."""
     for key in newest_keys(directory):
-        path = f"{prefix}{key.fName}"
+        path = f"{prefix}{file_text(key.fName)}"
         if path in wanted and path not in found:
             found[path] = key
         if key.fClassName in DIRECTORY_CLASSES and any(

@@ -13,7 +13,7 @@ import uproot
 from dqm_daemon.app import create_app
 
 from .conftest import FAST_CLOCK, RUN_START, TOKEN, dqm_headers, make_settings
-from .rootfiles import write_one_histogram_file
+from .rootfiles import th1f, write_one_histogram_file
 
 
 async def test_status_json_tells_the_whole_story(control_room):
@@ -269,6 +269,32 @@ async def test_a_failed_analysis_is_shown_to_the_crew(client, tmp_path):
     assert "analysis failed" in status
     listing = await (await client.get("/rest/api/files", headers={"token": TOKEN})).json()
     assert body["filename"] in listing["files"]
+
+
+async def test_names_and_titles_that_are_not_utf8_are_shown_not_a_500(client, tmp_path):
+    """Old macros write Latin-1 ('µ' as the byte 0xB5) into names and titles: the file's page,
+    its JSON twin (strict JSON) and the previews show them with a replacement character."""
+    import json
+
+    from .test_pipeline import analysed, upload
+
+    path = tmp_path / "latin1.root"
+    with uproot.recreate(path, compression=None) as root_file:
+        root_file["hQQ"] = th1f("hQQ", "time (QQs)", [1.0, 2.0, 3.0])
+    content = path.read_bytes().replace(b"QQ", b"\xb5\xb5")  # same length: offsets hold
+    response, body = await upload(client, content)
+    assert response.status == 200, body
+    details = await analysed(client, body["filename"])
+    assert details["analysis"] == "done", details
+    page = await client.get(f"/files/{body['filename']}")
+    assert page.status == 200, await page.text()
+    assert "time (\ufffd\ufffds)" in await page.text()
+    twin = await client.get(f"/files/{body['filename']}.json")
+    assert twin.status == 200
+    data = json.loads((await twin.read()).decode("utf-8"))  # UTF-8 throughout, no lone surrogate
+    name = "h\ufffd\ufffd"
+    assert [entry["path"] for entry in data["file"]["objects"]] == [name]
+    assert data["previews"][name]["values"] == [1.0, 2.0, 3.0]
 
 
 def _th1(name: str, counts: list[float], low: float = 0.0, high: float = 1.0,

@@ -111,14 +111,18 @@ def record_data_status(connection: sqlite3.Connection, agent: str, run: int,
 
 def agents_board(connection: sqlite3.Connection, since_iso: str,
                  limit: int = MAX_BOARD_AGENTS) -> list[dict[str, Any]]:
-    """The agents heard from since `since_iso` (at most `limit`, the latest heard), by name,
-    each with its latest run's start and end. Every name a client ever sent stays in the
-    catalog; the pages and /metrics show the ones at work."""
+    """The agents heard from since `since_iso` (at most `limit`: those in a run first, then
+    the latest heard), by name, each with its latest run's start and end. Every name a client
+    ever sent stays in the catalog; the pages and /metrics show the ones at work. An agent in
+    its run is never crowded out by others sending more lately: the quietest of those is the
+    one the crew must see (silent)."""
     rows = connection.execute(
         "SELECT a.agent, a.last_run, a.last_file, a.last_received_at, a.files,"
         " a.interval_seconds, r.started_at, r.ended_at, r.files AS run_files"
         " FROM agents a LEFT JOIN agent_runs r ON r.agent = a.agent AND r.run = a.last_run"
-        " WHERE a.last_received_at >= ? ORDER BY a.last_received_at DESC LIMIT ?",
+        " WHERE a.last_received_at >= ?"
+        " ORDER BY (r.started_at IS NOT NULL AND r.ended_at IS NULL) DESC,"
+        " a.last_received_at DESC LIMIT ?",
         (since_iso, limit),
     ).fetchall()
     return sorted((dict(row) for row in rows), key=lambda agent: agent["agent"])

@@ -164,6 +164,18 @@ def test_the_agents_board_shows_the_agents_at_work():
     assert len(activity.agents_board(connection, EVER)) == 35
 
 
+def test_an_agent_in_its_run_stays_on_a_full_board():
+    """More agents at work than the board holds: one in its run (started, not ended), quiet
+    for a while, is kept over agents heard from later but in no run: it may be silent."""
+    connection = _catalog()
+    _record(connection, "QUIET", 9, "quiet-1", activity.START_OF_DATA, START)
+    for number in range(3):
+        _record(connection, f"BUSY{number}", 9, f"busy-{number}", 0,
+                START + timedelta(minutes=30 + number))
+    assert [agent["agent"] for agent in activity.agents_board(connection, EVER, 2)] == [
+        "BUSY2", "QUIET"]
+
+
 def test_the_daemon_down_is_no_interval_of_the_agent():
     """An agent sending every minute while the daemon is down for half an hour: that pause is
     the daemon's, so its usual interval stays a minute (else it would count as silent only

@@ -7,7 +7,7 @@ from collections import OrderedDict
 from typing import Any
 
 from .catalog import FileRecord
-from .inspection_pool import InspectorProcess
+from .inspection_pool import ChildStartFailed, InspectorProcess
 from .storage import Storage
 
 # Previews kept in memory, by file content and object path: about this many bytes in all (a 1D
@@ -46,15 +46,21 @@ class Previewer:
                 found[object_path] = cached[0]
         missing = [object_path for object_path in object_paths if object_path not in found]
         if missing:
-            result = await self._inspector.previews(
-                self._storage.path_of(record.name, record.location), missing, MAX_BINS)
+            try:
+                result = await self._inspector.previews(
+                    self._storage.path_of(record.name, record.location), missing, MAX_BINS)
+            except ChildStartFailed as exc:  # the page still shows, saying why
+                result = {"reason": str(exc)}
             read = result.get("previews")
-            if read is None:  # the whole read failed (a crash, the time limit): said, and kept
-                read = {object_path: {"error": result.get("reason", "previews failed")}
-                        for object_path in missing}
-            for object_path, preview in read.items():
-                found[object_path] = preview
-                self._remember((record.sha256, object_path), preview)
+            if read is None:
+                # The whole read failed (the child did not start or crashed, the time limit):
+                # said, but not kept: the next view tries again.
+                for object_path in missing:
+                    found[object_path] = {"error": result.get("reason", "previews failed")}
+            else:
+                for object_path, preview in read.items():
+                    found[object_path] = preview
+                    self._remember((record.sha256, object_path), preview)
         return {object_path: found[object_path] for object_path in object_paths
                 if object_path in found}
 

@@ -393,3 +393,35 @@ async def test_preview_cache_keeps_what_it_counts(tmp_path, monkeypatch):
             assert all(shown[path]["values"][0] == int(record.name[4]) for path in paths)
     finally:
         await cache.close()
+
+
+async def test_previews_that_cannot_be_read_now_are_said_and_read_again_later(tmp_path):
+    """The preview child cannot start (a full process table, an upgrade under way), or the
+    file cannot be read this time: the page's previews say why, nothing fails, and the next
+    view reads them again rather than showing the old failure for as long as the daemon runs."""
+    from dqm_daemon import previewer
+    from dqm_daemon.catalog import IN_DATA_DIR
+    from dqm_daemon.ingest import new_record
+    from dqm_daemon.inspection_pool import InspectorProcess
+    from dqm_daemon.naming import DQMHeaders
+    from dqm_daemon.storage import Storage
+
+    from .rootfiles import th1f
+
+    storage = Storage(make_settings(tmp_path / "data"))
+    storage.prepare()
+    record = new_record("file.root", 1, "sha", DQMHeaders(1, 1, "EMC", 0), "u")
+    unstartable = previewer.Previewer(InspectorProcess(1 << 31, 20.0, ("/bin/false",)), storage)
+    cache = previewer.Previewer(InspectorProcess(1 << 31, 20.0), storage)
+    try:
+        shown = await unstartable.previews(record, ["h"])
+        assert "inspection child" in shown["h"]["error"]
+        shown = await cache.previews(record, ["h"])  # the file is not there yet
+        assert "error" in shown["h"]
+        with uproot.recreate(storage.path_of(record.name, IN_DATA_DIR)) as root_file:
+            root_file["h"] = th1f("h", "h", [1.0, 2.0])
+        shown = await cache.previews(record, ["h"])
+        assert shown["h"]["values"] == [1.0, 2.0]
+    finally:
+        await unstartable.close()
+        await cache.close()

@@ -131,7 +131,7 @@ def agents_board(connection: sqlite3.Connection, since_iso: str,
 def recent_runs(connection: sqlite3.Connection, limit: int) -> list[dict[str, Any]]:
     """The `limit` runs with the most recent activity, newest first. A run's end of data is
     its last agent's, once every agent that started in it has ended (`agents_ended` of
-    `agent_count` says how far it is)."""
+    `agents_started` says how far it is; `agent_count`: every agent that sent in it)."""
     if limit <= 0:
         return []
     latest: list[int] = []  # walking the time index back stops at the `limit`-th run
@@ -147,7 +147,8 @@ def recent_runs(connection: sqlite3.Connection, limit: int) -> list[dict[str, An
         " max(last_received_at) AS last_received_at, min(started_at) AS started_at,"
         " CASE WHEN count(ended_at) > 0 AND count(started_at IS NOT NULL AND ended_at IS NULL"
         "   OR NULL) = 0 THEN max(ended_at) END AS ended_at,"
-        " count(ended_at) AS agents_ended"
+        " count(started_at IS NOT NULL AND ended_at IS NOT NULL OR NULL) AS agents_ended,"
+        " count(started_at) AS agents_started"
         f" FROM agent_runs WHERE run IN ({', '.join('?' * len(latest))})"
         " GROUP BY run ORDER BY max(last_received_at) DESC",
         latest,

@@ -109,9 +109,12 @@ def test_recent_runs_keep_every_run_and_end_only_when_every_agent_ended():
         at += timedelta(seconds=1)
         _record(connection, f"X{index}", 600, f"X{index}-600", 1, at)
     _record(connection, "X0", 600, "X0-600-end", 2, at + timedelta(seconds=1))
+    _record(connection, "Y", 600, "Y-600", 0, at)  # sends in the run, never started it
     runs = {row["run"]: row for row in activity.recent_runs(connection, 12)}
     assert set(runs) == {500, 600}
     assert runs[600]["ended_at"] is None and runs[600]["agents_ended"] == 1
+    # "1 of 241 agents": of those that started it (as the status page words it)
+    assert (runs[600]["agents_started"], runs[600]["agent_count"]) == (241, 242)
     for agent in ("A", "B", "C"):
         _record(connection, agent, 500, f"{agent}-500-end", 2, at + timedelta(seconds=2))
     runs = {row["run"]: row for row in activity.recent_runs(connection, 12)}

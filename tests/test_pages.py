@@ -39,6 +39,7 @@ async def test_status_json_tells_the_whole_story(control_room):
     assert runs[100]["files"] == 4 and runs[100]["started_at"]
     # TPC ended run 100, EMC (started, silent) did not: the run has not ended.
     assert runs[100]["ended_at"] is None and runs[100]["agents_ended"] == 1
+    assert runs[100]["agents_started"] == 2
     assert runs[101]["files"] == 2
     assert status["inspection"]["workers_running"] == status["inspection"]["workers"] == 2
     assert status["disk"]["free_bytes"] > 0 and status["version"]

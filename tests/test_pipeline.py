@@ -129,6 +129,14 @@ async def test_findings_against_previous_file_of_agent_and_run(client, tmp_path)
     assert findings["histograms_became_empty"]["objects"] == ["occupancy"]
     assert findings["entries_went_backwards"]["entries"]["rate"] == [15, 3]
     assert findings["objects_disappeared"]["previous_file"] == first_body["filename"]
+    # Lists of files (a run's, the latest) carry the findings' count and kinds; the findings
+    # themselves, with their lists of objects, are the file's own page's.
+    run = (await info(client, second_body["filename"]))["run"]
+    run_files = {row["name"]: row
+                 for row in (await (await client.get(f"/runs/{run}.json")).json())["files"]}
+    listed = run_files[second_body["filename"]]
+    assert listed["findings_count"] == len(findings) and "findings" not in listed
+    assert sorted(listed["finding_kinds"]) == sorted(findings)
 
 
 async def test_a_file_analysed_late_becomes_its_successors_previous_file(client, tmp_path):

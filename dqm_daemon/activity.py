@@ -32,13 +32,13 @@ CREATE TABLE IF NOT EXISTS agents (
     files             INTEGER NOT NULL,
     interval_seconds  REAL        -- usual time between its files (moving average)
 );
+CREATE INDEX IF NOT EXISTS agents_by_time ON agents (last_received_at);
 """
 
 START_OF_DATA, END_OF_DATA = 1, 2
 # Weight of the newest interval in the moving average of an agent's usual interval.
 INTERVAL_SMOOTHING = 0.3
-# Queries never return more rows than these.
-MAX_RUN_FILES = 5000
+# Queries never return more rows than this.
 MAX_BOARD_AGENTS = 200
 # The agents board shows agents heard from within this many days.
 BOARD_AGENT_DAYS = 7

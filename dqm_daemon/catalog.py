@@ -394,10 +394,14 @@ class Catalog:
 
         return await self._read_if_readable(snapshot)
 
-    async def run_files(self, run: int, limit: int) -> list[FileRecord]:
-        """One run's files by agent and time."""
-        return await self._records("run = ? ORDER BY agent, timestamp, received_at LIMIT ?",
-                                   (run, limit))
+    async def run_files(self, run: int, limit: int) -> tuple[list[FileRecord], bool]:
+        """One run's latest `limit` files (by arrival), by agent and time, and whether it has
+        more: a long run shows its latest files of every agent, not the first agents' all."""
+        latest = await self._records("run = ? ORDER BY received_at DESC LIMIT ?",
+                                     (run, limit + 1))
+        shown = sorted(latest[:limit],
+                       key=lambda record: (record.agent, record.timestamp, record.received_at))
+        return shown, len(latest) > limit
 
     async def get(self, name: str, *, with_objects: bool = False) -> FileRecord | None:
         columns = "*" if with_objects else _SUMMARY_COLUMNS

@@ -426,3 +426,26 @@ async def test_previews_that_cannot_be_read_now_are_said_and_read_again_later(tm
     finally:
         await unstartable.close()
         await cache.close()
+
+
+async def test_a_long_runs_page_shows_its_latest_files_of_every_agent(client, tmp_path,
+                                                                        monkeypatch):
+    """A run with more files than its page lists shows the latest ones, by agent and time
+    (not the alphabetically first agents' all), and says so only when files are left out."""
+    from dqm_daemon.handlers import pages
+
+    from .test_pipeline import upload
+
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    names = []
+    for agent, timestamp in (("AAA", 1000), ("AAA", 1100), ("ZZZ", 1200), ("ZZZ", 1300)):
+        response, body = await upload(client, content, agent=agent, run=77, timestamp=timestamp)
+        assert response.status == 200, body
+        names.append(body["filename"])
+    monkeypatch.setattr(pages, "MAX_RUN_FILES", 4)
+    twin = await (await client.get("/runs/77.json")).json()
+    assert [row["name"] for row in twin["files"]] == names and twin["files_truncated"] is False
+    monkeypatch.setattr(pages, "MAX_RUN_FILES", 3)
+    twin = await (await client.get("/runs/77.json")).json()
+    assert [row["name"] for row in twin["files"]] == names[1:] and twin["files_truncated"]
+    assert "(the latest 3)" in await (await client.get("/runs/77")).text()

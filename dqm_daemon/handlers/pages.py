@@ -22,6 +22,7 @@ from ..status import file_summary, status_report
 DataBuilder = Callable[[web.Request], Awaitable[dict[str, Any]]]
 PREVIEWED_CLASSES = ("TH1", "TH2", "TProfile")
 DEFAULT_PREVIEWS, MAX_PREVIEWS = 24, 200
+# A run page lists its latest files up to this many (by agent and time).
 MAX_RUN_FILES = 5000
 # Objects a file page lists (a file may hold 100,000): the rest are in /rest/api/files/X/info.
 MAX_PAGE_OBJECTS = 2000
@@ -64,7 +65,7 @@ async def file_data(request: web.Request) -> dict[str, Any]:
 async def run_data(request: web.Request) -> dict[str, Any]:
     run = bounded_integer(request.match_info["run"], "Run number", MAX_RUN_NUMBER)
     catalog = request.app[CATALOG]
-    files = await catalog.run_files(run, MAX_RUN_FILES)
+    files, truncated = await catalog.run_files(run, MAX_RUN_FILES)
     agents = await catalog.view(activity.run_agents, run)
     if not files and not agents:
         raise web.HTTPNotFound(text=f"No files for run {run}")
@@ -72,7 +73,7 @@ async def run_data(request: web.Request) -> dict[str, Any]:
         "run": run,
         "agents": agents,
         "files": [file_summary(record) for record in files],
-        "files_truncated": len(files) == MAX_RUN_FILES,
+        "files_truncated": truncated,
         "pending": sum(record.state == PENDING for record in files),
     }
 

@@ -25,6 +25,7 @@ def _estimated_bytes(preview: dict[str, Any]) -> int:
     count = sum(len(row) for row in values) if preview.get("dimensions") == 2 else len(values)
     texts = [preview.get("title", ""), preview.get("error", "")]
     texts += [axis.get("title", "") for axis in preview.get("axes", [])]
+    count += sum(len(axis.get("edges") or ()) for axis in preview.get("axes", []))
     return BYTES_PER_PREVIEW + BYTES_PER_VALUE * count + sum(len(text) for text in texts)
 
 

@@ -40,6 +40,22 @@ def _coarsen(values: np.ndarray, axis: int, max_bins: int, average: bool) -> np.
     return merged
 
 
+def _variable_edges(edges: np.ndarray, bins: int, shown_bins: int) -> list[float] | None:
+    """The edges of the shown (coarsened) bins of an axis whose bins differ in width, to draw
+    each where it lies; None for equal bins (drawn evenly), or edges a file got wrong (not
+    finite, not increasing: drawn evenly too)."""
+    if len(edges) != bins + 1 or bins < 2:
+        return None
+    widths = np.diff(edges)
+    if not (np.all(np.isfinite(edges)) and np.all(widths > 0)):
+        return None
+    if np.allclose(widths, widths[0], rtol=1e-6, atol=0.0):
+        return None
+    factor = math.ceil(bins / shown_bins)
+    return [float(edge) for edge in edges[::factor]] + (
+        [float(edges[-1])] if bins % factor else [])
+
+
 def _axis_title(histogram: Any, index: int) -> str:
     axis = histogram.axes[index]
     return readable(str(axis.member("fTitle"))) if hasattr(axis, "member") else ""
@@ -61,14 +77,18 @@ def histogram_preview(histogram: Any, max_bins: int) -> dict[str, Any] | None:
                      -MAX_DRAWN_VALUE, MAX_DRAWN_VALUE)
     axes = []
     for index in range(dimensions):
-        edges = histogram.axes[index].edges()
+        edges = np.asarray(histogram.axes[index].edges(), dtype=np.float64)
         low, high = float(edges[0]), float(edges[-1])
         if not (math.isfinite(low) and math.isfinite(high) and low < high
                 and math.isfinite(high - low)):
             raise ValueError(f"axis {index + 1} runs from {low} to {high}: nothing to draw")
+        bins = values.shape[index]
         values = _coarsen(values, index, max_bins, average=is_profile)
-        axes.append({"low": low, "high": high,
-                     "bins": int(values.shape[index]), "title": _axis_title(histogram, index)})
+        axis = {"low": low, "high": high, "bins": int(values.shape[index]),
+                "title": _axis_title(histogram, index)}
+        if variable := _variable_edges(edges, bins, int(values.shape[index])):
+            axis["edges"] = variable
+        axes.append(axis)
     return {
         "title": readable(str(histogram.title)),  # a file's titles may run to megabytes
         "class": histogram.classname,

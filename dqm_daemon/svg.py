@@ -65,6 +65,16 @@ def _svg(parts: list[str], label: str) -> Markup:
     )
 
 
+def _bin_bounds(axis: dict[str, Any], count: int, length: float) -> list[float]:
+    """Where each of `count` bins starts along a plot side of `length`, and where the last
+    ends: evenly, or by the axis's `edges` when its bins differ in width."""
+    edges = axis.get("edges")
+    if edges is not None and len(edges) == count + 1:
+        span = (axis["high"] - axis["low"]) or 1
+        return [(edge - axis["low"]) / span * length for edge in edges]
+    return [index * length / max(count, 1) for index in range(count + 1)]
+
+
 def step_line(preview: dict[str, Any]) -> Markup:
     values: list[float] = preview["values"]
     (axis,) = preview["axes"]
@@ -72,7 +82,7 @@ def step_line(preview: dict[str, Any]) -> Markup:
     y_low = min(0.0, min(values, default=0.0))
     y_high = max(values, default=0.0) or 1.0
     y_high = y_high * 1.05 if y_high > 0 else y_high
-    bin_width = PLOT_WIDTH / max(len(values), 1)
+    bounds = _bin_bounds(axis, len(values), PLOT_WIDTH)
 
     def y_of(value: float) -> float:
         return TOP + PLOT_HEIGHT - (value - y_low) / ((y_high - y_low) or 1) * PLOT_HEIGHT
@@ -80,8 +90,8 @@ def step_line(preview: dict[str, Any]) -> Markup:
     points = [f"{LEFT:.1f},{y_of(0 if y_low <= 0 <= y_high else y_low):.1f}"]
     for index, value in enumerate(values):
         y = y_of(value)
-        points.append(f"{LEFT + index * bin_width:.1f},{y:.1f}")
-        points.append(f"{LEFT + (index + 1) * bin_width:.1f},{y:.1f}")
+        points.append(f"{LEFT + bounds[index]:.1f},{y:.1f}")
+        points.append(f"{LEFT + bounds[index + 1]:.1f},{y:.1f}")
     parts = _frame(preview["title"], axis["title"], "entries" if "Profile" not in preview["class"]
                    else "mean", (low, high), (y_low, y_high))
     parts.append(f'<polyline class="step" points="{" ".join(points)}"/>')
@@ -103,8 +113,8 @@ def heat_map(preview: dict[str, Any]) -> Markup:
     flat = [value for column in values for value in column]
     lowest, highest = min(flat, default=0.0), max(flat, default=0.0)
     spread = (highest - lowest) or 1.0
-    cell_width = PLOT_WIDTH / max(len(values), 1)
-    cell_height = PLOT_HEIGHT / max(len(values[0]) if values else 1, 1)
+    x_bounds = _bin_bounds(x_axis, len(values), PLOT_WIDTH)
+    y_bounds = _bin_bounds(y_axis, len(values[0]) if values else 0, PLOT_HEIGHT)
     parts = _frame(preview["title"], x_axis["title"], y_axis["title"],
                    (x_axis["low"], x_axis["high"]), (y_axis["low"], y_axis["high"]))
     cells = []
@@ -112,10 +122,12 @@ def heat_map(preview: dict[str, Any]) -> Markup:
         for y_index, value in enumerate(column):
             if value == 0:
                 continue  # empty cells stay background: the eye reads them as "nothing"
-            x = LEFT + x_index * cell_width
-            y = TOP + PLOT_HEIGHT - (y_index + 1) * cell_height
-            cells.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{cell_width + 0.3:.1f}" '
-                         f'height="{cell_height + 0.3:.1f}" fill="{_heat_colour((value - lowest) / spread)}"/>')
+            x = LEFT + x_bounds[x_index]
+            y = TOP + PLOT_HEIGHT - y_bounds[y_index + 1]
+            width = x_bounds[x_index + 1] - x_bounds[x_index]
+            height = y_bounds[y_index + 1] - y_bounds[y_index]
+            cells.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{width + 0.3:.1f}" '
+                         f'height="{height + 0.3:.1f}" fill="{_heat_colour((value - lowest) / spread)}"/>')
     parts.insert(2, f'<g class="cells">{"".join(cells)}</g>')
     parts.append(f'<text class="tick-label" x="{WIDTH - RIGHT}" y="16" text-anchor="end">'
                  f'z: {_number(lowest)} … {_number(highest)}</text>')

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import re
 
 import numpy as np
@@ -449,3 +450,40 @@ async def test_a_long_runs_page_shows_its_latest_files_of_every_agent(client, tm
     twin = await (await client.get("/runs/77.json")).json()
     assert [row["name"] for row in twin["files"]] == names[1:] and twin["files_truncated"]
     assert "(the latest 3)" in await (await client.get("/runs/77")).text()
+
+
+async def test_bins_of_different_widths_are_drawn_where_they_lie(client, tmp_path):
+    """A histogram binned [0, 1, 10, 100] (as for energies): each bin is drawn over its own
+    range of the axis, not spread evenly; evenly binned ones carry no edges."""
+    from dqm_daemon import svg
+
+    from .test_pipeline import analysed, upload
+
+    path = tmp_path / "variable.root"
+    with uproot.recreate(path) as root_file:
+        root_file["energy"] = np.histogram([0.5, 5.0, 5.0, 50.0], bins=[0.0, 1.0, 10.0, 100.0])
+        root_file["even"] = np.histogram([0.5, 5.0], bins=4, range=(0.0, 8.0))
+        root_file["map"] = np.histogram2d([0.5, 3.0], [0.5, 50.0], bins=[[0.0, 1.0, 4.0],
+                                                                         [0.0, 10.0, 100.0]])
+    response, body = await upload(client, path.read_bytes())
+    assert response.status == 200, body
+    await analysed(client, body["filename"])
+    previews = (await (await client.get(f"/files/{body['filename']}.json")).json())["previews"]
+    assert previews["energy"]["axes"][0]["edges"] == [0.0, 1.0, 10.0, 100.0]
+    assert previews["energy"]["values"] == [1.0, 2.0, 1.0]
+    assert "edges" not in previews["even"]["axes"][0]
+    assert [axis["edges"] for axis in previews["map"]["axes"]] == [[0.0, 1.0, 4.0],
+                                                                  [0.0, 10.0, 100.0]]
+    drawn = str(svg.draw(previews["energy"]))
+    points = re.search(r'class="step" points="([^"]*)"', drawn).group(1).split()
+    xs = sorted({float(point.split(",")[0]) for point in points})
+    plot_x = [round((x - svg.LEFT) / svg.PLOT_WIDTH, 2) for x in xs]
+    assert plot_x == [0.0, 0.01, 0.1, 1.0]  # the bin edges, in axis units over 0–100
+    page = await (await client.get(f"/files/{body['filename']}")).text()
+    assert page.count("<svg") == 3
+    # 301 edges of 300 bins, merged three by three to 100 shown: their edges are kept.
+    from dqm_daemon.previews import _variable_edges
+
+    shown = _variable_edges(np.geomspace(1.0, 1000.0, 301), 300, 100)
+    assert len(shown) == 101 and (shown[0], shown[-1]) == (1.0, 1000.0)
+    assert all(low < high for low, high in itertools.pairwise(shown))

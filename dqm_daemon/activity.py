@@ -33,6 +33,25 @@ CREATE TABLE IF NOT EXISTS agents (
     interval_seconds  REAL        -- usual time between its files (moving average)
 );
 CREATE INDEX IF NOT EXISTS agents_by_time ON agents (last_received_at);
+-- How many files are in each state, kept by the catalog itself as rows change: /metrics reads
+-- them at every scrape, and counting millions of rows took 0.2 s of the reader's time.
+CREATE TABLE IF NOT EXISTS file_states (
+    state TEXT PRIMARY KEY,
+    files INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS file_states_on_insert AFTER INSERT ON files BEGIN
+    INSERT INTO file_states VALUES (NEW.state, 1)
+        ON CONFLICT (state) DO UPDATE SET files = files + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS file_states_on_delete AFTER DELETE ON files BEGIN
+    UPDATE file_states SET files = files - 1 WHERE state = OLD.state;
+END;
+CREATE TRIGGER IF NOT EXISTS file_states_on_update AFTER UPDATE OF state ON files
+    WHEN OLD.state IS NOT NEW.state BEGIN
+    UPDATE file_states SET files = files - 1 WHERE state = OLD.state;
+    INSERT INTO file_states VALUES (NEW.state, 1)
+        ON CONFLICT (state) DO UPDATE SET files = files + 1;
+END;
 """
 
 START_OF_DATA, END_OF_DATA = 1, 2
@@ -169,9 +188,17 @@ def count_invalid_since(connection: sqlite3.Connection, since_iso: str) -> int:
     ).fetchone()[0]
 
 
+def count_states_once(connection: sqlite3.Connection) -> None:
+    """A catalog from before `file_states` (its triggers keep it from then on): its files are
+    counted now, once."""
+    if connection.execute("SELECT 1 FROM file_states LIMIT 1").fetchone() is None:
+        connection.execute(
+            "INSERT INTO file_states SELECT state, count(*) FROM files GROUP BY state")
+
+
 def count_by_state(connection: sqlite3.Connection) -> dict[str, int]:
     counts = {"pending": 0, "ok": 0, "invalid": 0}
-    for state, count in connection.execute("SELECT state, count(*) FROM files GROUP BY state"):
+    for state, count in connection.execute("SELECT state, files FROM file_states"):
         counts[state] = count
     return counts
 

@@ -263,6 +263,7 @@ class _Lane:
                 connection.executescript(_SCHEMA)
                 _add_later_columns(connection)
                 connection.executescript(activity.SCHEMA)
+                activity.count_states_once(connection)
             else:
                 connection.execute("PRAGMA query_only=ON")
                 # A first read opens the write-ahead log now. Opened later, after the data

@@ -194,3 +194,48 @@ def test_the_daemon_down_is_no_interval_of_the_agent():
     (after,) = activity.agents_board(connection, EVER)
     assert after["interval_seconds"] == before["interval_seconds"] == 60
     assert after["last_received_at"] == at.isoformat()
+
+
+async def test_files_by_state_are_counted_as_rows_change(tmp_path):
+    """/metrics reads how many files are in each state from counts the catalog keeps as rows
+    are added, checked and removed (not by counting every row at each scrape), and a catalog
+    from before those counts has its files counted once when opened."""
+    from dqm_daemon.catalog import Catalog
+    from dqm_daemon.ingest import new_record
+    from dqm_daemon.naming import DQMHeaders
+
+    path = tmp_path / "catalog.sqlite3"
+
+    def counted(connection: sqlite3.Connection) -> dict[str, int]:
+        actual = {"pending": 0, "ok": 0, "invalid": 0}
+        for state, count in connection.execute("SELECT state, count(*) FROM files GROUP BY state"):
+            actual[state] = count
+        return actual
+
+    catalog = Catalog(path)
+    await catalog.open()
+    for number in range(6):
+        await catalog.add(new_record(f"f{number}.root", 1, f"sha{number}",
+                                     DQMHeaders(number, 1, "EMC", 0), "u"))
+    for number, state, location in ((0, "ok", "data"), (1, "ok", "data"),
+                                    (2, "invalid", "quarantine"), (3, "invalid", "quarantine")):
+        await catalog.record_inspection(f"f{number}.root", state=state, location=location,
+                                        reason=None, received=None, objects_json=None,
+                                        object_count=None, inspection_ms=1.0,
+                                        inspected_at="2026-01-01T00:00:00Z")
+    await catalog.forget_quarantined("f3.root")
+    assert await catalog.view(activity.count_by_state) == {"pending": 2, "ok": 2, "invalid": 1}
+    await catalog.close()
+    with sqlite3.connect(path) as connection:  # as a catalog of an earlier version
+        for trigger in ("insert", "delete", "update"):
+            connection.execute(f"DROP TRIGGER file_states_on_{trigger}")
+        connection.execute("DROP TABLE file_states")
+        connection.execute("UPDATE files SET state = 'ok' WHERE name = 'f4.root'")
+        expected = counted(connection)
+    catalog = Catalog(path)
+    await catalog.open()
+    try:
+        assert await catalog.view(activity.count_by_state) == expected == {
+            "pending": 1, "ok": 3, "invalid": 1}
+    finally:
+        await catalog.close()

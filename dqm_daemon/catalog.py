@@ -114,7 +114,7 @@ class FileRecord:
     analysis_reason: str | None = None
     analysed_at: str | None = None
     analysis_ms: float | None = None
-    # Only filled when asked for (it can be large): see Catalog.get(with_objects=True).
+    # Only filled when asked for (it can be large): see Catalog.objects_excerpt.
     objects: list[dict[str, Any]] | None = None
 
     @classmethod
@@ -130,6 +130,16 @@ class FileRecord:
         # Shallow: the object list can be long, and deep-copying it is wasted work. Every field
         # is in the instance's __dict__ (no slots), in declaration order.
         return dict(self.__dict__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectsExcerpt:
+    """What a file's page shows of its objects (see `Catalog.objects_excerpt`)."""
+
+    record: FileRecord  # with `objects`: the first ones only
+    object_count: int  # all of them
+    drawable_paths: list[str]  # the first drawable histograms' paths
+    drawable_count: int  # all of them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,12 +414,63 @@ class Catalog:
                        key=lambda record: (record.agent, record.timestamp, record.received_at))
         return shown, len(latest) > limit
 
-    async def get(self, name: str, *, with_objects: bool = False) -> FileRecord | None:
-        columns = "*" if with_objects else _SUMMARY_COLUMNS
+    async def with_objects_text(self, name: str) -> tuple[FileRecord, str | None] | None:
+        """A file's row and its objects as the JSON text stored (the info resource sends it
+        as it is: parsing 100,000 objects to encode them again held the event loop a second)."""
+
+        def fetch(connection: sqlite3.Connection) -> tuple[FileRecord, str | None] | None:
+            row = connection.execute(
+                f"SELECT {_SUMMARY_COLUMNS}, objects_json FROM files WHERE name = ?", (name,)
+            ).fetchone()
+            if row is None:
+                return None
+            summary = {key: row[key] for key in row.keys() if key != "objects_json"}
+            return FileRecord.from_row(summary), row["objects_json"]
+
+        return await self._read(fetch)
+
+    async def objects_excerpt(self, name: str, listed: int, drawable: int,
+                              drawable_classes: tuple[str, ...]) -> ObjectsExcerpt | None:
+        """A file's row with its first `listed` objects, how many it has, and the paths of its
+        first `drawable` histograms (interpreted, 1D or 2D, of `drawable_classes`) and how many
+        there are. SQLite walks the stored list (off the interpreter lock); only the excerpt is
+        parsed in Python."""
+        drawn_class = " OR ".join(
+            "json_extract(value, '$.class') GLOB ? || '*'" for _ in drawable_classes)
+        drawable_where = (
+            "json_extract(value, '$.interpreted') = 1 AND json_extract(value, '$.dimensions')"
+            f" IN (1, 2) AND ({drawn_class})")
+
+        def fetch(connection: sqlite3.Connection) -> ObjectsExcerpt | None:
+            row = connection.execute(
+                f"SELECT {_SUMMARY_COLUMNS}, json_array_length(objects_json) AS object_total,"
+                " (SELECT json_group_array(json(value)) FROM (SELECT value FROM"
+                "   json_each(files.objects_json) LIMIT ?)) AS objects_json"
+                " FROM files WHERE name = ?", (listed, name)).fetchone()
+            if row is None:
+                return None
+            record = FileRecord.from_row(
+                {key: row[key] for key in row.keys() if key != "object_total"})
+            drawable_count, paths = 0, []
+            if row["object_total"]:
+                drawable_count = connection.execute(
+                    "SELECT count(*) FROM files, json_each(files.objects_json)"
+                    f" WHERE name = ? AND {drawable_where}",
+                    (name, *drawable_classes)).fetchone()[0]
+                paths = [path for (path,) in connection.execute(
+                    "SELECT json_extract(value, '$.path') FROM files, json_each(files.objects_json)"
+                    f" WHERE name = ? AND {drawable_where} LIMIT ?",
+                    (name, *drawable_classes, drawable))]
+            return ObjectsExcerpt(record, row["object_total"] or 0, paths, drawable_count)
+
+        return await self._read(fetch)
+
+    async def get(self, name: str) -> FileRecord | None:
+        """A file's row, without its objects (see `objects_excerpt`, `with_objects_text`)."""
 
         def fetch(connection: sqlite3.Connection) -> FileRecord | None:
             row = connection.execute(
-                f"SELECT {columns} FROM files WHERE name = ?", (name,)
+                f"SELECT {_SUMMARY_COLUMNS} FROM files WHERE name = ?", (name,)
             ).fetchone()
             return FileRecord.from_row(row) if row else None
 

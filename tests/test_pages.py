@@ -487,3 +487,34 @@ async def test_bins_of_different_widths_are_drawn_where_they_lie(client, tmp_pat
     shown = _variable_edges(np.geomspace(1.0, 1000.0, 301), 300, 100)
     assert len(shown) == 101 and (shown[0], shown[-1]) == (1.0, 1000.0)
     assert all(low < high for low, high in itertools.pairwise(shown))
+
+
+async def test_a_file_page_lists_the_first_objects_and_counts_them_all(client, tmp_path,
+                                                                        monkeypatch):
+    """A file of more objects than its page lists: the page lists the first ones, counts them
+    all, draws the first histograms (a tree among them is not one), and the info resource
+    gives every object."""
+    from dqm_daemon.handlers import pages
+
+    from .rootfiles import th1f
+    from .test_pipeline import analysed, info, upload
+
+    path = tmp_path / "many.root"
+    with uproot.recreate(path) as root_file:
+        root_file["a"] = th1f("a", "a", [1.0])
+        root_file["tree"] = {"x": np.arange(3.0)}
+        for name in ("b", "c", "d"):
+            root_file[name] = th1f(name, name, [2.0, 3.0])
+    response, body = await upload(client, path.read_bytes())
+    assert response.status == 200, body
+    await analysed(client, body["filename"])
+    monkeypatch.setattr(pages, "MAX_PAGE_OBJECTS", 3)
+    twin = await (await client.get(f"/files/{body['filename']}.json?previews=2")).json()
+    assert [entry["path"] for entry in twin["file"]["objects"]] == ["a", "tree", "b"]
+    assert (twin["object_count"], twin["histograms"]) == (5, 4)
+    assert list(twin["previews"]) == ["a", "b"]
+    page = await (await client.get(f"/files/{body['filename']}")).text()
+    assert "The first 3 are listed here" in page
+    details = await info(client, body["filename"])
+    assert [entry["path"] for entry in details["objects"]] == ["a", "tree", "b", "c", "d"]
+    assert details["name"] == body["filename"] and details["analysis"] == "done"

@@ -20,6 +20,7 @@ from ..naming import MAX_RUN_NUMBER, bounded_integer
 from ..status import file_summary, status_report
 
 DataBuilder = Callable[[web.Request], Awaitable[dict[str, Any]]]
+# Histograms drawn on a file's page (interpreted, 1D or 2D) are of these classes.
 PREVIEWED_CLASSES = ("TH1", "TH2", "TProfile")
 DEFAULT_PREVIEWS, MAX_PREVIEWS = 24, 200
 # A run page lists its latest files up to this many (by agent and time).
@@ -32,32 +33,29 @@ async def status_data(request: web.Request) -> dict[str, Any]:
     return await status_report(request.app)
 
 
-def _previewable(entry: dict[str, Any]) -> bool:
-    return (entry.get("interpreted") is True and entry.get("dimensions") in (1, 2)
-            and entry["class"].startswith(PREVIEWED_CLASSES))
-
-
 async def file_data(request: web.Request) -> dict[str, Any]:
     name = request.match_info["filename"]
-    record = await request.app[CATALOG].get(name, with_objects=True)
-    if record is None:
-        raise web.HTTPNotFound(text=f"No such file: {name}")
     wanted = min(bounded_integer(request.query.get("previews", str(DEFAULT_PREVIEWS)),
                                  "Query parameter previews", 2**31), MAX_PREVIEWS)
-    histograms = [entry["path"] for entry in record.objects or [] if _previewable(entry)]
+    excerpt = await request.app[CATALOG].objects_excerpt(name, MAX_PAGE_OBJECTS, wanted,
+                                                         PREVIEWED_CLASSES)
+    if excerpt is None:
+        raise web.HTTPNotFound(text=f"No such file: {name}")
+    record = excerpt.record
     previews = {}
-    if record.state == OK and record.location == IN_DATA_DIR and wanted > 0 and histograms:
-        previews = await request.app[PREVIEWER].previews(record, histograms[:wanted])
+    if (record.state == OK and record.location == IN_DATA_DIR and wanted > 0
+            and excerpt.drawable_paths):
+        previews = await request.app[PREVIEWER].previews(record, excerpt.drawable_paths)
     shown = record.as_dict()
-    shown["objects"] = (record.objects or [])[:MAX_PAGE_OBJECTS]
+    shown["objects"] = record.objects or []
     return {
         "file": shown,
-        "object_count": len(record.objects or []),
+        "object_count": excerpt.object_count,
         "info_url": f"/rest/api/files/{record.name}/info",
         # Nothing changes any more once checked and analysed: the page need not reload.
         "settled": record.state != PENDING and record.analysis != PENDING,
         "download_url": f"/rest/api/files/{record.name}" if record.location == IN_DATA_DIR else None,
-        "histograms": len(histograms),
+        "histograms": excerpt.drawable_count,
         "previews": previews,
     }
 

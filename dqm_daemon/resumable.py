@@ -26,6 +26,9 @@ from .storage import fsync_directory, sha256_of_file
 log = structlog.get_logger(__name__)
 
 PART_SUFFIX, STATE_SUFFIX = ".part", ".json"
+# Touched at every sweep while the daemon runs: at the next start its age is how long the
+# daemon was down, which is not its clients' inactivity.
+ALIVE_FILE = ".alive"
 FINISHED_KEPT = 1000
 
 
@@ -113,8 +116,15 @@ class ResumableUploads:
         return self.directory / f"{upload_id}{STATE_SUFFIX}"
 
     def load(self) -> int:
-        """At start-up: take back the unfinished uploads a previous run left."""
+        """At start-up: take back the unfinished uploads a previous run left. Their idle time
+        goes on from where it stood when the daemon stopped (the daemon's downtime is not their
+        clients' inactivity)."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        now = time.time()
+        try:
+            downtime = max(now - (self.directory / ALIVE_FILE).stat().st_mtime, 0.0)
+        except FileNotFoundError:  # a first start, or a data directory from before
+            downtime = 0.0
         for state_path in self.directory.glob(f"*{STATE_SUFFIX}"):
             upload_id = state_path.stem
             part = self.directory / f"{upload_id}{PART_SUFFIX}"
@@ -134,9 +144,7 @@ class ResumableUploads:
                     offset=min(offset, state["length"]), dqm=DQMHeaders(**state["dqm"]),
                     uploader=state["uploader"],
                     expected_sha256=bytes.fromhex(expected) if expected else None,
-                    # The daemon's downtime is not the client's inactivity: it expires a day
-                    # (the expiry) after this start at the soonest.
-                    last_activity=max(state["last_activity"], time.time()), path=part,
+                    last_activity=min(state["last_activity"] + downtime, now), path=part,
                     metadata=state.get("metadata"))
                 if unverified_from is not None:
                     self._save(upload)  # bytes appended from here on are not in doubt
@@ -146,9 +154,13 @@ class ResumableUploads:
                 state_path.unlink(missing_ok=True)
                 part.unlink(missing_ok=True)
         for leftover in self.directory.iterdir():  # parts without state, half-written states
-            if leftover.stem not in self._uploads:
+            if leftover.stem not in self._uploads and leftover.name != ALIVE_FILE:
                 leftover.unlink(missing_ok=True)
+        self.mark_alive()
         return len(self._uploads)
+
+    def mark_alive(self) -> None:
+        (self.directory / ALIVE_FILE).touch()
 
     def _save(self, upload: ResumableUpload) -> None:
         temporary = self._state_path(upload.upload_id).with_suffix(".tmp")
@@ -259,6 +271,7 @@ class ResumableUploads:
         while True:
             await asyncio.sleep(interval_seconds)
             try:
+                await asyncio.to_thread(self.mark_alive)
                 if committed := await commit_complete():
                     log.info("resumable_uploads_committed", count=committed)
                 await self.sweep_expired()

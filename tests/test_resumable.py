@@ -21,11 +21,18 @@ import numpy as np
 import pytest
 import uproot
 
+from dqm_daemon.resumable import ALIVE_FILE
+
 from .conftest import TOKEN
 from .rootfiles import th1f, write_dqm_file, write_one_histogram_file
 from .test_client import DroppingProxy, run_client
 
 TUS = {"Tus-Resumable": "1.0.0", "token": TOKEN}
+
+
+def unfinished_uploads(data_dir: Path) -> list[str]:
+    """What `.resumable/` holds of uploads (parts, states), not the daemon's heartbeat."""
+    return [path.name for path in (data_dir / ".resumable").iterdir() if path.name != ALIVE_FILE]
 
 
 def _metadata(**values: str) -> str:
@@ -73,7 +80,7 @@ async def test_tuspy_reference_client(tmp_path, daemon):
         async with session.get(f"{daemon.url}/rest/api/files/{name}/info") as answer:
             details = await answer.json()
     assert details["state"] == "ok" and details["uploader"] == "env-token"
-    assert list((daemon.data_dir / ".resumable").iterdir()) == []
+    assert unfinished_uploads(daemon.data_dir) == []
 
 
 @pytest.mark.parametrize("cut_after", [3_000_000, 6_000_000])
@@ -100,7 +107,7 @@ async def test_own_client_resumes_instead_of_restarting(tmp_path, daemon, cut_af
     # Resumed, not restarted: a restart sends the file plus everything before the cut again;
     # a resume only what the daemon had not yet written (at most its socket buffer).
     assert proxy.forwarded < path.stat().st_size + cut_after - 512 * 1024
-    assert list((daemon.data_dir / ".resumable").iterdir()) == []
+    assert unfinished_uploads(daemon.data_dir) == []
 
 
 async def test_head_offset_checksum_lock_and_termination(tmp_path, daemon):
@@ -139,7 +146,7 @@ async def test_head_offset_checksum_lock_and_termination(tmp_path, daemon):
             assert answer.status == 204
         async with session.head(location, headers=TUS) as answer:
             assert answer.status == 404
-    assert list((daemon.data_dir / ".resumable").iterdir()) == []
+    assert unfinished_uploads(daemon.data_dir) == []
     assert list(daemon.data_dir.glob("*.root")) == []
 
 
@@ -159,7 +166,7 @@ async def test_tus_version_and_digest_are_enforced(tmp_path, daemon):
             assert answer.status == 400
             assert "Repr-Digest mismatch" in (await answer.json())["message"]
     assert list(daemon.data_dir.glob("*.root")) == []
-    assert list((daemon.data_dir / ".resumable").iterdir()) == []
+    assert unfinished_uploads(daemon.data_dir) == []
 
 
 async def test_unfinished_uploads_expire_and_count_against_the_reserve(tmp_path, daemon):
@@ -193,7 +200,7 @@ async def test_unfinished_uploads_expire_and_count_against_the_reserve(tmp_path,
                                 headers={"token": TOKEN, "runNumber": "1",
                                          "timeStamp": "1"}) as answer:
             assert answer.status == 200
-    assert list((daemon.data_dir / ".resumable").iterdir()) == []
+    assert unfinished_uploads(daemon.data_dir) == []
 
 
 async def test_an_upload_that_never_started_expires_sooner(tmp_path, daemon):
@@ -230,7 +237,7 @@ async def test_bad_requests_and_leftovers(tmp_path, daemon):
     (resumable / "0123abcd.part").write_bytes(b"half")
     (resumable / "orphan.part").write_bytes(b"no state")
     daemon.start()
-    assert list(resumable.iterdir()) == []
+    assert unfinished_uploads(daemon.data_dir) == []
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{daemon.url}/rest/api/uploads/",
                                 headers={"Tus-Resumable": "1.0.0"}) as answer:
@@ -412,7 +419,7 @@ async def test_an_upload_whose_last_bytes_reached_the_disk_before_a_crash_is_com
                     break
             await asyncio.sleep(0.05)
         assert names == [name]
-    assert list((daemon.data_dir / ".resumable").iterdir()) == []
+    assert unfinished_uploads(daemon.data_dir) == []
 
 
 async def test_a_chunk_cut_by_a_crash_before_its_checksum_was_checked_is_not_kept(
@@ -564,7 +571,7 @@ async def test_an_upload_whose_last_patch_failed_after_its_last_byte_is_committe
         async with session.get(f"{daemon.url}/rest/api/files/{answer.headers['DQM-Filename']}",
                                headers=TUS) as stored:
             assert await stored.read() == content
-    assert list((daemon.data_dir / ".resumable").iterdir()) == []
+    assert unfinished_uploads(daemon.data_dir) == []
 
 
 async def test_the_daemons_downtime_is_not_the_clients_inactivity(tmp_path, daemon):
@@ -579,16 +586,26 @@ async def test_the_daemons_downtime_is_not_the_clients_inactivity(tmp_path, daem
         location = await _create(session, daemon.url, len(content))
         async with await _patch(session, location, 0, content[:1000]) as answer:
             assert answer.status == 204
+        idle = await _create(session, daemon.url, len(content))
+        async with await _patch(session, idle, 0, content[:1000]) as answer:
+            assert answer.status == 204
     daemon.kill(signal.SIGTERM)
-    (state_path,) = (daemon.data_dir / ".resumable").glob("*.json")
-    state = json.loads(state_path.read_text())
-    state["last_activity"] = time.time() - 2 * 86400  # as if the daemon had been off since
-    state_path.write_text(json.dumps(state))
+    # As if the daemon had been off for two days, right after the first upload's last PATCH,
+    # while the second had been idle for a day and a half already when the daemon stopped.
+    stopped = time.time() - 2 * 86400
+    for path, idle_before in ((location, 0), (idle, 1.5 * 86400)):
+        state_path = daemon.data_dir / ".resumable" / f"{path.rsplit('/', 1)[1]}.json"
+        state = json.loads(state_path.read_text())
+        state["last_activity"] = stopped - idle_before
+        state_path.write_text(json.dumps(state))
+    os.utime(daemon.data_dir / ".resumable" / ".alive", (stopped, stopped))
     daemon.start()
     await asyncio.sleep(1.0)  # three sweeps
     async with aiohttp.ClientSession() as session:
         async with session.head(location, headers=TUS) as answer:
             assert (answer.status, answer.headers.get("Upload-Offset")) == (200, "1000")
+        async with session.head(idle, headers=TUS) as answer:
+            assert answer.status == 404  # a day and a half idle, and a restart changes nothing
         async with await _patch(session, location, 1000, content[1000:]) as answer:
             assert answer.status == 204 and "DQM-Filename" in answer.headers
 
@@ -628,3 +645,48 @@ async def test_malformed_patches_are_400_and_head_repeats_the_metadata(tmp_path,
             assert answer.headers["Upload-Metadata"] == metadata
         async with await _patch(session, location, 0, content) as answer:
             assert answer.status == 204 and "DQM-Filename" in answer.headers
+
+
+async def test_a_complete_upload_whose_commit_fails_for_the_disk_stays_and_is_committed(
+        aiohttp_client, data_dir, tmp_path):
+    """The last PATCH's bytes are all in, but storing the file fails for a full disk: 507, and
+    the upload stays whole (HEAD: offset at the length); once the disk has room, the next
+    sweep stores it. Its bytes are never thrown away for a failure that is not theirs."""
+    import errno
+
+    from dqm_daemon.app import create_app
+    from dqm_daemon.appkeys import INGEST
+
+    from .conftest import make_settings
+
+    app = create_app(make_settings(data_dir, resumable_sweep_seconds=0.2))
+    client = await aiohttp_client(app)
+    ingest = app[INGEST]
+    real_commit, failing = ingest.commit, [True]
+
+    async def commit_on_a_full_disk(*args, **kwargs):
+        if failing[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await real_commit(*args, **kwargs)
+
+    ingest.commit = commit_on_a_full_disk
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    headers = {**TUS, "Upload-Length": str(len(content)),
+               "Upload-Metadata": "runNumber MzE=,timeStamp MTcwMDAwMDAwMA=="}
+    async with client.post("/rest/api/uploads/", headers=headers) as answer:
+        location = answer.headers["Location"]
+    async with client.patch(location, data=content, headers={
+            **TUS, "Upload-Offset": "0",
+            "Content-Type": "application/offset+octet-stream"}) as answer:
+        assert answer.status == 507, await answer.text()
+    async with client.head(location, headers=TUS) as answer:
+        assert answer.status == 200
+        assert answer.headers["Upload-Offset"] == str(len(content))
+    failing[0] = False
+    for _ in range(100):
+        async with client.head(location, headers=TUS) as answer:
+            if "DQM-Filename" in answer.headers:
+                break
+        await asyncio.sleep(0.05)
+    name = answer.headers["DQM-Filename"]
+    assert (data_dir / name).read_bytes() == content

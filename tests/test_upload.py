@@ -16,6 +16,7 @@ import pytest
 import uproot
 
 from dqm_daemon.appkeys import CATALOG
+from dqm_daemon.resumable import ALIVE_FILE
 from dqm_daemon.storage import LOCK_FILE
 
 from .conftest import TOKEN, UPLOADER_NAME, dqm_headers, multipart_file
@@ -28,12 +29,12 @@ INVALID = "Successfully received the file, but the file is not valid! Perhaps it
 
 def stored_files(data_dir: Path) -> list[str]:
     """Every file the daemon holds anywhere, temporaries and quarantine included (but its own
-    bookkeeping: the catalog, and the lock on the data directory)."""
+    bookkeeping: the catalog, the lock on the data directory, the resumable uploads' heartbeat)."""
     return sorted(
         str(path.relative_to(data_dir))
         for path in data_dir.rglob("*")
         if path.is_file() and not path.name.startswith("catalog.sqlite3")
-        and path.name != LOCK_FILE
+        and path.name not in (LOCK_FILE, ALIVE_FILE)
     )
 
 

@@ -318,12 +318,20 @@ async def _commit_finished(app: web.Application, upload: ResumableUpload) -> Com
                                            app[INGEST].hashing_stop)
     try:
         check_digests(ExpectedDigests(sha256=upload.expected_sha256), finished.sha256, None)
-        commit = await app[INGEST].commit(finished, upload.dqm, upload.uploader)
-    except HashingStopped:
-        raise  # shutting down: the complete upload stays, committed at the next start
-    except BaseException:
+    except web.HTTPException:  # not the bytes it was created for: never to be stored
         app[RESUMABLE].forget(upload)
         await asyncio.shield(finished.discard())
+        raise
+    # A failure from here on (a full disk, a catalog fault, a shutdown) is not the upload's:
+    # it stays, complete, and the next sweep (or start) commits it; unless its bytes went
+    # with the failed commit (placed, then taken back): then it is gone, as a POST's would be.
+    try:
+        with _disk_full_is_507(upload):
+            commit = await app[INGEST].commit(finished, upload.dqm, upload.uploader)
+    except BaseException:
+        if not await asyncio.to_thread(upload.path.exists):
+            app[RESUMABLE].forget(upload)
+            await asyncio.shield(finished.discard())
         raise
     await finished.discard()  # the sidecar (the part file was linked into place or discarded)
     return commit

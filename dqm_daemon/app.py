@@ -65,16 +65,18 @@ ANALYSIS_NICENESS = 19
 
 async def storage_and_catalog(app: web.Application) -> AsyncIterator[None]:
     leftovers = await asyncio.to_thread(app[STORAGE].prepare)
-    if leftovers:
-        log.info("temporaries_removed", count=leftovers)
-    await app[CATALOG].open()
-    yield
-    # Uploads have ended, or were cancelled and told their threads to stop; a thread may still
-    # need the loop for its last read, so it is waited for off the loop.
-    await asyncio.to_thread(app[UPLOAD_THREADS].shutdown, wait=True)
-    await asyncio.to_thread(app[PAGE_THREAD].shutdown, wait=True)
-    await app[CATALOG].close()
-    app[STORAGE].release()
+    try:  # the data directory is this process's until released, however this ends
+        if leftovers:
+            log.info("temporaries_removed", count=leftovers)
+        await app[CATALOG].open()
+        yield
+        # Uploads have ended, or were cancelled and told their threads to stop; a thread may
+        # still need the loop for its last read, so it is waited for off the loop.
+        await asyncio.to_thread(app[UPLOAD_THREADS].shutdown, wait=True)
+        await asyncio.to_thread(app[PAGE_THREAD].shutdown, wait=True)
+        await app[CATALOG].close()
+    finally:
+        app[STORAGE].release()
 
 
 async def quarantine_retention(app: web.Application) -> AsyncIterator[None]:

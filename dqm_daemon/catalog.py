@@ -457,8 +457,10 @@ class Catalog:
                     "SELECT count(*) FROM files, json_each(files.objects_json)"
                     f" WHERE name = ? AND {drawable_where}",
                     (name, *drawable_classes)).fetchone()[0]
-                paths = [path for (path,) in connection.execute(
-                    "SELECT json_extract(value, '$.path') FROM files, json_each(files.objects_json)"
+                # As JSON text, parsed here: json_extract would turn an escape the JSON holds
+                # (a lone surrogate of an older catalog's row) into bytes no decoder takes.
+                paths = [json.loads(path) for (path,) in connection.execute(
+                    "SELECT value -> '$.path' FROM files, json_each(files.objects_json)"
                     f" WHERE name = ? AND {drawable_where} LIMIT ?",
                     (name, *drawable_classes, drawable))]
             return ObjectsExcerpt(record, row["object_total"] or 0, paths, drawable_count)
@@ -698,6 +700,13 @@ class Catalog:
         params.append(limit)
         return await self._read(lambda connection: [
             FileRecord.from_row(row) for row in connection.execute(query, params)])
+
+    async def invalid_names(self) -> set[str]:
+        """The names of the files found invalid (those of the quarantine): the state's index
+        reads them without a scan of every file."""
+        return await self._read(lambda connection: {
+            name for (name,) in connection.execute(
+                "SELECT name FROM files WHERE state = ?", (INVALID,))})
 
     async def all_names(self) -> set[str]:
         rows = await self._read(

@@ -200,8 +200,9 @@ class Ingest:
         return True
 
     async def untracked_quarantined_files(self) -> list[str]:
-        """Names of the regular files in the quarantine that the catalog has no row for."""
-        known = await self._catalog.all_names()
+        """Names of the regular files in the quarantine that the catalog has no row for (as
+        far as its invalid files tell: `remove_untracked_quarantined` looks again)."""
+        known = await self._catalog.invalid_names()
         on_disk = await asyncio.to_thread(self._storage.quarantined_file_names)
         return [name for name in on_disk if name not in known]
 

@@ -3,6 +3,7 @@ cache bounded by the memory it takes: a stored file never changes, so a preview 
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -14,6 +15,8 @@ from .storage import Storage
 # preview holds up to MAX_BINS values, a 2D one (MAX_BINS / 2) squared, and titles of at most
 # MAX_REASON_CHARS characters).
 CACHED_BYTES = 64 * 1024 * 1024
+# A failed read of a file's previews is said again without a new read for this long.
+FAILED_READ_SECONDS = 300.0
 MAX_BINS = 100
 # What a preview costs in memory, roughly: a float in a list, and the dictionaries around.
 BYTES_PER_VALUE = 32
@@ -35,29 +38,42 @@ class Previewer:
         self._storage = storage
         self._cache: OrderedDict[tuple[str, str], tuple[dict[str, Any], int]] = OrderedDict()
         self._cached_bytes = 0
+        # Whole reads that failed lately: (the error said, until when it is said again).
+        self._failed: dict[tuple[str, str], tuple[dict[str, Any], float]] = {}
 
     async def previews(self, record: FileRecord, object_paths: list[str]) -> dict[str, Any]:
         """Drawable contents of the named histograms of a stored file, by object path (only
         those not already cached are read)."""
         found: dict[str, Any] = {}
+        now = time.monotonic()
+        for key in [key for key, (_, until) in self._failed.items() if until <= now]:
+            del self._failed[key]
         for object_path in object_paths:
             cached = self._cache.get((record.sha256, object_path))
             if cached is not None:
                 self._cache.move_to_end((record.sha256, object_path))
                 found[object_path] = cached[0]
+            elif (failed := self._failed.get((record.sha256, object_path))) is not None:
+                found[object_path] = failed[0]
         missing = [object_path for object_path in object_paths if object_path not in found]
         if missing:
+            child_start_failed = False
             try:
                 result = await self._inspector.previews(
                     self._storage.path_of(record.name, record.location), missing, MAX_BINS)
             except ChildStartFailed as exc:  # the page still shows, saying why
-                result = {"reason": str(exc)}
+                result, child_start_failed = {"reason": str(exc)}, True
             read = result.get("previews")
             if read is None:
                 # The whole read failed (the child did not start or crashed, the time limit):
-                # said, but not kept: the next view tries again.
+                # said, and kept FAILED_READ_SECONDS only (a file that times out would hold the
+                # one preview child at every view; a passing fault must not stay for good).
+                failure = {"error": result.get("reason", "previews failed")}
                 for object_path in missing:
-                    found[object_path] = {"error": result.get("reason", "previews failed")}
+                    found[object_path] = failure
+                    if not child_start_failed:
+                        self._failed[(record.sha256, object_path)] = (
+                            failure, time.monotonic() + FAILED_READ_SECONDS)
             else:
                 for object_path, preview in read.items():
                     found[object_path] = preview

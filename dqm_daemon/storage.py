@@ -141,17 +141,21 @@ class Storage:
         anything. The lock is the kernel's (flock): it goes with the process, even killed."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._take_data_directory()
-        for directory in (self.incoming_dir, self.quarantine_dir):
-            directory.mkdir(parents=True, exist_ok=True)
-        leftovers = 0
-        for leftover in self.incoming_dir.iterdir():
-            if stat.S_ISDIR(leftover.lstat().st_mode):  # not the daemon's: left alone
-                log.warning("incoming_directory_left", name=repr(leftover.name)[1:-1][:200])
-                continue
-            leftover.unlink(missing_ok=True)
-            leftovers += 1
-        if leftovers:
-            fsync_directory(self.incoming_dir)
+        try:
+            for directory in (self.incoming_dir, self.quarantine_dir):
+                directory.mkdir(parents=True, exist_ok=True)
+            leftovers = 0
+            for leftover in self.incoming_dir.iterdir():
+                if stat.S_ISDIR(leftover.lstat().st_mode):  # not the daemon's: left alone
+                    log.warning("incoming_directory_left", name=repr(leftover.name)[1:-1][:200])
+                    continue
+                leftover.unlink(missing_ok=True)
+                leftovers += 1
+            if leftovers:
+                fsync_directory(self.incoming_dir)
+        except BaseException:
+            self.release()
+            raise
         return leftovers
 
     def _take_data_directory(self) -> None:

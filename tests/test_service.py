@@ -778,3 +778,25 @@ async def test_ctrl_c_to_the_process_group_does_not_fail_inspections(tmp_path, d
     daemon.start()
     details = await analysis_of(daemon.url, name)
     assert (details["state"], details["analysis"]) == ("ok", "done"), details
+
+
+async def test_a_start_that_fails_gives_the_data_directory_back(tmp_path):
+    """A start that fails after taking the data directory (its catalog cannot be opened)
+    releases it: the next start in the same process is not refused as a second daemon."""
+    from aiohttp import web
+
+    from dqm_daemon.app import create_app
+    from dqm_daemon.storage import Storage
+
+    from .conftest import make_settings
+
+    settings = make_settings(tmp_path / "data")
+    settings.catalog_path.parent.mkdir(parents=True)
+    settings.catalog_path.mkdir()  # not a file: SQLite cannot open it
+    runner = web.AppRunner(create_app(settings))
+    with pytest.raises(Exception):  # noqa: B017, PT011 (whatever SQLite says)
+        await runner.setup()
+    await runner.cleanup()
+    storage = Storage(settings)
+    storage.prepare()  # DataDirectoryInUse if the failed start still held it
+    storage.release()

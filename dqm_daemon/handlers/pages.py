@@ -87,7 +87,10 @@ def page(template: str, build: DataBuilder) -> Callable[[web.Request], Awaitable
         # the event loop serves uploads and health checks meanwhile.
         text = await asyncio.get_running_loop().run_in_executor(
             request.app[PAGE_THREAD], aiohttp_jinja2.render_string, template, request, context)
-        return web.Response(text=text, content_type="text/html")
+        # A stray lone surrogate (a name of a file analysed by an older version) is a "?", not
+        # a page that cannot be encoded (500).
+        return web.Response(body=text.encode("utf-8", "replace"), content_type="text/html",
+                            charset="utf-8")
 
     return handler
 

@@ -513,20 +513,23 @@ async def test_a_second_daemon_on_the_same_data_directory_stops_before_touching_
     in_flight = daemon.data_dir / ".incoming" / "an-upload-streaming.part"
     in_flight.write_bytes(b"half an upload")
     second = DaemonProcess(daemon.data_dir, tmp_path / "second.log")
-    with pytest.raises(RuntimeError, match="daemon exited"):
+    try:
+        with pytest.raises(RuntimeError, match="daemon exited"):
+            second.start()
+        assert second.process.wait(timeout=30) == 2
+        lines = [json.loads(line) for line in second.log_path.read_text().splitlines()]
+        assert any(line["event"] == "startup_failed" and "in use by another dqm-daemon"
+                   in line["error"] for line in lines), lines
+        assert in_flight.read_bytes() == b"half an upload"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{daemon.url}/healthz") as answer:
+                assert answer.status == 200
+        daemon.kill(signal.SIGKILL)
         second.start()
-    assert second.process.wait(timeout=30) == 2
-    lines = [json.loads(line) for line in second.log_path.read_text().splitlines()]
-    assert any(line["event"] == "startup_failed" and "in use by another dqm-daemon"
-               in line["error"] for line in lines), lines
-    assert in_flight.read_bytes() == b"half an upload"
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{daemon.url}/healthz") as answer:
-            assert answer.status == 200
-    daemon.kill(signal.SIGKILL)
-    second.start()
-    assert not in_flight.exists()
-    second.kill(signal.SIGTERM)
+        assert not in_flight.exists()
+    finally:
+        if second.process is not None and second.process.poll() is None:
+            second.kill(signal.SIGKILL)
 
 
 def test_console_logs_on_a_terminal(tmp_path):

@@ -7,7 +7,9 @@ Every figure starts the real daemon (a subprocess) and drives it from client pro
      file with fsync; benchmarks/baseline_receiver.py), and the daemon's peak RSS above idle;
   2. 16 concurrent 128 MiB uploads: aggregate throughput, in turns with the baseline;
   3. small files (200 histograms, 100 KiB to 2 MB) back to back from 8 clients, including
-     inspection: files per second, in turns with the FastAPI + uvicorn comparator;
+     inspection: files per second, in turns with the FastAPI + uvicorn comparator and with the
+     floor (the leanest aiohttp receiver doing the daemon's promised work, or the comparator's:
+     benchmarks/aiohttp_floor.py);
   4. /status and /healthz latency while 8 large uploads and inspections run;
   5. scaling with file size (64 MiB → 2 GiB) and concurrency (1 → 64): seconds per GiB and RSS.
 --quick divides the sizes by 8 for a fast look (the targets are for the full run).
@@ -83,6 +85,9 @@ class Server:
             config_path.write_text(config)
             command = [PYTHON, "-m", "dqm_daemon", "serve", "--port", str(self.port),
                        "--data-dir", str(self.data_dir), "--config", str(config_path)]
+        elif kind.startswith("floor-"):  # the leanest aiohttp receiver: floor-promised, ...
+            command = [PYTHON, str(HERE / "aiohttp_floor.py"), str(self.port),
+                       str(self.data_dir), "--work", kind.removeprefix("floor-")]
         elif kind == "baseline":
             command = [PYTHON, str(HERE / "baseline_receiver.py"), str(self.port),
                        str(self.data_dir)]
@@ -203,14 +208,22 @@ def write_small_files(directory: Path) -> list[Path]:
     return paths
 
 
+SMALL_FILE_RECEIVERS = ("daemon", "fastapi", "floor-promised", "floor-comparator")
+
+
 def small_files_in_turns(scratch: Path, files: list[Path], uploads: int, turns: int,
                          config: str) -> dict:
     """Files per second, and the receiver's CPU time per file (all its processes, user and
-    system): on two shared cores, the CPU a file costs bounds the rate."""
-    rates = {"daemon": [], "fastapi": []}
-    cpu_ms = {"daemon": [], "fastapi": []}
-    for _ in range(turns):
-        for kind in ("daemon", "fastapi"):
+    system): on two shared cores, the CPU a file costs bounds the rate. Beside the daemon and
+    the comparator, the floor (benchmarks/aiohttp_floor.py) with the daemon's promised work and
+    with the comparator's: what the daemon's promises cost any aiohttp receiver."""
+    rates: dict[str, list[float]] = {kind: [] for kind in SMALL_FILE_RECEIVERS}
+    cpu_ms: dict[str, list[float]] = {kind: [] for kind in SMALL_FILE_RECEIVERS}
+    for turn in range(turns):
+        # Each turn starts with the next receiver: none always runs first, right after the
+        # large uploads' writeback, or always after the same neighbour.
+        shift = turn % len(SMALL_FILE_RECEIVERS)
+        for kind in SMALL_FILE_RECEIVERS[shift:] + SMALL_FILE_RECEIVERS[:shift]:
             server = Server(kind, scratch, config)
             client("multipart", server.port, count=8, concurrency=8, files=[str(files[0])],
                    run_base=50_000)  # warm up (imports, first inspection child)
@@ -222,11 +235,12 @@ def small_files_in_turns(scratch: Path, files: list[Path], uploads: int, turns: 
             assert set(result["statuses"]) == {200}, (kind, set(result["statuses"]))
             rates[kind].append(len(result["statuses"]) / result["seconds"])
             cpu_ms[kind].append(cpu_used / len(result["statuses"]) * 1000)
-    return {"daemon_files_s": statistics.median(rates["daemon"]),
-            "fastapi_files_s": statistics.median(rates["fastapi"]),
-            "daemon_cpu_ms_per_file": statistics.median(cpu_ms["daemon"]),
-            "fastapi_cpu_ms_per_file": statistics.median(cpu_ms["fastapi"]),
-            "sizes_kib": [round(path.stat().st_size / 1024) for path in files],
+    figures: dict = {}
+    for kind in SMALL_FILE_RECEIVERS:
+        key = kind.replace("-", "_")
+        figures[f"{key}_files_s"] = statistics.median(rates[kind])
+        figures[f"{key}_cpu_ms_per_file"] = statistics.median(cpu_ms[kind])
+    return {**figures, "sizes_kib": [round(path.stat().st_size / 1024) for path in files],
             "turns": rates, "cpu_ms_per_file_turns": cpu_ms}
 
 
@@ -336,6 +350,12 @@ def report(results: dict) -> None:
     print(f"| CPU per small file (receiver, all its processes) | "
           f"{small['daemon_cpu_ms_per_file']:.1f} ms | FastAPI "
           f"{small['fastapi_cpu_ms_per_file']:.1f} ms | | |")
+    for work, what in (("promised", "the daemon's promised work"),
+                       ("comparator", "the comparator's work")):
+        rate, cpu = small[f"floor_{work}_files_s"], small[f"floor_{work}_cpu_ms_per_file"]
+        print(f"| floor: lean aiohttp, {what} | {rate:.1f} files/s, {cpu:.1f} ms per file | "
+              f"FastAPI {small['fastapi_files_s']:.1f} files/s | "
+              f"{rate / small['fastapi_files_s']:.0%} | (a bound, no target) |")
     for path in ("/status", "/healthz"):
         print(f"| {path} under load, p50 / p99 | {latency[path]['p50_ms']:.1f} / "
               f"{latency[path]['p99_ms']:.1f} ms | | | p99 < 100 ms |")

@@ -102,6 +102,12 @@ class ResumableUploads:
     def finished_result(self, upload_id: str) -> dict[str, str] | None:
         return self._finished.get(upload_id)
 
+    def expires_at(self, upload: ResumableUpload) -> float:
+        """When an upload left as it is may be removed (unix seconds): its expiry after its last
+        PATCH, or the shorter one after its creation if no byte came."""
+        limit = self.expiry_seconds if upload.offset else self.unstarted_expiry_seconds
+        return upload.last_activity + limit
+
     def reserved_bytes(self) -> int:
         """Bytes promised to unfinished uploads: they count against the free-disk reserve."""
         return sum(upload.remaining for upload in self._uploads.values())
@@ -254,9 +260,8 @@ class ResumableUploads:
         expired = 0
         for upload in list(self._uploads.values()):
             # Checked right before each removal: a PATCH may have started meanwhile.
-            idle = time.time() - upload.last_activity
-            limit = self.expiry_seconds if upload.offset else self.unstarted_expiry_seconds
-            if idle <= limit or upload.lock.locked() or upload.offset == upload.length:
+            if (time.time() <= self.expires_at(upload) or upload.lock.locked()
+                    or upload.offset == upload.length):
                 continue
             await self.terminate(upload)
             expired += 1

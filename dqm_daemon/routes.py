@@ -62,8 +62,9 @@ def setup_routes(app: web.Application, static_dir: Path) -> None:
     # Resumable uploads (tus 1.0.0).
     for collection in ("/rest/api/uploads", "/rest/api/uploads/"):
         route("OPTIONS", collection, tus.options)
-        route("POST", collection, tus.create)
+        route("POST", collection, tus.collection_post)
     route("HEAD", "/rest/api/uploads/{upload_id}", tus.head)
+    route("POST", "/rest/api/uploads/{upload_id}", tus.upload_post)  # X-HTTP-Method-Override
     route("PATCH", "/rest/api/uploads/{upload_id}", tus.patch)
     route("DELETE", "/rest/api/uploads/{upload_id}", tus.terminate)
     # Last, every other path and method. aiohttp answers those itself, but an `Expect` other

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import email.utils
 import hashlib
 import io
 import json
@@ -690,3 +691,91 @@ async def test_a_complete_upload_whose_commit_fails_for_the_disk_stays_and_is_co
         await asyncio.sleep(0.05)
     name = answer.headers["DQM-Filename"]
     assert (data_dir / name).read_bytes() == content
+
+
+def _expires(answer) -> float:
+    """An answer's Upload-Expires as unix seconds (an HTTP date: whole seconds)."""
+    return email.utils.parsedate_to_datetime(answer.headers["Upload-Expires"]).timestamp()
+
+
+async def test_upload_expires_says_when_an_idle_upload_goes(tmp_path, daemon):
+    """tus expiration: the creation, every PATCH that leaves the upload unfinished and HEAD say
+    when the upload goes if its client sends nothing more (the shorter expiry before its first
+    byte, then its expiry after its last PATCH); the finished upload's answer says none. The
+    time said is the sweep's: before it the upload is there, shortly after it is gone."""
+    config = tmp_path / "config.toml"
+    config.write_text("resumable_expiry_seconds = 5\nresumable_unstarted_expiry_seconds = 2\n"
+                      "resumable_sweep_seconds = 0.2\n")
+    daemon.extra_args = ["--config", str(config)]
+    daemon.start()
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    async with aiohttp.ClientSession() as session:
+        async with session.options(f"{daemon.url}/rest/api/uploads/", headers=TUS) as answer:
+            assert "expiration" in answer.headers["Tus-Extension"].split(",")
+        before = time.time()
+        async with session.post(f"{daemon.url}/rest/api/uploads/", headers={
+                **TUS, "Upload-Length": str(len(content)), "runNumber": "31",
+                "timeStamp": "1700000000"}) as answer:
+            assert answer.status == 201
+            location = daemon.url + answer.headers["Location"]
+            assert before + 2 - 1 <= _expires(answer) <= time.time() + 2
+        async with session.head(location, headers=TUS) as answer:
+            assert before + 2 - 1 <= _expires(answer) <= time.time() + 2
+        async with await _patch(session, location, 0, content[:100]) as answer:
+            assert answer.status == 204
+            patched_expiry = _expires(answer)
+            assert time.time() + 5 - 2 <= patched_expiry <= time.time() + 5
+        async with session.head(location, headers=TUS) as answer:
+            assert _expires(answer) == patched_expiry
+        await asyncio.sleep(max(patched_expiry - 1 - time.time(), 0))
+        async with session.head(location, headers=TUS) as answer:
+            assert answer.status == 200  # not yet
+        await asyncio.sleep(max(patched_expiry + 2.5 - time.time(), 0))
+        async with session.head(location, headers=TUS) as answer:
+            assert answer.status == 404  # gone when it said
+        location = await _create(session, daemon.url, len(content))
+        async with await _patch(session, location, 0, content) as answer:
+            assert answer.status == 204 and answer.headers["DQM-State"] == "ok"
+            assert "Upload-Expires" not in answer.headers
+
+
+async def test_x_http_method_override_turns_a_post_into_the_method_it_names(tmp_path, daemon):
+    """tus core: a client behind a proxy that passes only GET and POST sends PATCH, HEAD and
+    DELETE as POSTs naming them in X-HTTP-Method-Override; a POST on an upload naming nothing
+    or another method is refused (405, JSON) and changes nothing."""
+    daemon.start()
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+
+    def override(method: str, **extra: str) -> dict[str, str]:
+        return {**TUS, "X-HTTP-Method-Override": method, **extra}
+
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{daemon.url}/rest/api/uploads/",
+                                headers=override("OPTIONS")) as answer:
+            assert answer.status == 204 and answer.headers["Tus-Version"] == "1.0.0"
+        location = await _create(session, daemon.url, len(content))
+        async with session.post(location, data=content[:1000], headers=override(
+                "PATCH", **{"Upload-Offset": "0",
+                            "Content-Type": "application/offset+octet-stream"})) as answer:
+            assert answer.status == 204 and answer.headers["Upload-Offset"] == "1000"
+        async with session.post(location, headers=override("head")) as answer:
+            assert answer.status == 200 and answer.headers["Upload-Offset"] == "1000"
+        for refused in ({**TUS}, override("GET")):
+            async with session.post(location, data=b"x" * 10, headers=refused) as answer:
+                assert answer.status == 405
+                assert "X-HTTP-Method-Override" in (await answer.json())["message"]
+                assert set(answer.headers["Allow"].split(",")) == {"HEAD", "PATCH", "DELETE"}
+        async with session.head(location, headers=TUS) as answer:
+            assert answer.headers["Upload-Offset"] == "1000"  # nothing appended
+        async with session.post(location, headers=override("DELETE")) as answer:
+            assert answer.status == 204
+        async with session.head(location, headers=TUS) as answer:
+            assert answer.status == 404
+        location = await _create(session, daemon.url, len(content))
+        async with session.post(location, data=content, headers=override(
+                "PATCH", **{"Upload-Offset": "0",
+                            "Content-Type": "application/offset+octet-stream"})) as answer:
+            assert answer.status == 204 and answer.headers["DQM-State"] == "ok"
+            name = answer.headers["DQM-Filename"]
+    assert (daemon.data_dir / name).read_bytes() == content
+    assert unfinished_uploads(daemon.data_dir) == []

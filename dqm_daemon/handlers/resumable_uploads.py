@@ -1,5 +1,5 @@
-"""Resumable uploads under /rest/api/uploads/ (tus 1.0.0: core, creation, checksum and
-termination). A finished upload goes through the same commit, naming, dedup and inspection as
+"""Resumable uploads under /rest/api/uploads/ (tus 1.0.0: core, creation, checksum, expiration
+and termination). A finished upload goes through the same commit, naming, dedup and inspection as
 a POST; the final PATCH answers with the stored file in `DQM-*` headers."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import email.utils
 import errno
 import hashlib
 import re
@@ -22,7 +23,7 @@ from ..cancellation import run_to_the_end
 from ..catalog import FileRecord
 from ..digests import ExpectedDigests, check_digests, expected_digests
 from ..ingest import Commit
-from ..middlewares import UPLOADER
+from ..middlewares import UPLOADER, Handler
 from ..naming import bounded_integer, parse_dqm_headers
 from ..resumable import ResumableUpload, TooManyUnfinished
 from ..storage import WRITEBACK_BYTES, HashingStopped, start_writeback
@@ -36,6 +37,9 @@ UPLOADS_PREFIX = "/rest/api/uploads"
 CHECKSUMS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "md5": hashlib.md5}
 DQM_METADATA = ("runNumber", "timeStamp", "amoreAgent", "dataStatus")
 OFFSET_CONTENT_TYPE = "application/offset+octet-stream"
+# tus core: a POST carrying it is a request of the method it names (for clients behind proxies
+# that pass only GET and POST).
+METHOD_OVERRIDE = "X-HTTP-Method-Override"
 _NOT_HEADER_TEXT = re.compile(r"[^\x20-\x7e]")
 
 
@@ -95,6 +99,12 @@ def _upload(request: web.Request) -> ResumableUpload:
     return upload
 
 
+def _expiry(request: web.Request, upload: ResumableUpload) -> dict[str, str]:
+    """tus expiration: when the unfinished upload goes if its client sends nothing more."""
+    expires_at = request.app[RESUMABLE].expires_at(upload)
+    return {"Upload-Expires": email.utils.formatdate(expires_at, usegmt=True)}
+
+
 def _file_headers(record: FileRecord) -> dict[str, str]:
     headers = {"DQM-Filename": record.name, "DQM-Sha256": record.sha256, "DQM-State": record.state,
                "DQM-Info": f"/rest/api/files/{record.name}/info"}
@@ -106,7 +116,7 @@ def _file_headers(record: FileRecord) -> dict[str, str]:
 async def options(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     return web.Response(status=204, headers={
-        **TUS, "Tus-Version": TUS_VERSION, "Tus-Extension": "creation,checksum,termination",
+        **TUS, "Tus-Version": TUS_VERSION, "Tus-Extension": "creation,checksum,expiration,termination",
         "Tus-Max-Size": str(settings.max_upload_bytes),
         "Tus-Checksum-Algorithm": ",".join(CHECKSUMS)})
 
@@ -138,7 +148,7 @@ async def create(request: web.Request) -> web.Response:
     log.info("resumable_upload_created", upload_id=upload.upload_id, length=length,
              agent=dqm.agent, run=dqm.run_number)
     return web.Response(status=201, headers={
-        **TUS, "Location": f"/rest/api/uploads/{upload.upload_id}"})
+        **TUS, "Location": f"/rest/api/uploads/{upload.upload_id}", **_expiry(request, upload)})
 
 
 async def head(request: web.Request) -> web.Response:
@@ -151,7 +161,7 @@ async def head(request: web.Request) -> web.Response:
     metadata = {"Upload-Metadata": upload.metadata} if upload.metadata else {}
     return web.Response(status=200, headers={
         **TUS, "Cache-Control": "no-store", "Upload-Offset": str(upload.offset),
-        "Upload-Length": str(upload.length), **metadata})
+        "Upload-Length": str(upload.length), **metadata, **_expiry(request, upload)})
 
 
 def _chunk_checksum(request: web.Request) -> tuple[Any, bytes] | None:
@@ -285,6 +295,8 @@ async def patch(request: web.Request) -> web.Response:
                       if upload.offset == upload.length else None)
         if commit is not None:  # ...and its check awaited outside it, like a POST
             headers.update(await _answer_finished(request, upload, commit))
+        else:
+            headers.update(_expiry(request, upload))
     return web.Response(status=204, headers=headers)
 
 
@@ -391,3 +403,28 @@ async def terminate(request: web.Request) -> web.Response:
         raise HTTPLocked(text="A PATCH is writing to this upload", headers=TUS)
     await request.app[RESUMABLE].terminate(upload)
     return web.Response(status=204, headers=TUS)
+
+
+async def collection_post(request: web.Request) -> web.StreamResponse:
+    """POST on the collection: a creation, or the method X-HTTP-Method-Override names."""
+    return await _overridden(request, {"POST": create, "OPTIONS": options}, create)
+
+
+async def upload_post(request: web.Request) -> web.StreamResponse:
+    """POST on an upload: the method X-HTTP-Method-Override names (HEAD, PATCH or DELETE)."""
+    return await _overridden(request, {"HEAD": head, "PATCH": patch, "DELETE": terminate})
+
+
+async def _overridden(request: web.Request, handlers: dict[str, Handler],
+                      plain_post: Handler | None = None) -> web.StreamResponse:
+    named = request.headers.get(METHOD_OVERRIDE)
+    if named is None and plain_post is not None:
+        return await plain_post(request)
+    handler = handlers.get((named or "").strip().upper())
+    if handler is None:
+        allowed = " or ".join(", ".join(handlers).rsplit(", ", 1))
+        raise web.HTTPMethodNotAllowed(
+            request.method, list(handlers), headers=TUS,
+            text=f"{METHOD_OVERRIDE} must name {allowed} here")
+    structlog.contextvars.bind_contextvars(method_override=(named or "").strip().upper())
+    return await handler(request)

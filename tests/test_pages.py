@@ -198,6 +198,17 @@ async def test_run_page(control_room):
     assert files["tpc_end"]["filename"] in html and "Run 100" in html
 
 
+async def test_file_counts_say_that_they_include_invalid_files(control_room):
+    """TRD's one file of run 101 is invalid: it counts among the files received, and the
+    columns that count it say so."""
+    client, _ = control_room
+    twin = await (await client.get("/runs/101.json")).json()
+    assert {agent["agent"]: agent["files"] for agent in twin["agents"]}["TRD"] == 1
+    included = 'title="files received, invalid (quarantined) ones included">files</th>'
+    assert included in await (await client.get("/runs/101")).text()
+    assert (await (await client.get("/status")).text()).count(included) == 2  # agents, runs
+
+
 @pytest.mark.parametrize(("previews", "status"), [("x", 400), ("1_0", 400), ("-1", 400),
                                                   ("\uff12", 400), ("1000", 200), ("0", 200)])
 async def test_the_previews_parameter(control_room, previews, status):

@@ -95,6 +95,12 @@ class DaemonProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
+    def configure(self, toml_text: str) -> None:
+        """Start (and restart) with this config file, written beside the data directory."""
+        config = self.data_dir.parent / "config.toml"
+        config.write_text(toml_text)
+        self.extra_args = ["--config", str(config)]
+
     def start(self, timeout: float = 30.0) -> DaemonProcess:
         environment = dict(os.environ, DQM_DAEMON_TOKEN=TOKEN, **self.extra_env)
         with open(self.log_path, "ab") as log_file:

@@ -552,9 +552,7 @@ async def test_silent_and_stalled_clients_are_let_go(tmp_path, daemon):
     """A connection that never sends a request, and a client that stops taking its download,
     are closed after the read timeout: neither holds a descriptor (socket, open file) or the
     answer's memory for ever. The kernel's abort of the stalled one is no error in the log."""
-    config = tmp_path / "config.toml"
-    config.write_text("read_timeout_seconds = 2\n")
-    daemon.extra_args = ["--config", str(config)]
+    daemon.configure("read_timeout_seconds = 2\n")
     daemon.start()
     path = tmp_path / "noise.root"
     with uproot.recreate(path) as root_file:  # random contents: 24 MB

@@ -89,9 +89,7 @@ async def test_token_from_a_file_never_from_the_command_line(tmp_path, daemon):
 
 async def test_retries_through_503_honouring_retry_after(tmp_path, daemon):
     """While the daemon is full the client waits as told and then succeeds, once."""
-    config = tmp_path / "config.toml"
-    config.write_text("max_concurrent_uploads = 1\nretry_after_seconds = 1\n")
-    daemon.extra_args = ["--config", str(config)]
+    daemon.configure("max_concurrent_uploads = 1\nretry_after_seconds = 1\n")
     daemon.start()
     blocker = write_one_histogram_file(tmp_path / "blocker.root").read_bytes()
     release = asyncio.Event()
@@ -296,9 +294,7 @@ class StallingProxy(LoopbackProxy):
 async def test_a_stalled_link_answered_408_is_retried(tmp_path, daemon, resume_above):
     """The daemon gives up on an upload whose bytes stop coming (408, its read timeout); the
     client sends again (resumes, on the resumable path) and the file is stored once."""
-    config = tmp_path / "config.toml"
-    config.write_text("read_timeout_seconds = 1\n")
-    daemon.extra_args = ["--config", str(config)]
+    daemon.configure("read_timeout_seconds = 1\n")
     daemon.start()
     path = tmp_path / "big.root"
     path.write_bytes(write_one_histogram_file(tmp_path / "h.root").read_bytes()

@@ -86,9 +86,7 @@ def test_a_start_that_fails_says_why_in_one_log_line(tmp_path):
 
 async def test_config_tokens_name_uploaders_and_never_leak(tmp_path, daemon):
     """Tokens from the config file work; logs name the uploader, never the token."""
-    config = tmp_path / "config.toml"
-    config.write_text('[tokens]\nemc-shifter = "config-secret-1"\ntpc-agent = "config-secret-2"\n')
-    daemon.extra_args = ["--config", str(config)]
+    daemon.configure('[tokens]\nemc-shifter = "config-secret-1"\ntpc-agent = "config-secret-2"\n')
     daemon.start()
     content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
     async with aiohttp.ClientSession() as session:
@@ -183,9 +181,7 @@ async def test_two_gib_upload_in_bounded_memory(tmp_path, daemon):
 async def test_kill_with_inspections_pending_then_restart_finishes_them(tmp_path, daemon):
     """Files acknowledged while checks and analyses queue up are all checked and analysed
     after a kill -9 and a restart."""
-    config = tmp_path / "config.toml"
-    config.write_text("inspection_workers = 1\ninspection_budget_seconds = 0.01\n")
-    daemon.extra_args = ["--config", str(config)]
+    daemon.configure("inspection_workers = 1\ninspection_budget_seconds = 0.01\n")
     daemon.start()
     content = write_many_histograms_file(tmp_path / "many.root", 300).read_bytes()
     async with aiohttp.ClientSession() as session:

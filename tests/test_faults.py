@@ -175,10 +175,8 @@ async def test_500_hostile_files(tmp_path, daemon):
     """500 mutated ROOT files and a decompression bomb: the daemon never dies, answers each with
     200 or 400 within the time limit, and its memory stays bounded."""
     time_limit = 10
-    config = tmp_path / "config.toml"
-    config.write_text(f"inspection_time_limit_seconds = {time_limit}\n"
-                      f"inspection_memory_cap_bytes = {512 * MiB}\n")
-    daemon.extra_args = ["--config", str(config)]
+    daemon.configure(f"inspection_time_limit_seconds = {time_limit}\n"
+                     f"inspection_memory_cap_bytes = {512 * MiB}\n")
     daemon.start()
     layouts = [layout_of(write_one_histogram_file(tmp_path / "one.root")),
                layout_of(write_dqm_file(tmp_path / "dqm.root", n_histograms=4)),
@@ -229,9 +227,7 @@ async def test_slow_stuck_and_flooding_clients_leave_agents_unaffected(tmp_path,
     """A client sending a byte at a time, one open and silent, a flood of 1,000 bad-token
     requests and malformed multipart bodies: clean errors, nothing leaked, and a well-behaved
     agent keeps uploading meanwhile."""
-    config = tmp_path / "config.toml"
-    config.write_text("read_timeout_seconds = 1\n")
-    daemon.extra_args = ["--config", str(config)]
+    daemon.configure("read_timeout_seconds = 1\n")
     daemon.start()
     good = write_one_histogram_file(tmp_path / "good.root").read_bytes()
     idle_kib = daemon.rss_kib()

@@ -173,10 +173,8 @@ async def test_tus_version_and_digest_are_enforced(tmp_path, daemon):
 async def test_unfinished_uploads_expire_and_count_against_the_reserve(tmp_path, daemon):
     """An unfinished upload holds its remaining bytes against the disk reserve, and is swept
     once it expires."""
-    config = tmp_path / "config.toml"
-    config.write_text("resumable_expiry_seconds = 1\nresumable_sweep_seconds = 0.3\n"
-                      "max_upload_bytes = 1152921504606846976\n")
-    daemon.extra_args = ["--config", str(config)]
+    daemon.configure("resumable_expiry_seconds = 1\nresumable_sweep_seconds = 0.3\n"
+                     "max_upload_bytes = 1152921504606846976\n")
     daemon.start()
     free = __import__("shutil").disk_usage(daemon.data_dir).free
     reserve = 1024**3
@@ -208,10 +206,8 @@ async def test_an_upload_that_never_started_expires_sooner(tmp_path, daemon):
     """A creation whose client never sends a byte (its answer lost, say) holds its whole length
     against the disk reserve: it goes after `resumable_unstarted_expiry_seconds`, while an
     upload under way keeps its day."""
-    config = tmp_path / "config.toml"
-    config.write_text("resumable_expiry_seconds = 3600\nresumable_unstarted_expiry_seconds = 1\n"
-                      "resumable_sweep_seconds = 0.3\n")
-    daemon.extra_args = ["--config", str(config)]
+    daemon.configure("resumable_expiry_seconds = 3600\nresumable_unstarted_expiry_seconds = 1\n"
+                     "resumable_sweep_seconds = 0.3\n")
     daemon.start()
     content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
     async with aiohttp.ClientSession() as session:
@@ -293,9 +289,7 @@ async def test_a_reason_quoting_control_characters_still_reaches_the_client(tmp_
 async def test_creations_at_once_reserve_no_more_than_the_disk_has(tmp_path, daemon):
     """Four creations at the same moment, each for 60% of what is free above the reserve: one
     is given the room, the others 507 (each sees the others' reservations)."""
-    config = tmp_path / "config.toml"
-    config.write_text("max_upload_bytes = 1152921504606846976\n")
-    daemon.extra_args = ["--config", str(config)]
+    daemon.configure("max_upload_bytes = 1152921504606846976\n")
     daemon.start()
     free = __import__("shutil").disk_usage(daemon.data_dir).free
     length = int((free - 1024**3) * 0.6)
@@ -313,9 +307,7 @@ async def test_creations_at_once_reserve_no_more_than_the_disk_has(tmp_path, dae
 async def test_unfinished_uploads_are_limited_and_shown_while_they_stream(tmp_path, daemon):
     """Past `max_unfinished_resumable_uploads` a creation gets 503 with Retry-After, until one
     is finished or terminated; a PATCH streaming shows its bytes on the status page."""
-    config = tmp_path / "config.toml"
-    config.write_text("max_unfinished_resumable_uploads = 2\n")
-    daemon.extra_args = ["--config", str(config)]
+    daemon.configure("max_unfinished_resumable_uploads = 2\n")
     daemon.start()
     content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
     async with aiohttp.ClientSession() as session:
@@ -352,9 +344,7 @@ async def test_a_finished_upload_frees_its_slot_while_its_check_runs(tmp_path, d
     """The final PATCH leaves its upload slot once the bytes are committed, as a POST does:
     while its file is checked (two seconds here), another agent's upload is taken, not refused
     for lack of a slot, and the status page shows no upload in progress."""
-    config = tmp_path / "config.toml"
-    config.write_text("max_concurrent_uploads = 1\ninspection_budget_seconds = 20\n")
-    daemon.extra_args = ["--config", str(config)]
+    daemon.configure("max_concurrent_uploads = 1\ninspection_budget_seconds = 20\n")
     daemon.command = [sys.executable, str(Path(__file__).with_name("faulty_daemon.py"))]
     daemon.start()
     content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
@@ -501,9 +491,7 @@ async def test_a_shutdown_does_not_wait_for_the_hash_of_a_complete_upload(tmp_pa
 async def test_a_checksummed_patch_refused_for_room_leaves_nothing_to_drop(tmp_path, daemon):
     """A PATCH with an Upload-Checksum refused (503: every upload slot taken) marks nothing:
     the bytes a later PATCH appends are still there after a restart."""
-    config = tmp_path / "config.toml"
-    config.write_text("max_concurrent_uploads = 1\n")
-    daemon.extra_args = ["--config", str(config)]
+    daemon.configure("max_concurrent_uploads = 1\n")
     daemon.start()
     content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
     checksum = base64.b64encode(hashlib.sha1(content[:2000]).digest()).decode()
@@ -542,9 +530,7 @@ async def test_an_upload_whose_last_patch_failed_after_its_last_byte_is_committe
     """The last PATCH's bytes all reach the disk, then its request fails (the client gone
     before the end of its chunked body). A tus client asking finds the offset at the length
     and takes the upload as done: the daemon commits it (at its next sweep), never expires it."""
-    config = tmp_path / "config.toml"
-    config.write_text("resumable_expiry_seconds = 1\nresumable_sweep_seconds = 0.3\n")
-    daemon.extra_args = ["--config", str(config)]
+    daemon.configure("resumable_expiry_seconds = 1\nresumable_sweep_seconds = 0.3\n")
     daemon.start()
     content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
     async with aiohttp.ClientSession() as session:
@@ -578,9 +564,7 @@ async def test_an_upload_whose_last_patch_failed_after_its_last_byte_is_committe
 async def test_the_daemons_downtime_is_not_the_clients_inactivity(tmp_path, daemon):
     """An unfinished upload expires a day after its client's last PATCH, but time the daemon
     was down does not count: after two days off, the upload is still there to resume."""
-    config = tmp_path / "config.toml"
-    config.write_text("resumable_sweep_seconds = 0.3\n")
-    daemon.extra_args = ["--config", str(config)]
+    daemon.configure("resumable_sweep_seconds = 0.3\n")
     daemon.start()
     content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
     async with aiohttp.ClientSession() as session:
@@ -703,10 +687,8 @@ async def test_upload_expires_says_when_an_idle_upload_goes(tmp_path, daemon):
     when the upload goes if its client sends nothing more (the shorter expiry before its first
     byte, then its expiry after its last PATCH); the finished upload's answer says none. The
     time said is the sweep's: before it the upload is there, shortly after it is gone."""
-    config = tmp_path / "config.toml"
-    config.write_text("resumable_expiry_seconds = 5\nresumable_unstarted_expiry_seconds = 2\n"
-                      "resumable_sweep_seconds = 0.2\n")
-    daemon.extra_args = ["--config", str(config)]
+    daemon.configure("resumable_expiry_seconds = 5\nresumable_unstarted_expiry_seconds = 2\n"
+                     "resumable_sweep_seconds = 0.2\n")
     daemon.start()
     content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
     async with aiohttp.ClientSession() as session:

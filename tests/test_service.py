@@ -170,9 +170,7 @@ def test_ready_watchdog_status_and_stopping(daemon, notify_socket):
 async def test_status_says_stopping_while_uploads_finish(tmp_path, daemon, notify_socket):
     """After STOPPING=1 the watchdog pings go on while uploads finish, and every STATUS= they
     refresh still says the daemon is stopping."""
-    config = tmp_path / "config.toml"
-    config.write_text("shutdown_grace_seconds = 1.5\n")
-    daemon.extra_args = ["--config", str(config)]
+    daemon.configure("shutdown_grace_seconds = 1.5\n")
     await asyncio.to_thread(_start_notified, daemon, notify_socket, 200_000)
     content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
     async with aiohttp.ClientSession() as session:
@@ -302,10 +300,8 @@ async def test_sigterm_lets_upload_in_flight_finish(tmp_path, daemon, framing):
 async def test_sigterm_answers_an_upload_waiting_for_its_check(tmp_path, daemon):
     """An upload received whole but still waiting for its check when the grace period after
     SIGTERM ends is answered 202 (kept, pending), not cut off; the next start checks it."""
-    config = tmp_path / "config.toml"
-    config.write_text("inspection_budget_seconds = 60\ninspection_time_limit_seconds = 120\n"
-                      "shutdown_grace_seconds = 2\n")
-    daemon.extra_args = ["--config", str(config)]
+    daemon.configure("inspection_budget_seconds = 60\ninspection_time_limit_seconds = 120\n"
+                     "shutdown_grace_seconds = 2\n")
     daemon.command = [sys.executable, str(Path(__file__).with_name("faulty_daemon.py"))]
     daemon.start()
     content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
@@ -343,9 +339,7 @@ async def test_sigterm_answers_an_upload_waiting_for_its_check(tmp_path, daemon)
 async def test_sigterm_grace_runs_out_and_nothing_partial_is_left(tmp_path, daemon, framing):
     """An upload that outlasts the grace period is dropped whole: no partial file anywhere,
     and the daemon exits in time (the upload's thread is stopped, not waited for)."""
-    config = tmp_path / "config.toml"
-    config.write_text("shutdown_grace_seconds = 1\n")
-    daemon.extra_args = ["--config", str(config)]
+    daemon.configure("shutdown_grace_seconds = 1\n")
     daemon.start()
     content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
     async with aiohttp.ClientSession() as session:

@@ -26,6 +26,9 @@ from .storage import fsync_directory, sha256_of_file
 log = structlog.get_logger(__name__)
 
 PART_SUFFIX, STATE_SUFFIX = ".part", ".json"
+# A finished upload leaves this marker (the stored file's name): a client that lost the last
+# PATCH's answer learns it from HEAD, also after a restart, until the upload's expiry.
+FINISHED_SUFFIX = ".finished"
 # Touched at every sweep while the daemon runs: at the next start its age is how long the
 # daemon was down, which is not its clients' inactivity.
 ALIVE_FILE = ".alive"
@@ -62,6 +65,15 @@ class ResumableUpload:
                 "unverified_from": self.unverified_from, "metadata": self.metadata}
 
 
+@dataclasses.dataclass(frozen=True)
+class FinishedAnswer:
+    """What HEAD says of a finished upload: the file it was stored as."""
+
+    name: str
+    length: int
+    finished_at: float  # unix seconds
+
+
 class TooManyUnfinished(Exception):
     """As many unfinished uploads as allowed exist already."""
 
@@ -91,16 +103,46 @@ class ResumableUploads:
         self.unstarted_expiry_seconds = min(expiry_seconds,
                                             unstarted_expiry_seconds or expiry_seconds)
         self._uploads: dict[str, ResumableUpload] = {}
-        # The answers of recently finished uploads, for a client that lost the last one.
-        self._finished: OrderedDict[str, dict[str, str]] = OrderedDict()
+        # Recently finished uploads (oldest first), for a client that lost the last answer.
+        self._finished: OrderedDict[str, FinishedAnswer] = OrderedDict()
 
-    def remember_finished(self, upload_id: str, result: dict[str, str]) -> None:
-        self._finished[upload_id] = result
-        while len(self._finished) > FINISHED_KEPT:
-            self._finished.popitem(last=False)
+    async def record_finished(self, upload: ResumableUpload, finished: FinishedUpload,
+                              name: str) -> None:
+        """A committed upload: its marker replaces its state, and its part file goes (the file
+        is in place under `name`). Until this is done a restart commits it again, as the same
+        file (a duplicate)."""
+        answer = FinishedAnswer(name, upload.length, time.time())
+        marker = self.directory / f"{upload.upload_id}{FINISHED_SUFFIX}"
 
-    def finished_result(self, upload_id: str) -> dict[str, str] | None:
+        def write_marker() -> None:
+            temporary = marker.with_suffix(".tmp")
+            try:
+                temporary.write_text(json.dumps(dataclasses.asdict(answer)))
+                os.replace(temporary, marker)
+            except OSError as exc:  # a full disk: HEAD says it until a restart only
+                temporary.unlink(missing_ok=True)
+                log.warning("resumable_finished_marker_not_saved", upload_id=upload.upload_id,
+                            error=exc.strerror or type(exc).__name__)
+
+        await asyncio.to_thread(write_marker)
+        self._finished[upload.upload_id] = answer
+        await finished.discard()
+
+    def finished_answer(self, upload_id: str) -> FinishedAnswer | None:
         return self._finished.get(upload_id)
+
+    def _drop_old_answers(self, now: float) -> list[Path]:
+        """Forget the finished answers past the expiry, and the oldest beyond FINISHED_KEPT;
+        returns their markers, to be removed."""
+        markers = []
+        while self._finished:
+            upload_id, answer = next(iter(self._finished.items()))
+            if (answer.finished_at + self.expiry_seconds > now
+                    and len(self._finished) <= FINISHED_KEPT):
+                break
+            del self._finished[upload_id]
+            markers.append(self.directory / f"{upload_id}{FINISHED_SUFFIX}")
+        return markers
 
     def expires_at(self, upload: ResumableUpload) -> float:
         """When an upload left as it is may be removed (unix seconds): its expiry after its last
@@ -159,8 +201,18 @@ class ResumableUploads:
                 log.warning("resumable_upload_unreadable", upload_id=upload_id)
                 state_path.unlink(missing_ok=True)
                 part.unlink(missing_ok=True)
+        answers = []
+        for marker in self.directory.glob(f"*{FINISHED_SUFFIX}"):
+            try:
+                answers.append((marker.stem, FinishedAnswer(**json.loads(marker.read_text()))))
+            except (OSError, ValueError, TypeError):
+                marker.unlink(missing_ok=True)
+        for upload_id, answer in sorted(answers, key=lambda item: item[1].finished_at):
+            self._finished[upload_id] = answer
+        _remove_all(self._drop_old_answers(now))
         for leftover in self.directory.iterdir():  # parts without state, half-written states
-            if leftover.stem not in self._uploads and leftover.name != ALIVE_FILE:
+            if (leftover.stem not in self._uploads and leftover.stem not in self._finished
+                    and leftover.name != ALIVE_FILE):
                 leftover.unlink(missing_ok=True)
         self.mark_alive()
         return len(self._uploads)
@@ -256,7 +308,10 @@ class ResumableUploads:
 
     async def sweep_expired(self) -> int:
         """Remove the unfinished uploads idle beyond their expiry; never a complete one (its
-        client took it as done: it is committed, see `run_sweeper`)."""
+        client took it as done: it is committed, see `run_sweeper`). Finished uploads' answers
+        go after the same time."""
+        if old_markers := self._drop_old_answers(time.time()):
+            await asyncio.to_thread(_remove_all, old_markers)
         expired = 0
         for upload in list(self._uploads.values()):
             # Checked right before each removal: a PATCH may have started meanwhile.
@@ -282,3 +337,8 @@ class ResumableUploads:
                 await self.sweep_expired()
             except Exception:
                 log.exception("resumable_sweep_failed")
+
+
+def _remove_all(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import uproot
 
-from dqm_daemon.resumable import ALIVE_FILE
+from dqm_daemon.resumable import ALIVE_FILE, FINISHED_SUFFIX
 
 from .conftest import TOKEN
 from .rootfiles import th1f, write_dqm_file, write_one_histogram_file
@@ -32,8 +32,10 @@ TUS = {"Tus-Resumable": "1.0.0", "token": TOKEN}
 
 
 def unfinished_uploads(data_dir: Path) -> list[str]:
-    """What `.resumable/` holds of uploads (parts, states), not the daemon's heartbeat."""
-    return [path.name for path in (data_dir / ".resumable").iterdir() if path.name != ALIVE_FILE]
+    """What `.resumable/` holds of unfinished uploads (parts, states): not the daemon's
+    heartbeat, nor the names finished ones were stored as."""
+    return [path.name for path in (data_dir / ".resumable").iterdir()
+            if path.name != ALIVE_FILE and not path.name.endswith(FINISHED_SUFFIX)]
 
 
 def _metadata(**values: str) -> str:
@@ -233,8 +235,10 @@ async def test_bad_requests_and_leftovers(tmp_path, daemon):
     (resumable / "0123abcd.json").write_text("{not json")
     (resumable / "0123abcd.part").write_bytes(b"half")
     (resumable / "orphan.part").write_bytes(b"no state")
+    (resumable / "feed.finished").write_text("{half written")
     daemon.start()
     assert unfinished_uploads(daemon.data_dir) == []
+    assert not (resumable / "feed.finished").exists()
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{daemon.url}/rest/api/uploads/",
                                 headers={"Tus-Resumable": "1.0.0"}) as answer:
@@ -356,10 +360,11 @@ async def test_a_finished_upload_frees_its_slot_while_its_check_runs(tmp_path, d
             assert answer.status == 201
             location = daemon.url + answer.headers["Location"]
         finishing = asyncio.create_task(_patch(session, location, 0, content))
-        for _ in range(100):  # until the file is committed and waits for its check
+        for _ in range(100):  # until the file is committed (its part file gone, its slot
+            # left: a few ms after its row) and waits for its check
             async with session.get(f"{daemon.url}/status.json") as answer:
                 report = await answer.json()
-            if report["inspection"]["pending_files"]:
+            if report["inspection"]["pending_files"] and not report["uploads"]:
                 break
             await asyncio.sleep(0.02)
         assert report["inspection"]["pending_files"] == 1 and report["uploads"] == []
@@ -761,3 +766,33 @@ async def test_x_http_method_override_turns_a_post_into_the_method_it_names(tmp_
             name = answer.headers["DQM-Filename"]
     assert (daemon.data_dir / name).read_bytes() == content
     assert unfinished_uploads(daemon.data_dir) == []
+
+
+async def test_a_finished_uploads_answer_outlives_a_restart_until_its_expiry(tmp_path, daemon):
+    """A client that lost the last PATCH's answer asks HEAD: it names the stored file as the
+    file stands now (pending, then checked), also after a restart, instead of a 404 that would
+    make the client send the whole file again; after the upload's expiry it is forgotten."""
+    daemon.configure("resumable_expiry_seconds = 4\nresumable_sweep_seconds = 0.2\n")
+    daemon.start()
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    async with aiohttp.ClientSession() as session:
+        location = await _create(session, daemon.url, len(content))
+        async with await _patch(session, location, 0, content) as answer:
+            assert answer.status == 204
+            name = answer.headers["DQM-Filename"]
+    daemon.kill(signal.SIGKILL)
+    daemon.start()
+    async with aiohttp.ClientSession() as session:
+        async with session.head(location, headers=TUS) as answer:
+            assert answer.status == 200
+            assert answer.headers["Upload-Offset"] == str(len(content))
+            assert answer.headers["DQM-Filename"] == name
+            assert answer.headers["DQM-State"] == "ok"
+            assert answer.headers["DQM-Sha256"] == hashlib.sha256(content).hexdigest()
+        async with await _patch(session, location, len(content), b"") as answer:
+            assert answer.status == 404  # nothing more to append
+        await asyncio.sleep(5.0)
+        async with session.head(location, headers=TUS) as answer:
+            assert answer.status == 404
+    assert list((daemon.data_dir / ".resumable").glob(f"*{FINISHED_SUFFIX}")) == []
+    assert (daemon.data_dir / name).read_bytes() == content

@@ -16,7 +16,7 @@ import pytest
 import uproot
 
 from dqm_daemon.appkeys import CATALOG
-from dqm_daemon.resumable import ALIVE_FILE
+from dqm_daemon.resumable import ALIVE_FILE, FINISHED_SUFFIX
 from dqm_daemon.storage import LOCK_FILE
 
 from .conftest import TOKEN, UPLOADER_NAME, dqm_headers, multipart_file
@@ -29,12 +29,13 @@ INVALID = "Successfully received the file, but the file is not valid! Perhaps it
 
 def stored_files(data_dir: Path) -> list[str]:
     """Every file the daemon holds anywhere, temporaries and quarantine included (but its own
-    bookkeeping: the catalog, the lock on the data directory, the resumable uploads' heartbeat)."""
+    bookkeeping: the catalog, the lock on the data directory, the resumable uploads' heartbeat
+    and the names finished ones were stored as)."""
     return sorted(
         str(path.relative_to(data_dir))
         for path in data_dir.rglob("*")
         if path.is_file() and not path.name.startswith("catalog.sqlite3")
-        and path.name not in (LOCK_FILE, ALIVE_FILE)
+        and path.name not in (LOCK_FILE, ALIVE_FILE) and not path.name.endswith(FINISHED_SUFFIX)
     )
 
 

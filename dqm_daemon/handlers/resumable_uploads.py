@@ -18,7 +18,7 @@ import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from ..appkeys import INGEST, METRICS, RESUMABLE, SETTINGS, UPLOADS
+from ..appkeys import CATALOG, INGEST, METRICS, RESUMABLE, SETTINGS, UPLOADS
 from ..cancellation import run_to_the_end
 from ..catalog import FileRecord
 from ..digests import ExpectedDigests, check_digests, expected_digests
@@ -153,10 +153,12 @@ async def create(request: web.Request) -> web.Response:
 
 async def head(request: web.Request) -> web.Response:
     _tus_version(request)
-    finished = request.app[RESUMABLE].finished_result(request.match_info["upload_id"])
-    if finished is not None:
-        return web.Response(status=200, headers={**TUS, "Cache-Control": "no-store",
-                                                 **finished})
+    finished = request.app[RESUMABLE].finished_answer(request.match_info["upload_id"])
+    record = await request.app[CATALOG].get(finished.name) if finished is not None else None
+    if finished is not None and record is not None:  # the file as it stands now
+        return web.Response(status=200, headers={
+            **TUS, "Cache-Control": "no-store", "Upload-Offset": str(finished.length),
+            "Upload-Length": str(finished.length), **_file_headers(record)})
     upload = _upload(request)
     metadata = {"Upload-Metadata": upload.metadata} if upload.metadata else {}
     return web.Response(status=200, headers={
@@ -345,18 +347,17 @@ async def _commit_finished(app: web.Application, upload: ResumableUpload) -> Com
             app[RESUMABLE].forget(upload)
             await asyncio.shield(finished.discard())
         raise
-    await finished.discard()  # the sidecar (the part file was linked into place or discarded)
+    # Its state and part file go (the file is in place), its answer stays for HEAD.
+    await app[RESUMABLE].record_finished(upload, finished, commit.record.name)
     return commit
 
 
 async def _answer_finished(request: web.Request, upload: ResumableUpload,
                            commit: Commit) -> dict[str, str]:
-    """Wait for the committed file's check, as a POST does; remember the answer for HEAD."""
+    """Wait for the committed file's check, as a POST does."""
     app = request.app
     inspected = await inspect_within_budget(app, commit)
     file_headers = _file_headers(inspected or commit.record)
-    app[RESUMABLE].remember_finished(upload.upload_id, {
-        "Upload-Offset": str(upload.length), "Upload-Length": str(upload.length), **file_headers})
     app[RESUMABLE].forget(upload)
     result = "duplicate" if commit.duplicate else (inspected.state if inspected else "pending")
     app[METRICS].uploads.labels(result, app[METRICS].agent_label(upload.dqm.agent)).inc()
@@ -370,7 +371,7 @@ async def commit_complete_uploads(app: web.Application) -> int:
     PATCH the daemon died answering; then, at each sweep, those whose last PATCH failed after
     its last byte was written. A tus client asking finds the offset at the length and takes
     the upload as done: nothing else would ever commit it. The file is then pending, checked
-    like any other; HEAD answers with its name until the next restart."""
+    like any other; HEAD answers with its name until the upload's expiry."""
     uploads, committed = app[RESUMABLE], 0
     for upload in uploads.complete():
         if upload.lock.locked():
@@ -386,9 +387,6 @@ async def commit_complete_uploads(app: web.Application) -> int:
                 log.warning("resumable_upload_not_committed", upload_id=upload.upload_id,
                             error=getattr(exc, "text", None) or type(exc).__name__)
                 continue
-            uploads.remember_finished(upload.upload_id, {
-                "Upload-Offset": str(upload.length), "Upload-Length": str(upload.length),
-                **_file_headers(commit.record)})
             uploads.forget(upload)
         committed += 1
         log.info("resumable_upload_finished", upload_id=upload.upload_id,

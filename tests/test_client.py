@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -19,7 +20,7 @@ import pytest
 from dqm_daemon import client as client_module
 from dqm_daemon.client import EXIT_USAGE, UploadOptions, upload_all
 
-from .conftest import TOKEN, dqm_headers
+from .conftest import TOKEN, dqm_headers, free_port
 from .rootfiles import write_dqm_file, write_one_histogram_file
 
 
@@ -464,6 +465,30 @@ async def test_an_interrupted_resumable_upload_is_dropped_on_the_daemon(tmp_path
             process.kill()
         await proxy.stop()
     assert stored_dqm_files(daemon.data_dir) == []
+
+
+async def test_a_ctrl_c_while_hashing_a_large_file_stops_at_once(tmp_path):
+    """The client hashes a file before sending it; a Ctrl-C meanwhile exits (130) at once,
+    not once gigabytes are hashed (a 64 GiB sparse file: about half a minute of hashing)."""
+    path = tmp_path / "huge.root"
+    with open(path, "wb") as huge:
+        huge.truncate(64 * 1024**3)  # sparse: no disk used
+    environment = dict(os.environ, DQM_DAEMON_TOKEN=TOKEN)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dqm_daemon", "upload", str(path), "--url",
+        f"http://127.0.0.1:{free_port()}", "--run", "31", env=environment,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        await asyncio.sleep(2.0)  # started, and hashing
+        assert process.returncode is None
+        process.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == 130, err
+        assert time.monotonic() - interrupted < 5, "the hashing went on after the Ctrl-C"
+    finally:
+        if process.returncode is None:
+            process.kill()
 
 
 def test_the_rate_after_a_resume_counts_only_the_bytes_sent_since():

@@ -26,9 +26,11 @@ from .storage import fsync_directory, sha256_of_file
 log = structlog.get_logger(__name__)
 
 PART_SUFFIX, STATE_SUFFIX = ".part", ".json"
-# A finished upload leaves this marker (the stored file's name): a client that lost the last
+# A finished upload leaves this marker (the file it was stored as): a client that lost the last
 # PATCH's answer learns it from HEAD, also after a restart, until the upload's expiry.
 FINISHED_SUFFIX = ".finished"
+# A second link to a complete upload's part file, which its commit consumes.
+COMMIT_LINK_SUFFIX = ".commit"
 # Touched at every sweep while the daemon runs: at the next start its age is how long the
 # daemon was down, which is not its clients' inactivity.
 ALIVE_FILE = ".alive"
@@ -67,11 +69,26 @@ class ResumableUpload:
 
 @dataclasses.dataclass(frozen=True)
 class FinishedAnswer:
-    """What HEAD says of a finished upload: the file it was stored as."""
+    """What HEAD says of a finished upload: the file it was stored as (its name then, and its
+    headers and bytes, which find it if that name went to another file since)."""
 
     name: str
     length: int
     finished_at: float  # unix seconds
+    sha256: str
+    agent: str
+    run: int
+    timestamp: int
+    metadata: str | None  # Upload-Metadata as the client sent it at creation
+
+    @classmethod
+    def from_json(cls, text: str) -> FinishedAnswer:
+        """Raises ValueError, KeyError or TypeError for a marker that is not whole."""
+        fields = json.loads(text)
+        metadata = fields["metadata"]
+        return cls(str(fields["name"]), int(fields["length"]), float(fields["finished_at"]),
+                   str(fields["sha256"]), str(fields["agent"]), int(fields["run"]),
+                   int(fields["timestamp"]), None if metadata is None else str(metadata))
 
 
 class TooManyUnfinished(Exception):
@@ -79,18 +96,17 @@ class TooManyUnfinished(Exception):
 
 
 class FinishedUpload:
-    """A complete resumable upload, shaped like an IncomingFile for `Ingest.commit`."""
+    """A complete resumable upload, shaped like an IncomingFile for `Ingest.commit`. Its `path`
+    is a second link to the part file, which the commit consumes (links into place or
+    discards); the part file and the state stay until the upload's marker is written
+    (`record_finished`), so a crash in between finds the upload complete and commits it again,
+    as the same file."""
 
-    def __init__(self, path: Path, size: int, sha256: str, state_path: Path) -> None:
+    def __init__(self, path: Path, size: int, sha256: str) -> None:
         self.path, self.size, self.sha256 = path, size, sha256
-        self._state_path = state_path
 
     async def discard(self) -> None:
-        await asyncio.to_thread(self._discard_sync)
-
-    def _discard_sync(self) -> None:
-        self.path.unlink(missing_ok=True)
-        self._state_path.unlink(missing_ok=True)
+        await asyncio.to_thread(self.path.unlink, missing_ok=True)
 
 
 class ResumableUploads:
@@ -106,27 +122,31 @@ class ResumableUploads:
         # Recently finished uploads (oldest first), for a client that lost the last answer.
         self._finished: OrderedDict[str, FinishedAnswer] = OrderedDict()
 
-    async def record_finished(self, upload: ResumableUpload, finished: FinishedUpload,
-                              name: str) -> None:
-        """A committed upload: its marker replaces its state, and its part file goes (the file
-        is in place under `name`). Until this is done a restart commits it again, as the same
-        file (a duplicate)."""
-        answer = FinishedAnswer(name, upload.length, time.time())
+    async def record_finished(self, upload: ResumableUpload, name: str, sha256: str) -> None:
+        """A committed upload (stored as `name`): its marker replaces its state and part file.
+        Until the marker is on disk a restart finds the upload complete and commits it again
+        (as the same file: a duplicate)."""
+        answer = FinishedAnswer(name, upload.length, time.time(), sha256, upload.dqm.agent,
+                                upload.dqm.run_number, upload.dqm.timestamp, upload.metadata)
         marker = self.directory / f"{upload.upload_id}{FINISHED_SUFFIX}"
 
         def write_marker() -> None:
-            temporary = marker.with_suffix(".tmp")
+            temporary = marker.with_name(f"{marker.name}.tmp")
             try:
-                temporary.write_text(json.dumps(dataclasses.asdict(answer)))
+                with open(temporary, "w", encoding="utf-8") as marker_file:
+                    marker_file.write(json.dumps(dataclasses.asdict(answer)))
+                    marker_file.flush()
+                    os.fsync(marker_file.fileno())
                 os.replace(temporary, marker)
+                fsync_directory(self.directory)
             except OSError as exc:  # a full disk: HEAD says it until a restart only
                 temporary.unlink(missing_ok=True)
                 log.warning("resumable_finished_marker_not_saved", upload_id=upload.upload_id,
                             error=exc.strerror or type(exc).__name__)
+            self._remove_files_sync(upload.upload_id)
 
-        await asyncio.to_thread(write_marker)
         self._finished[upload.upload_id] = answer
-        await finished.discard()
+        await asyncio.to_thread(write_marker)
 
     def finished_answer(self, upload_id: str) -> FinishedAnswer | None:
         return self._finished.get(upload_id)
@@ -204,15 +224,22 @@ class ResumableUploads:
         answers = []
         for marker in self.directory.glob(f"*{FINISHED_SUFFIX}"):
             try:
-                answers.append((marker.stem, FinishedAnswer(**json.loads(marker.read_text()))))
-            except (OSError, ValueError, TypeError):
+                answer = FinishedAnswer.from_json(marker.read_text())
+            except (OSError, ValueError, KeyError, TypeError):
                 marker.unlink(missing_ok=True)
+                continue
+            # As for unfinished uploads, the daemon's downtime does not count.
+            answer = dataclasses.replace(answer, finished_at=min(answer.finished_at + downtime,
+                                                                 now))
+            answers.append((marker.stem, answer))
         for upload_id, answer in sorted(answers, key=lambda item: item[1].finished_at):
             self._finished[upload_id] = answer
         _remove_all(self._drop_old_answers(now))
-        for leftover in self.directory.iterdir():  # parts without state, half-written states
-            if (leftover.stem not in self._uploads and leftover.stem not in self._finished
-                    and leftover.name != ALIVE_FILE):
+        # Parts without state, half-written states and markers, commit links of commits cut.
+        for leftover in self.directory.iterdir():
+            keep = (leftover.stem in self._uploads or leftover.name == ALIVE_FILE
+                    or (leftover.suffix == FINISHED_SUFFIX and leftover.stem in self._finished))
+            if not keep:
                 leftover.unlink(missing_ok=True)
         self.mark_alive()
         return len(self._uploads)
@@ -289,13 +316,24 @@ class ResumableUploads:
         def finish_sync() -> str:
             with open(upload.path, "rb+") as part:
                 os.fsync(part.fileno())
+            link = self._commit_link(upload.upload_id)
+            link.unlink(missing_ok=True)  # left by a commit that failed
+            os.link(upload.path, link)
             if upload.hasher is not None:
                 return upload.hasher.hexdigest()
             return sha256_of_file(upload.path, chunk_bytes, stop)  # after a restart
 
         sha256 = await asyncio.to_thread(finish_sync)
-        return FinishedUpload(upload.path, upload.length, sha256,
-                              self._state_path(upload.upload_id))
+        return FinishedUpload(self._commit_link(upload.upload_id), upload.length, sha256)
+
+    def _commit_link(self, upload_id: str) -> Path:
+        return self.directory / f"{upload_id}{PART_SUFFIX}{COMMIT_LINK_SUFFIX}"
+
+    def _remove_files_sync(self, upload_id: str) -> None:
+        """An upload's part file, state and commit link (its marker stays)."""
+        for path in (self.directory / f"{upload_id}{PART_SUFFIX}", self._state_path(upload_id),
+                     self._commit_link(upload_id)):
+            path.unlink(missing_ok=True)
 
     def forget(self, upload: ResumableUpload) -> None:
         """Finished (its answer remembered) or failed: no longer an unfinished upload. Until
@@ -304,7 +342,7 @@ class ResumableUploads:
 
     async def terminate(self, upload: ResumableUpload) -> None:
         self._uploads.pop(upload.upload_id, None)
-        await FinishedUpload(upload.path, 0, "", self._state_path(upload.upload_id)).discard()
+        await asyncio.to_thread(self._remove_files_sync, upload.upload_id)
 
     async def sweep_expired(self) -> int:
         """Remove the unfinished uploads idle beyond their expiry; never a complete one (its

@@ -236,9 +236,15 @@ async def test_bad_requests_and_leftovers(tmp_path, daemon):
     (resumable / "0123abcd.part").write_bytes(b"half")
     (resumable / "orphan.part").write_bytes(b"no state")
     (resumable / "feed.finished").write_text("{half written")
+    marker = {"name": "x.root", "length": 1, "finished_at": time.time(), "sha256": "00",
+              "agent": "TUS", "run": 1, "timestamp": 1, "metadata": None}
+    (resumable / "cafe.finished").write_text(json.dumps({**marker, "finished_at": "yesterday"}))
+    (resumable / "beef.finished").write_text(json.dumps(marker))
+    (resumable / "beef.tmp").write_text("a state's temporary")
+    (resumable / "beef.part.commit").write_bytes(b"a link left by a commit cut short")
     daemon.start()
     assert unfinished_uploads(daemon.data_dir) == []
-    assert not (resumable / "feed.finished").exists()
+    assert sorted(path.name for path in resumable.iterdir()) == [".alive", "beef.finished"]
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{daemon.url}/rest/api/uploads/",
                                 headers={"Tus-Resumable": "1.0.0"}) as answer:
@@ -672,6 +678,7 @@ async def test_a_complete_upload_whose_commit_fails_for_the_disk_stays_and_is_co
     async with client.head(location, headers=TUS) as answer:
         assert answer.status == 200
         assert answer.headers["Upload-Offset"] == str(len(content))
+        assert "Upload-Expires" not in answer.headers  # complete: committed, never expired
     failing[0] = False
     for _ in range(100):
         async with client.head(location, headers=TUS) as answer:
@@ -717,7 +724,7 @@ async def test_upload_expires_says_when_an_idle_upload_goes(tmp_path, daemon):
         await asyncio.sleep(max(patched_expiry - 1 - time.time(), 0))
         async with session.head(location, headers=TUS) as answer:
             assert answer.status == 200  # not yet
-        await asyncio.sleep(max(patched_expiry + 2.5 - time.time(), 0))
+        await asyncio.sleep(max(patched_expiry + 3.5 - time.time(), 0))
         async with session.head(location, headers=TUS) as answer:
             assert answer.status == 404  # gone when it said
         location = await _create(session, daemon.url, len(content))
@@ -789,6 +796,8 @@ async def test_a_finished_uploads_answer_outlives_a_restart_until_its_expiry(tmp
             assert answer.headers["DQM-Filename"] == name
             assert answer.headers["DQM-State"] == "ok"
             assert answer.headers["DQM-Sha256"] == hashlib.sha256(content).hexdigest()
+            assert answer.headers["Upload-Metadata"] == _metadata(
+                runNumber="31", timeStamp="1700000000", amoreAgent="TUS")
         async with await _patch(session, location, len(content), b"") as answer:
             assert answer.status == 404  # nothing more to append
         await asyncio.sleep(5.0)
@@ -796,3 +805,61 @@ async def test_a_finished_uploads_answer_outlives_a_restart_until_its_expiry(tmp
             assert answer.status == 404
     assert list((daemon.data_dir / ".resumable").glob(f"*{FINISHED_SUFFIX}")) == []
     assert (daemon.data_dir / name).read_bytes() == content
+
+
+async def test_a_crash_between_storing_a_finished_upload_and_its_marker_loses_no_answer(
+        tmp_path, daemon):
+    """The daemon dies once a finished upload's file is stored and cataloged, before the marker
+    naming it is written (its last PATCH never answered): the upload is still whole after the
+    restart, which stores it again as the same file, and HEAD names it."""
+    daemon.command = [sys.executable, str(Path(__file__).with_name("faulty_daemon.py"))]
+    daemon.extra_env = {"DQM_TEST_KILL_BEFORE_FINISHED_MARKER": "1"}
+    daemon.start()
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    async with aiohttp.ClientSession() as session:
+        location = await _create(session, daemon.url, len(content))
+        with pytest.raises(aiohttp.ClientError):
+            async with await _patch(session, location, 0, content):
+                pass
+    assert daemon.process.wait(timeout=30) == -signal.SIGKILL
+    stored = list(daemon.data_dir.glob("*.root"))
+    assert [path.read_bytes() for path in stored] == [content]  # stored before the kill
+    daemon.extra_env = {}
+    daemon.start()
+    async with aiohttp.ClientSession() as session:
+        for _ in range(100):
+            async with session.head(location, headers=TUS) as answer:
+                if answer.status == 200 and answer.headers.get("DQM-State") == "ok":
+                    break
+            await asyncio.sleep(0.1)
+        assert answer.status == 200, answer.status
+        assert answer.headers["DQM-Filename"] == stored[0].name
+        assert answer.headers["DQM-Sha256"] == hashlib.sha256(content).hexdigest()
+    assert list(daemon.data_dir.glob("*.root")) == stored  # stored once
+    assert unfinished_uploads(daemon.data_dir) == []
+
+
+async def test_head_names_a_finished_uploads_own_file_after_its_name_went_to_another(
+        tmp_path, daemon):
+    """A broken file's name goes to the next sound file of the same headers (the broken one is
+    set aside under a variant name): HEAD on the broken upload still names its own file, with
+    its own digest and verdict, not the file that took the name."""
+    daemon.start()
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    broken = content[:len(content) // 2]
+    async with aiohttp.ClientSession() as session:
+        first = await _create(session, daemon.url, len(broken))
+        async with await _patch(session, first, 0, broken) as answer:
+            assert answer.headers["DQM-State"] == "invalid"
+            name = answer.headers["DQM-Filename"]
+        second = await _create(session, daemon.url, len(content))
+        async with await _patch(session, second, 0, content) as answer:
+            assert answer.headers["DQM-State"] == "ok"
+            assert answer.headers["DQM-Filename"] == name  # the broken one was set aside
+        async with session.head(first, headers=TUS) as answer:
+            assert answer.status == 200
+            assert answer.headers["DQM-Sha256"] == hashlib.sha256(broken).hexdigest()
+            assert answer.headers["DQM-State"] == "invalid"
+            assert answer.headers["DQM-Filename"] != name
+        async with session.head(second, headers=TUS) as answer:
+            assert answer.headers["DQM-Filename"] == name

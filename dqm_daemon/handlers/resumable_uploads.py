@@ -24,8 +24,8 @@ from ..catalog import FileRecord
 from ..digests import ExpectedDigests, check_digests, expected_digests
 from ..ingest import Commit
 from ..middlewares import UPLOADER, Handler
-from ..naming import bounded_integer, parse_dqm_headers
-from ..resumable import ResumableUpload, TooManyUnfinished
+from ..naming import bounded_integer, dqm_filename, parse_dqm_headers
+from ..resumable import FinishedAnswer, ResumableUpload, TooManyUnfinished
 from ..storage import WRITEBACK_BYTES, HashingStopped, start_writeback
 from .upload import check_room, inspect_within_budget
 
@@ -100,7 +100,10 @@ def _upload(request: web.Request) -> ResumableUpload:
 
 
 def _expiry(request: web.Request, upload: ResumableUpload) -> dict[str, str]:
-    """tus expiration: when the unfinished upload goes if its client sends nothing more."""
+    """tus expiration: when the unfinished upload goes if its client sends nothing more (a
+    complete one never does: it is committed)."""
+    if upload.offset == upload.length:
+        return {}
     expires_at = request.app[RESUMABLE].expires_at(upload)
     return {"Upload-Expires": email.utils.formatdate(expires_at, usegmt=True)}
 
@@ -154,16 +157,31 @@ async def create(request: web.Request) -> web.Response:
 async def head(request: web.Request) -> web.Response:
     _tus_version(request)
     finished = request.app[RESUMABLE].finished_answer(request.match_info["upload_id"])
-    record = await request.app[CATALOG].get(finished.name) if finished is not None else None
+    record = await _stored_as(request.app, finished) if finished is not None else None
     if finished is not None and record is not None:  # the file as it stands now
+        metadata = {"Upload-Metadata": finished.metadata} if finished.metadata else {}
         return web.Response(status=200, headers={
             **TUS, "Cache-Control": "no-store", "Upload-Offset": str(finished.length),
-            "Upload-Length": str(finished.length), **_file_headers(record)})
+            "Upload-Length": str(finished.length), **metadata, **_file_headers(record)})
     upload = _upload(request)
     metadata = {"Upload-Metadata": upload.metadata} if upload.metadata else {}
     return web.Response(status=200, headers={
         **TUS, "Cache-Control": "no-store", "Upload-Offset": str(upload.offset),
         "Upload-Length": str(upload.length), **metadata, **_expiry(request, upload)})
+
+
+async def _stored_as(app: web.Application, finished: FinishedAnswer) -> FileRecord | None:
+    """The file a finished upload was stored as, as it stands now: under its name, or, if that
+    name went to another file since (a broken file's name goes to a later upload), found by
+    its headers and bytes."""
+    catalog = app[CATALOG]
+    record = await catalog.get(finished.name)
+    if record is not None and record.sha256 == finished.sha256:
+        return record
+    holders = await catalog.name_holders(
+        dqm_filename(finished.agent, finished.run, finished.timestamp), finished.agent,
+        finished.run, finished.timestamp, finished.sha256)
+    return holders.copy
 
 
 def _chunk_checksum(request: web.Request) -> tuple[Any, bytes] | None:
@@ -333,22 +351,19 @@ async def _commit_finished(app: web.Application, upload: ResumableUpload) -> Com
     try:
         check_digests(ExpectedDigests(sha256=upload.expected_sha256), finished.sha256, None)
     except web.HTTPException:  # not the bytes it was created for: never to be stored
-        app[RESUMABLE].forget(upload)
-        await asyncio.shield(finished.discard())
+        await asyncio.shield(app[RESUMABLE].terminate(upload))
         raise
     # A failure from here on (a full disk, a catalog fault, a shutdown) is not the upload's:
-    # it stays, complete, and the next sweep (or start) commits it; unless its bytes went
-    # with the failed commit (placed, then taken back): then it is gone, as a POST's would be.
+    # it stays, complete (the commit takes only a second link to its bytes), and the next
+    # sweep (or start) commits it.
     try:
         with _disk_full_is_507(upload):
             commit = await app[INGEST].commit(finished, upload.dqm, upload.uploader)
     except BaseException:
-        if not await asyncio.to_thread(upload.path.exists):
-            app[RESUMABLE].forget(upload)
-            await asyncio.shield(finished.discard())
+        await asyncio.shield(finished.discard())
         raise
     # Its state and part file go (the file is in place), its answer stays for HEAD.
-    await app[RESUMABLE].record_finished(upload, finished, commit.record.name)
+    await app[RESUMABLE].record_finished(upload, commit.record.name, finished.sha256)
     return commit
 
 

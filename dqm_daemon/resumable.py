@@ -144,7 +144,9 @@ class ResumableUploads:
                 log.warning("resumable_finished_marker_not_saved", upload_id=upload.upload_id,
                             error=exc.strerror or type(exc).__name__)
             self._remove_files_sync(upload.upload_id)
+            fsync_directory(self.directory)
 
+        self._finished.pop(upload.upload_id, None)  # a second commit (after a crash): newest
         self._finished[upload.upload_id] = answer
         await asyncio.to_thread(write_marker)
 
@@ -200,7 +202,10 @@ class ResumableUploads:
                 state = json.loads(state_path.read_text())
                 offset = part.stat().st_size  # the bytes really on disk decide
                 unverified_from = state.get("unverified_from")
-                if unverified_from is not None and offset > unverified_from:
+                # A part linked elsewhere is a stored file's bytes (a commit was cut short):
+                # verified, and never to be cut.
+                if (unverified_from is not None and offset > unverified_from
+                        and part.stat().st_nlink == 1):
                     # The daemon died before checking a chunk's Upload-Checksum.
                     with open(part, "r+b") as part_file:
                         part_file.truncate(unverified_from)
@@ -316,6 +321,10 @@ class ResumableUploads:
         def finish_sync() -> str:
             with open(upload.path, "rb+") as part:
                 os.fsync(part.fileno())
+            # Saved before the bytes share their inode with a stored file: a state still
+            # marking a chunk unverified (its save failed) would have the next start truncate
+            # the part, and the stored file with it.
+            self._save(upload)
             link = self._commit_link(upload.upload_id)
             link.unlink(missing_ok=True)  # left by a commit that failed
             os.link(upload.path, link)

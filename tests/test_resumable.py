@@ -863,3 +863,34 @@ async def test_head_names_a_finished_uploads_own_file_after_its_name_went_to_ano
             assert answer.headers["DQM-Filename"] != name
         async with session.head(second, headers=TUS) as answer:
             assert answer.headers["DQM-Filename"] == name
+
+
+async def test_a_stored_file_sharing_its_bytes_with_an_upload_cut_short_is_never_truncated(
+        tmp_path):
+    """A checksummed last chunk verified, but its state's save failed (507): the state on disk
+    still marks the chunk unverified. Then the sweeper commits the upload, and the daemon dies
+    before the upload's part file goes, while the part and the stored file are one inode. The
+    next start must not cut the part as an unverified chunk: that would cut the stored file."""
+    from dqm_daemon.handlers.resumable_uploads import _append_sync
+    from dqm_daemon.naming import DQMHeaders
+    from dqm_daemon.resumable import ResumableUploads
+
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    uploads = ResumableUploads(tmp_path / ".resumable", expiry_seconds=3600)
+    uploads.load()
+    upload = await uploads.create(len(content), DQMHeaders(31, 1700000000, "TUS", 0),
+                                  "tester", None)
+    await uploads.begin_checksummed_chunk(upload)  # saved: unverified from 0
+    _append_sync(upload, content, None)
+    upload.unverified_from = None  # verified; the save that follows failed (the disk full)
+    state_path = tmp_path / ".resumable" / f"{upload.upload_id}.json"
+    stale_state = state_path.read_text()
+    finished = await uploads.finish(upload, 1024 * 1024)
+    assert json.loads(state_path.read_text())["unverified_from"] is None  # saved before
+    stored = tmp_path / "TUShistos_31.root"
+    os.link(finished.path, stored)  # the commit places it (Storage._link_sync) ...
+    finished.path.unlink()  # ... and the daemon dies before record_finished
+    for state in (state_path.read_text(), stale_state):  # and were that save lost, too
+        state_path.write_text(state)
+        ResumableUploads(tmp_path / ".resumable", expiry_seconds=3600).load()
+        assert stored.read_bytes() == content

@@ -364,6 +364,7 @@ async def _commit_finished(app: web.Application, upload: ResumableUpload) -> Com
         raise
     # Its state and part file go (the file is in place), its answer stays for HEAD.
     await app[RESUMABLE].record_finished(upload, commit.record.name, finished.sha256)
+    app[RESUMABLE].forget(upload)
     return commit
 
 
@@ -373,7 +374,6 @@ async def _answer_finished(request: web.Request, upload: ResumableUpload,
     app = request.app
     inspected = await inspect_within_budget(app, commit)
     file_headers = _file_headers(inspected or commit.record)
-    app[RESUMABLE].forget(upload)
     result = "duplicate" if commit.duplicate else (inspected.state if inspected else "pending")
     app[METRICS].uploads.labels(result, app[METRICS].agent_label(upload.dqm.agent)).inc()
     log.info("resumable_upload_finished", upload_id=upload.upload_id,
@@ -402,7 +402,6 @@ async def commit_complete_uploads(app: web.Application) -> int:
                 log.warning("resumable_upload_not_committed", upload_id=upload.upload_id,
                             error=getattr(exc, "text", None) or type(exc).__name__)
                 continue
-            uploads.forget(upload)
         committed += 1
         log.info("resumable_upload_finished", upload_id=upload.upload_id,
                  file=commit.record.name, duplicate=commit.duplicate, unanswered=True)

@@ -113,10 +113,15 @@ def record_data_status(connection: sqlite3.Connection, agent: str, run: int,
     """A sound file's start or end of data (dataStatus 1 or 2; `received_at`: when it arrived,
     `timestamp`: the agent's timeStamp). A start of data sent after the run's (sound) end of
     data opens the run again (the agent restarted): it is watched for silence again. One sent
-    before it (a retry arriving late) does not."""
+    before it (a retry arriving late) does not. Likewise an end of data sent before the run's
+    latest start (it arrived, or was checked, after the restart's start) ends nothing."""
     if data_status == END_OF_DATA:
-        connection.execute("UPDATE agent_runs SET ended_at = ? WHERE agent = ? AND run = ?",
-                           (received_at, agent, run))
+        (start_sent,) = connection.execute(
+            "SELECT max(timestamp) FROM files WHERE run = ? AND agent = ? AND data_status = ?"
+            " AND state = 'ok'", (run, agent, START_OF_DATA)).fetchone()
+        if start_sent is None or timestamp >= start_sent:
+            connection.execute("UPDATE agent_runs SET ended_at = ? WHERE agent = ? AND run = ?",
+                               (received_at, agent, run))
     elif data_status == START_OF_DATA:
         (end_sent,) = connection.execute(
             "SELECT max(timestamp) FROM files WHERE run = ? AND agent = ? AND data_status = ?"

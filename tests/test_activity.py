@@ -150,6 +150,23 @@ def test_a_start_of_data_arriving_after_its_end_does_not_open_the_run_again():
     assert run["ended_at"] is not None
 
 
+def test_an_end_of_data_arriving_after_the_runs_restart_does_not_end_it():
+    """The agent ended its run, then restarted it; the end of data (sent before the new start)
+    arrives or is checked only after that start: the run stays open, the agent watched."""
+    connection = _catalog()
+    _send(connection, 9, START, activity.START_OF_DATA)
+    _send(connection, 9, START + timedelta(minutes=1))
+    _send(connection, 9, START + timedelta(minutes=3), activity.START_OF_DATA)  # the restart
+    _send(connection, 9, START + timedelta(minutes=4), activity.END_OF_DATA,
+          sent=START + timedelta(minutes=2))  # the first end, late
+    agent = _board(connection)
+    assert agent["ended_at"] is None
+    later = pendulum.instance(START + timedelta(minutes=60))
+    assert agent_silence(agent, Settings(), later)["silent"] is True  # the restart went quiet
+    _send(connection, 9, START + timedelta(minutes=61), activity.END_OF_DATA)
+    assert _board(connection)["ended_at"] is not None
+
+
 def test_the_agents_board_shows_the_agents_at_work():
     """Every agent name a client ever sent stays in the catalog; the board (the status page,
     /metrics) shows those heard from since its horizon, at most its limit, the latest heard."""

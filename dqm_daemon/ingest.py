@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import datetime
 import itertools
+import os
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from .storage import (
     HashingStopped,
     IncomingFile,
     Storage,
+    fsync_directory,
     sha256_of_file,
     sha256_of_regular_file,
 )
@@ -245,14 +247,38 @@ class Ingest:
 
     async def _adopt(self, path: Path, chunk_bytes: int) -> bool:
         dqm = headers_from_filename(path.name) or DQMHeaders(0, 0, DEFAULT_AGENT, 0)
+        before = await asyncio.to_thread(path.lstat)
         sha256 = await asyncio.to_thread(sha256_of_file, path, chunk_bytes,
                                          self._stop_hashing)
-        size = (await asyncio.to_thread(path.stat)).st_size
         async with self._naming_lock(dqm.filename):  # as an upload of that name would
             if await self._catalog.get(path.name) is not None:
                 return False  # an upload of these very bytes cataloged it meanwhile
+            # Hashed outside the lock: an upload placing these bytes may have failed its
+            # commit meanwhile and taken the file back (or it changed): not to be cataloged.
+            if not await asyncio.to_thread(_durable_if_unchanged, path, before):
+                return False
             await self._catalog.add(
-                new_record(path.name, size, sha256, dqm, ADOPTED_UPLOADER), uploaded=False
-            )
+                new_record(path.name, before.st_size, sha256, dqm, ADOPTED_UPLOADER),
+                uploaded=False)
         log.info("file_adopted", file=path.name)
         return True
+
+
+def _durable_if_unchanged(path: Path, before: os.stat_result) -> bool:
+    """False if the file at `path` is gone or is no longer the one `before` described;
+    otherwise it and its directory entry are fsynced (a file copied in by hand, or placed by
+    an upload that died before its directory's fsync, is made durable before its row)."""
+    try:
+        now = path.lstat()
+    except FileNotFoundError:
+        return False
+    if (now.st_ino, now.st_dev, now.st_size, now.st_mtime_ns) != (
+            before.st_ino, before.st_dev, before.st_size, before.st_mtime_ns):
+        return False
+    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    fsync_directory(path.parent)
+    return True

@@ -85,6 +85,26 @@ async def test_a_failed_catalog_write_removes_only_what_the_upload_placed(tmp_pa
     assert list(storage.incoming_dir.iterdir()) == []
 
 
+async def test_adoption_does_not_catalog_a_file_taken_back_while_it_hashed(tmp_path,
+                                                                           committing):
+    """Start-up adoption hashes a file without a row outside the naming lock; an upload that
+    placed it may meanwhile fail to catalog it and take it back. Adoption then catalogs
+    nothing: a row without its file would make the agent's retry a 'duplicate' of nothing."""
+    storage, catalog, ingest = committing
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    kept, taken_back = (DQMHeaders(run_number=run, timestamp=1_700_000_000, agent="EMC",
+                                   data_status=0) for run in (1, 2))
+    for dqm in (kept, taken_back):
+        (storage.data_dir / dqm.filename).write_bytes(content)
+    async with ingest._naming_lock(taken_back.filename):  # its upload's commit holds it
+        adopting = asyncio.create_task(ingest.adopt_unknown_files(1024 * 1024))
+        await asyncio.sleep(0.5)  # both hashed; the second waits for the lock
+        (storage.data_dir / taken_back.filename).unlink()  # the commit failed: taken back
+    assert await adopting == 1
+    assert (await catalog.get(kept.filename)).sha256 == hashlib.sha256(content).hexdigest()
+    assert await catalog.get(taken_back.filename) is None
+
+
 async def test_a_file_placed_but_not_cataloged_is_the_retried_uploads_own(client, data_dir,
                                                                           tmp_path):
     """A crash between placing a file and cataloging it leaves it uncataloged; the agent, never

@@ -160,7 +160,13 @@ class Ingest:
     async def _duplicate(self, incoming: IncomingFile, stored: FileRecord, dqm: DQMHeaders,
                          uploader: str) -> Commit:
         """The upload's bytes are stored already: nothing new is kept. A copy adopted from
-        disk (its first upload died before its row) takes this upload's headers."""
+        disk (its first upload died before its row) takes this upload's headers. A copy whose
+        file is gone from the data directory (deleted by hand, lost to a power cut) gets these
+        bytes back under its name."""
+        if (stored.location == IN_DATA_DIR
+                and not await asyncio.to_thread(self._storage.taken, stored.name)
+                and await self._storage.link_into_place(incoming, stored.name)):
+            log.warning("file_restored", file=stored.name)
         await incoming.discard()
         if stored.uploader == ADOPTED_UPLOADER:
             upload = new_record(stored.name, stored.size, stored.sha256, dqm, uploader)

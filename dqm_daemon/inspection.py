@@ -26,6 +26,9 @@ import uproot
 from .root_structure import Entry, StructureError, read_structure
 
 OK, INVALID, FAILED = "ok", "invalid", "failed"
+# The check could not read the file (gone, or an I/O fault): a fault of the daemon's disk, not a
+# verdict on the file, which stays pending.
+UNREADABLE = "unreadable"
 ROOT_MAGIC = b"root"
 # A file declaring more objects than this is listed only up to it (flagged `objects_truncated`),
 # and so is one whose listing would hold more characters (paths, classes, titles, members):
@@ -65,6 +68,9 @@ def inspect_file(path: Path) -> dict[str, Any]:
         truncated = structure.truncated
     except (InvalidFile, StructureError) as exc:
         result: dict[str, Any] = {"state": INVALID, "reason": readable(str(exc))}
+    except OSError as exc:
+        result = {"state": UNREADABLE,
+                  "reason": short_reason(exc).replace(str(path), "the file")}
     except MemoryError:
         result = {"state": INVALID, "reason": "inspection exceeded the memory cap"}
     except Exception as exc:  # uproot raises many kinds on hostile input; all mean "not sound"

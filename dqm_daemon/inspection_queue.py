@@ -15,6 +15,7 @@ import pendulum
 import structlog
 
 from .catalog import IN_DATA_DIR, IN_QUARANTINE, INVALID, PENDING, Catalog, FileRecord
+from .inspection import UNREADABLE
 from .inspection_pool import ChildStartFailed, InspectorProcess
 from .metrics import Metrics
 from .storage import Storage
@@ -105,10 +106,12 @@ class InspectionQueue:
                 self.recovery_queued.set()
             await asyncio.sleep(interval_seconds)
 
-    async def queue_and_wait(self, record: FileRecord, timeout: float) -> FileRecord | None:
-        """Queue a file just cataloged as pending and return its record once inspected; None
-        if that takes longer than `timeout` (the inspection goes on; a file the full queue
-        did not take in time stays pending, and the sweeper queues it)."""
+    async def queue_and_wait(self, record: FileRecord, timeout: float, *,
+                             fresh: bool = True) -> FileRecord | None:
+        """Queue a file cataloged as pending and return its record once inspected; None if
+        that takes longer than `timeout` (the inspection goes on; a file the full queue did
+        not take in time stays pending, and the sweeper queues it). `fresh`: cataloged just
+        now by the caller (see `_check`)."""
         if self._stopped_waiting:
             return None  # pending in the catalog: checked at the next start
         verdict = self._expect(record.name)  # before queueing: the verdict cannot be missed
@@ -116,14 +119,14 @@ class InspectionQueue:
             async with asyncio.timeout(timeout):
                 if self._jobs.full():
                     # Waiting for room, a shutdown's `stop_waiting` must still answer it.
-                    putting = asyncio.ensure_future(self.put(record, fresh=True))
+                    putting = asyncio.ensure_future(self.put(record, fresh=fresh))
                     try:
                         await asyncio.wait((putting, verdict),
                                            return_when=asyncio.FIRST_COMPLETED)
                     finally:
                         putting.cancel()  # if still waiting: not queued, pending for the sweeper
                 else:
-                    await self.put(record, fresh=True)
+                    await self.put(record, fresh=fresh)
                 return await verdict
         except TimeoutError:
             return None
@@ -248,7 +251,8 @@ class InspectionQueue:
         return _Checked(location, result, time.perf_counter() - started)
 
     async def _record(self, record: FileRecord, checked: FileRecord | _Checked) -> None:
-        """Quarantine an invalid file, record the verdict, and answer whoever waits for it."""
+        """Quarantine an invalid file, record the verdict, and answer whoever waits for it
+        (None: no verdict, the file stays pending)."""
         try:
             inspected = checked if isinstance(checked, FileRecord) else await self._record_check(
                 record, checked)
@@ -261,8 +265,11 @@ class InspectionQueue:
             if not future.done():
                 future.set_result(inspected)
 
-    async def _record_check(self, record: FileRecord, checked: _Checked) -> FileRecord:
+    async def _record_check(self, record: FileRecord, checked: _Checked) -> FileRecord | None:
         result, location = checked.result, checked.location
+        if result["state"] == UNREADABLE:  # a fault of the disk, no verdict on the file
+            log.warning("file_unreadable", file=record.name, reason=result.get("reason"))
+            return None  # pending: checked again at the next sweep
         if result["state"] == INVALID and location == IN_DATA_DIR:
             await self._storage.quarantine(record.name)
             location = IN_QUARANTINE

@@ -208,3 +208,38 @@ async def test_kill_with_inspections_pending_then_restart_finishes_them(tmp_path
                 break
             await asyncio.sleep(0.1)
     assert set(states.values()) == {("ok", "done")}, states
+
+
+async def test_a_row_whose_file_is_gone_stays_pending_and_the_retry_restores_it(tmp_path,
+                                                                                 daemon):
+    """A file acknowledged as pending is lost (a power cut after its row, a hand deletion):
+    its check, unable to read it, gives no verdict (never 'invalid': the daemon's disk is at
+    fault, not the file), and the agent's retry of the same bytes puts them back under its
+    name, where they are checked and served."""
+    daemon.start()
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{daemon.url}/rest/api/files", data=content,
+                                headers=dqm_headers(run=5)) as response:
+            name = (await response.json())["filename"]
+    daemon.kill(signal.SIGKILL)
+    with sqlite3.connect(daemon.data_dir / "catalog.sqlite3") as catalog:
+        catalog.execute("UPDATE files SET state = 'pending' WHERE name = ?", (name,))
+    catalog.close()
+    (daemon.data_dir / name).unlink()
+    daemon.start()  # its start-up sweep checks the pending row
+    for _ in range(100):
+        if "file_unreadable" in daemon.log_path.read_text():
+            break
+        await asyncio.sleep(0.1)
+    async with aiohttp.ClientSession(headers={"token": TOKEN}) as session:
+        async with session.get(f"{daemon.url}/rest/api/files/{name}/info") as response:
+            assert (await response.json())["state"] == "pending"
+        assert list((daemon.data_dir / "quarantine").glob("*")) == []
+        async with session.post(f"{daemon.url}/rest/api/files", data=content,
+                                headers=dqm_headers(run=5)) as response:
+            answer = await response.json()
+            assert response.status == 200, answer
+        assert (answer["filename"], answer["state"]) == (name, "ok")
+        async with session.get(f"{daemon.url}/rest/api/files/{name}") as response:
+            assert await response.read() == content

@@ -19,7 +19,7 @@ from ..appkeys import (
     UPLOAD_THREADS,
     UPLOADS,
 )
-from ..catalog import INVALID, OK, FileRecord
+from ..catalog import INVALID, OK, PENDING, FileRecord
 from ..digests import check_digests, expected_digests
 from ..ingest import Commit
 from ..middlewares import (
@@ -216,6 +216,10 @@ async def inspect_within_budget(app: web.Application, commit: Commit) -> FileRec
     """Queue a committed file and wait for its inspection up to the budget; None if it is
     still pending then (a full queue leaves it pending too: the sweeper queues it later)."""
     budget, inspection_queue = app[SETTINGS].inspection_budget_seconds, app[INSPECTION_QUEUE]
-    if commit.duplicate:  # the stored copy: inspected already, or queued by its own upload
+    if commit.duplicate and commit.record.state == PENDING:
+        # The stored copy, not checked yet: queued by its own upload (then this waits for its
+        # verdict), or left pending (its file was unreadable, or restored by this upload).
+        return await inspection_queue.queue_and_wait(commit.record, budget, fresh=False)
+    if commit.duplicate:  # the stored copy: inspected already
         return await inspection_queue.wait_inspected(commit.record.name, budget)
     return await inspection_queue.queue_and_wait(commit.record, budget)

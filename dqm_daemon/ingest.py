@@ -140,10 +140,14 @@ class Ingest:
                     on_disk = await asyncio.to_thread(
                         sha256_of_regular_file, self._storage.path_of(name, IN_DATA_DIR),
                         HASH_CHUNK_BYTES, self._stop_hashing)
+                    if on_disk == incoming.sha256:  # None (not a regular file): a name taken
+                        # Made durable before its row: its placing may not have been (a
+                        # crash before the directory's fsync), nor a copy by hand.
+                        await asyncio.to_thread(_fsync_file_and_directory,
+                                                self._storage.path_of(name, IN_DATA_DIR))
+                        break
                 except FileNotFoundError:
                     continue  # removed meanwhile (by hand): on to the next name
-                if on_disk == incoming.sha256:  # None (not a regular file): a name taken
-                    break
             record = new_record(name, incoming.size, incoming.sha256, dqm, uploader)
             try:
                 await self._catalog.add(record)
@@ -281,10 +285,14 @@ def _durable_if_unchanged(path: Path, before: os.stat_result) -> bool:
     if (now.st_ino, now.st_dev, now.st_size, now.st_mtime_ns) != (
             before.st_ino, before.st_dev, before.st_size, before.st_mtime_ns):
         return False
+    _fsync_file_and_directory(path)
+    return True
+
+
+def _fsync_file_and_directory(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
     fsync_directory(path.parent)
-    return True

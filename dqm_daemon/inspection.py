@@ -69,7 +69,7 @@ def inspect_file(path: Path) -> dict[str, Any]:
     except (InvalidFile, StructureError) as exc:
         result: dict[str, Any] = {"state": INVALID, "reason": readable(str(exc))}
     except OSError as exc:
-        result = {"state": UNREADABLE,
+        result = {"state": UNREADABLE, "missing": isinstance(exc, FileNotFoundError),
                   "reason": short_reason(exc).replace(str(path), "the file")}
     except MemoryError:
         result = {"state": INVALID, "reason": "inspection exceeded the memory cap"}

@@ -28,6 +28,11 @@ START_FAILURE_BACKOFF_SECONDS = 5.0
 SWEEP_BATCH = 10_000
 
 
+# `_record_check`'s answer for a file found missing but back on disk since (an upload restored
+# it): checked again, its waiters waiting on.
+_CHECK_AGAIN = object()
+
+
 @dataclasses.dataclass(frozen=True)
 class _Checked:
     """What a child said of a file: where the file was, the result, and how long it took."""
@@ -63,6 +68,9 @@ class InspectionQueue:
         self.recovery_queued = asyncio.Event()
         # When a worker last took or finished a job (for the stuck-queue health check).
         self.last_progress_monotonic = time.monotonic()
+        # Files the check could not read (gone from the disk, I/O errors), by name, with why:
+        # pending until they can be; the status banner names how many.
+        self.unreadable: dict[str, str] = {}
 
     @property
     def depth(self) -> int:
@@ -117,6 +125,10 @@ class InspectionQueue:
         verdict = self._expect(record.name)  # before queueing: the verdict cannot be missed
         try:
             async with asyncio.timeout(timeout):
+                if not fresh:  # registered first, then read: a verdict between is not missed
+                    current = await self._catalog.get(record.name)
+                    if current is None or current.state != PENDING:
+                        return current
                 if self._jobs.full():
                     # Waiting for room, a shutdown's `stop_waiting` must still answer it.
                     putting = asyncio.ensure_future(self.put(record, fresh=fresh))
@@ -261,15 +273,26 @@ class InspectionQueue:
             return
         finally:
             self._job_done(record)
+        if inspected is _CHECK_AGAIN:
+            await self.put(record)
+            return
         for future in self._waiters.pop(record.name, []):
             if not future.done():
                 future.set_result(inspected)
 
-    async def _record_check(self, record: FileRecord, checked: _Checked) -> FileRecord | None:
+    async def _record_check(self, record: FileRecord, checked: _Checked) -> Any:
+        """The recorded verdict; None for none (the file stays pending), or _CHECK_AGAIN."""
         result, location = checked.result, checked.location
         if result["state"] == UNREADABLE:  # a fault of the disk, no verdict on the file
-            log.warning("file_unreadable", file=record.name, reason=result.get("reason"))
+            said_before = record.name in self.unreadable
+            self.unreadable[record.name] = result.get("reason") or "unreadable"
+            (log.debug if said_before else log.warning)(
+                "file_unreadable", file=record.name, reason=result.get("reason"))
+            if result.get("missing") and await asyncio.to_thread(self._storage.taken,
+                                                                 record.name):
+                return _CHECK_AGAIN  # restored while it was being checked
             return None  # pending: checked again at the next sweep
+        self.unreadable.pop(record.name, None)
         if result["state"] == INVALID and location == IN_DATA_DIR:
             await self._storage.quarantine(record.name)
             location = IN_QUARANTINE

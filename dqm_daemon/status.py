@@ -72,6 +72,10 @@ def _banner(report: dict[str, Any], settings: Settings,
                     "resumable uploads" if disk["promised_bytes"] else "")
         warnings.append(f"free disk low (under twice the reserve){promised}")
     inspection = report["inspection"]
+    if inspection["unreadable_files"]:
+        warnings.append(f"{inspection['unreadable_files']} cataloged file(s) cannot be read "
+                        "from the disk (gone, or I/O errors; see the log's file_unreadable): "
+                        "they stay pending")
     if (inspection["pending_files"] or 0) > settings.inspection_backlog_warning:
         warnings.append(f"inspection backlog: {inspection['pending_files']} files waiting")
     elif (inspection["oldest_pending_seconds"] or 0) > BACKLOG_AGE_WARNING_SECONDS:
@@ -124,6 +128,7 @@ async def status_report(app: web.Application) -> dict[str, Any]:
             "workers_running": queue.running_workers,
             "workers_busy": queue.busy_workers,
             "child_start_failure": queue.child_start_failure,
+            "unreadable_files": len(queue.unreadable),
             "awaiting_analysis": snapshot["awaiting_analysis"],
             "analyst_busy": app[ANALYST].busy,
         },

@@ -1,5 +1,6 @@
 """An inspection child that misbehaves on purpose, by the file's agent name:
-CRASH… dies of SIGSEGV, HANG… never answers, SLOW… takes two seconds, ENVCHECK… reports
+CRASH… dies of SIGSEGV, HANG… never answers, SLOW… takes two seconds, LATE… answers two
+seconds after its check (what it read is then two seconds old), ENVCHECK… reports
 whether the token variable reached it, HALF… exits between a sound file's result and its
 listing, CUT… exits half-way through writing the listing. Others inspect normally.
 It runs the real child's loop, so the daemon's handling of it is the real one."""
@@ -64,6 +65,10 @@ def misbehaving_inspect_file(path):
     if name.startswith("CUT"):
         global cut_the_listing
         cut_the_listing = True
+    if name.startswith("LATE"):
+        result = real_inspect_file(path)
+        time.sleep(2)
+        return result
     if name.startswith("ENVCHECK"):
         present = "DQM_DAEMON_TOKEN" in os.environ
         return {"state": "invalid", "reason": f"token in environment: {present}"}

@@ -98,7 +98,12 @@ async def test_adoption_does_not_catalog_a_file_taken_back_while_it_hashed(tmp_p
         (storage.data_dir / dqm.filename).write_bytes(content)
     async with ingest._naming_lock(taken_back.filename):  # its upload's commit holds it
         adopting = asyncio.create_task(ingest.adopt_unknown_files(1024 * 1024))
-        await asyncio.sleep(0.5)  # both hashed; the second waits for the lock
+        for _ in range(500):  # until adoption, the file hashed, waits for the lock too
+            if ingest._naming_lock_users[taken_back.filename] == 2:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            pytest.fail("adoption never came to the lock")
         (storage.data_dir / taken_back.filename).unlink()  # the commit failed: taken back
     assert await adopting == 1
     assert (await catalog.get(kept.filename)).sha256 == hashlib.sha256(content).hexdigest()

@@ -11,6 +11,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -228,14 +229,20 @@ async def test_a_row_whose_file_is_gone_stays_pending_and_the_retry_restores_it(
     catalog.close()
     (daemon.data_dir / name).unlink()
     daemon.start()  # its start-up sweep checks the pending row
-    for _ in range(100):
+    for _ in range(300):
         if "file_unreadable" in daemon.log_path.read_text():
             break
         await asyncio.sleep(0.1)
+    else:
+        pytest.fail("the pending row was never checked")
     async with aiohttp.ClientSession(headers={"token": TOKEN}) as session:
         async with session.get(f"{daemon.url}/rest/api/files/{name}/info") as response:
             assert (await response.json())["state"] == "pending"
         assert list((daemon.data_dir / "quarantine").glob("*")) == []
+        async with session.get(f"{daemon.url}/status.json") as response:
+            reasons = (await response.json())["reasons"]
+        assert any("1 cataloged file(s) cannot be read from the disk" in reason
+                   for reason in reasons), reasons
         async with session.post(f"{daemon.url}/rest/api/files", data=content,
                                 headers=dqm_headers(run=5)) as response:
             answer = await response.json()
@@ -243,3 +250,42 @@ async def test_a_row_whose_file_is_gone_stays_pending_and_the_retry_restores_it(
         assert (answer["filename"], answer["state"]) == (name, "ok")
         async with session.get(f"{daemon.url}/rest/api/files/{name}") as response:
             assert await response.read() == content
+        async with session.get(f"{daemon.url}/status.json") as response:
+            reasons = (await response.json())["reasons"]
+        assert not any("cannot be read" in reason for reason in reasons), reasons
+
+
+async def test_a_file_restored_while_its_check_found_it_missing_is_checked_again(tmp_path,
+                                                                                 daemon):
+    """The check of a lost file reads nothing, and while its answer is on the way the agent's
+    retry puts the bytes back: the file is checked again, and the retry gets the verdict (200),
+    not the stale 'unreadable' (which would leave it a 202)."""
+    daemon.command = [sys.executable, str(Path(__file__).with_name("faulty_daemon.py"))]
+    daemon.start()
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    headers = dqm_headers(run=6, agent="LATE")
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{daemon.url}/rest/api/files", data=content,
+                                headers=headers) as response:
+            name = (await response.json())["filename"]
+    daemon.kill(signal.SIGKILL)
+    with sqlite3.connect(daemon.data_dir / "catalog.sqlite3") as catalog:
+        catalog.execute("UPDATE files SET state = 'pending' WHERE name = ?", (name,))
+    catalog.close()
+    (daemon.data_dir / name).unlink()
+    logged_before = len(daemon.log_path.read_text())
+    daemon.start()
+    for _ in range(500):  # a check child up: the pending row's check reads nothing at once
+        log = daemon.log_path.read_text()[logged_before:]
+        if "startup_recovery_queued" in log and "inspection_child_started" in log:
+            break
+        await asyncio.sleep(0.02)
+    else:
+        pytest.fail("the pending row was never queued")
+    await asyncio.sleep(0.5)  # read (nothing) by now; its answer comes 2 s after the read
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{daemon.url}/rest/api/files", data=content,
+                                headers=headers) as response:
+            answer = await response.json()
+    assert (response.status, answer["filename"], answer["state"]) == (200, name, "ok"), answer
+    assert "file_restored" in daemon.log_path.read_text()

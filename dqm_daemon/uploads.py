@@ -57,9 +57,8 @@ class UploadsInProgress:
             return False
         return True
 
-    @contextlib.contextmanager
-    def slot(self, uploader: str, agent: str, run: int) -> Iterator[UploadProgress]:
-        """Hold one of the upload slots while streaming; none free → 503 with Retry-After."""
+    def check_free(self) -> None:
+        """503 with Retry-After when no slot is free (or the receiver is stopping)."""
         if self._closed:
             raise web.HTTPServiceUnavailable(
                 text="The receiver is shutting down; retry later",
@@ -70,6 +69,11 @@ class UploadsInProgress:
                 text=f"Too many uploads in progress ({self._max_concurrent}); retry later",
                 headers={"Retry-After": str(self._retry_after_seconds)},
             )
+
+    @contextlib.contextmanager
+    def slot(self, uploader: str, agent: str, run: int) -> Iterator[UploadProgress]:
+        """Hold one of the upload slots while streaming; none free → 503 with Retry-After."""
+        self.check_free()
         progress = UploadProgress(next(self._ids), uploader, agent, run, time.monotonic())
         self._active[progress.upload_id] = progress
         self._idle.clear()

@@ -256,6 +256,17 @@ async def test_too_many_concurrent_uploads(aiohttp_client, data_dir, one_histogr
                                  headers=dqm_headers(run=3))
     assert response.headers["Retry-After"] == "7"
     assert "Too many uploads" in body["message"]
+    # With Expect: 100-continue the refusal comes before the body: no 100 Continue first
+    # (the client would send its whole body only to be refused).
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(("POST /rest/api/files HTTP/1.1\r\nHost: x\r\ntoken: " + TOKEN +
+                  "\r\nrunNumber: 5\r\ntimeStamp: 2\r\nExpect: 100-continue\r\n"
+                  "Content-Length: 100000000\r\n\r\n").encode())
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    assert status_line.startswith(b"HTTP/1.1 503"), status_line
+    writer.close()
+    await writer.wait_closed()
     release.set()
     first_response = await first
     assert first_response.status == 200

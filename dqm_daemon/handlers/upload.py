@@ -64,7 +64,8 @@ def check_room(app: web.Application, declared_length: int | None) -> None:
 
 async def expect_continue(request: web.Request) -> web.Response | None:
     """Answer `Expect: 100-continue` with the real verdict, so a refused client never sends
-    its body: bad token, bad headers or no room are answered before the upload starts."""
+    its body: bad token, bad headers, no room, no free upload slot or a shutdown are answered
+    before the upload starts."""
     if request.version < (1, 1) or request.headers.get("Expect", "").lower() != "100-continue":
         return None
     settings = request.app[SETTINGS]
@@ -76,6 +77,7 @@ async def expect_continue(request: web.Request) -> web.Response | None:
         agent = parse_dqm_headers(request.headers).agent
         expected_digests(request.headers)
         check_room(request.app, request.content_length)
+        request.app[UPLOADS].check_free()  # checked again when the upload takes its slot
     except web.HTTPException as exc:
         response = upload_refusal(exc, request)
         response.force_close()

@@ -137,8 +137,12 @@ def redact_tokens(text: str, tokens: Iterable[str]) -> str:
     its token elsewhere than the `token` header (another header, the path, a query) never finds
     it quoted in an answer or a log line. (A shorter one would mangle run numbers.)"""
     for token in tokens:
-        if len(token) >= REDACTED_TOKEN_CHARS and token in text:
-            text = text.replace(token, REDACTED)
+        if len(token) < REDACTED_TOKEN_CHARS:
+            continue
+        # As sent, and as a message quotes it (repr: a backslash or a quote is escaped).
+        for form in {token, repr(token)[1:-1]}:
+            if form in text:
+                text = text.replace(form, REDACTED)
     return text
 
 

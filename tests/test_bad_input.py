@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime
 import os
+import signal
 import socket
 import sqlite3
 import sys
@@ -557,6 +558,39 @@ async def test_a_token_sent_elsewhere_is_never_quoted_back_or_logged(tmp_path, d
                 answers.append(await answer.text())
     assert all(TOKEN not in text for text in answers), answers
     assert TOKEN not in daemon.log_path.read_text()
+
+
+async def test_a_token_holding_a_backslash_or_sent_as_a_header_name_is_not_echoed(tmp_path,
+                                                                                  daemon):
+    """A token an answer would quote escaped (a backslash doubled) or a header named with it
+    is not echoed back either."""
+    escaped = "Ab\\cdefgh123"  # Ab\cdefgh123
+    daemon.configure(f"[tokens]\nquoted = '{escaped}'\n")
+    daemon.start()
+    content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{daemon.url}/rest/api/files", data=content,
+                                headers={**dqm_headers(token=escaped), "runNumber": escaped}
+                                ) as answer:
+            assert answer.status == 400
+            refused = await answer.text()
+        async with session.post(f"{daemon.url}/rest/api/files", data=multipart_file(content),
+                                headers={**dqm_headers(token=escaped), "Xy7Secret12Q": "1"}
+                                ) as answer:
+            assert answer.status == 200
+            echoed = await answer.text()
+    daemon.configure(f"[tokens]\nnamed = 'Xy7Secret12Q'\n")
+    assert "Xy7Secret12Q" in echoed  # not a token of that daemon: echoed as any header
+    daemon.kill(signal.SIGKILL)
+    daemon.start()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{daemon.url}/rest/api/files", data=multipart_file(content),
+                                headers={**dqm_headers(token="Xy7Secret12Q", run=2),
+                                         "Xy7Secret12Q": "1"}) as answer:
+            assert answer.status == 200
+            named = await answer.text()
+    for text in (refused, named):
+        assert "cdefgh123" not in text and "Xy7Secret12Q" not in text, text
 
 
 async def test_silent_and_stalled_clients_are_let_go(tmp_path, daemon):

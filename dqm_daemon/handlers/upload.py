@@ -117,7 +117,8 @@ def received_headers(request: web.Request) -> dict[str, str]:
     tokens = request.app[SETTINGS].tokens
     echoed: dict[str, str] = {}
     for key, value in request.headers.items():
-        if key.lower() in SECRET_HEADERS or "token" in key.lower():
+        if (key.lower() in SECRET_HEADERS or "token" in key.lower()
+                or redact_tokens(key, tokens) != key):  # a header named with a token
             continue
         key, value = key.replace("_", "-").title(), redact_tokens(value, tokens)
         echoed[key] = f"{echoed[key]}, {value}" if key in echoed else value

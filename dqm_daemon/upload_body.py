@@ -311,9 +311,9 @@ async def receive_body(request: web.Request, incoming: IncomingFile, progress: U
             for data, end in chunks:
                 try:
                     sink.write(data, end)
-                except web.HTTPException:
+                except (web.HTTPException, OSError):  # a refusal, or the disk (full, failing)
                     chunks.close()
-                    body.drain()  # so the client reads the refusal rather than a reset
+                    body.drain()  # so the client reads the answer (400, 413, 507) not a reset
                     raise
             sink.finish()
         finally:

@@ -643,29 +643,42 @@ async def test_malformed_patches_are_400_and_head_repeats_the_metadata(tmp_path,
             assert answer.status == 204 and "DQM-Filename" in answer.headers
 
 
+@pytest.mark.parametrize("failing_step", ["commit", "state saved before it"])
 async def test_a_complete_upload_whose_commit_fails_for_the_disk_stays_and_is_committed(
-        aiohttp_client, data_dir, tmp_path):
-    """The last PATCH's bytes are all in, but storing the file fails for a full disk: 507, and
-    the upload stays whole (HEAD: offset at the length); once the disk has room, the next
-    sweep stores it. Its bytes are never thrown away for a failure that is not theirs."""
+        aiohttp_client, data_dir, tmp_path, failing_step):
+    """The last PATCH's bytes are all in, but storing the file (or saving the upload's state
+    right before) fails for a full disk: 507, and the upload stays whole (HEAD: offset at the
+    length); once the disk has room, the next sweep stores it. Its bytes are never thrown away
+    for a failure that is not theirs."""
     import errno
 
     from dqm_daemon.app import create_app
-    from dqm_daemon.appkeys import INGEST
+    from dqm_daemon.appkeys import INGEST, RESUMABLE
 
     from .conftest import make_settings
 
     app = create_app(make_settings(data_dir, resumable_sweep_seconds=0.2))
     client = await aiohttp_client(app)
-    ingest = app[INGEST]
-    real_commit, failing = ingest.commit, [True]
+    ingest, uploads = app[INGEST], app[RESUMABLE]
+    real_commit, real_save, failing = ingest.commit, uploads._save, [True]
 
     async def commit_on_a_full_disk(*args, **kwargs):
         if failing[0]:
             raise OSError(errno.ENOSPC, "No space left on device")
         return await real_commit(*args, **kwargs)
 
-    ingest.commit = commit_on_a_full_disk
+    saves = []
+
+    def save_on_a_full_disk(upload):  # the third save: the one before the commit
+        saves.append(upload.offset)
+        if failing[0] and len(saves) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(upload)
+
+    if failing_step == "commit":
+        ingest.commit = commit_on_a_full_disk
+    else:
+        uploads._save = save_on_a_full_disk
     content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
     headers = {**TUS, "Upload-Length": str(len(content)),
                "Upload-Metadata": "runNumber MzE=,timeStamp MTcwMDAwMDAwMA=="}

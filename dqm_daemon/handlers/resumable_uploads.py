@@ -346,8 +346,9 @@ async def _record_progress_if_room(app: web.Application, upload: ResumableUpload
 
 async def _commit_finished(app: web.Application, upload: ResumableUpload) -> Commit:
     """Commit a complete upload exactly as a POST's file."""
-    finished = await app[RESUMABLE].finish(upload, app[SETTINGS].chunk_bytes,
-                                           app[INGEST].hashing_stop)
+    with _disk_full_is_507(upload):  # its state is saved once more before the commit
+        finished = await app[RESUMABLE].finish(upload, app[SETTINGS].chunk_bytes,
+                                               app[INGEST].hashing_stop)
     try:
         check_digests(ExpectedDigests(sha256=upload.expected_sha256), finished.sha256, None)
     except web.HTTPException:  # not the bytes it was created for: never to be stored

@@ -26,7 +26,7 @@ from .storage import (
     HashingStopped,
     IncomingFile,
     Storage,
-    fsync_directory,
+    fsync_file_and_directory,
     sha256_of_file,
     sha256_of_regular_file,
 )
@@ -143,7 +143,7 @@ class Ingest:
                     if on_disk == incoming.sha256:  # None (not a regular file): a name taken
                         # Made durable before its row: its placing may not have been (a
                         # crash before the directory's fsync), nor a copy by hand.
-                        await asyncio.to_thread(_fsync_file_and_directory,
+                        await asyncio.to_thread(fsync_file_and_directory,
                                                 self._storage.path_of(name, IN_DATA_DIR))
                         break
                 except FileNotFoundError:
@@ -285,14 +285,5 @@ def _durable_if_unchanged(path: Path, before: os.stat_result) -> bool:
     if (now.st_ino, now.st_dev, now.st_size, now.st_mtime_ns) != (
             before.st_ino, before.st_dev, before.st_size, before.st_mtime_ns):
         return False
-    _fsync_file_and_directory(path)
+    fsync_file_and_directory(path)
     return True
-
-
-def _fsync_file_and_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-    fsync_directory(path.parent)

@@ -41,7 +41,17 @@ WRITE_PROBE_SECONDS = 5.0
 
 def fsync_directory(directory: Path) -> None:
     """Make a rename or link in `directory` durable."""
-    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    _fsync_path(directory, os.O_DIRECTORY)
+
+
+def fsync_file_and_directory(path: Path) -> None:
+    """Make a file found on disk (not a symlink) and its name in its directory durable."""
+    _fsync_path(path, os.O_NOFOLLOW)
+    fsync_directory(path.parent)
+
+
+def _fsync_path(path: Path, flags: int) -> None:
+    descriptor = os.open(path, os.O_RDONLY | flags)
     try:
         os.fsync(descriptor)
     finally:

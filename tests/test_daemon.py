@@ -211,6 +211,21 @@ async def test_kill_with_inspections_pending_then_restart_finishes_them(tmp_path
     assert set(states.values()) == {("ok", "done")}, states
 
 
+async def _lose_an_acknowledged_file(daemon, content: bytes, headers: dict) -> str:
+    """Upload a file, then kill the daemon and leave its row pending without its file (as a
+    power cut after the row, or a hand deletion, would); returns its name."""
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{daemon.url}/rest/api/files", data=content,
+                                headers=headers) as response:
+            name = (await response.json())["filename"]
+    daemon.kill(signal.SIGKILL)
+    with sqlite3.connect(daemon.data_dir / "catalog.sqlite3") as catalog:
+        catalog.execute("UPDATE files SET state = 'pending' WHERE name = ?", (name,))
+    catalog.close()
+    (daemon.data_dir / name).unlink()
+    return name
+
+
 async def test_a_row_whose_file_is_gone_stays_pending_and_the_retry_restores_it(tmp_path,
                                                                                  daemon):
     """A file acknowledged as pending is lost (a power cut after its row, a hand deletion):
@@ -219,15 +234,7 @@ async def test_a_row_whose_file_is_gone_stays_pending_and_the_retry_restores_it(
     name, where they are checked and served."""
     daemon.start()
     content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{daemon.url}/rest/api/files", data=content,
-                                headers=dqm_headers(run=5)) as response:
-            name = (await response.json())["filename"]
-    daemon.kill(signal.SIGKILL)
-    with sqlite3.connect(daemon.data_dir / "catalog.sqlite3") as catalog:
-        catalog.execute("UPDATE files SET state = 'pending' WHERE name = ?", (name,))
-    catalog.close()
-    (daemon.data_dir / name).unlink()
+    name = await _lose_an_acknowledged_file(daemon, content, dqm_headers(run=5))
     daemon.start()  # its start-up sweep checks the pending row
     for _ in range(300):
         if "file_unreadable" in daemon.log_path.read_text():
@@ -264,15 +271,7 @@ async def test_a_file_restored_while_its_check_found_it_missing_is_checked_again
     daemon.start()
     content = write_one_histogram_file(tmp_path / "h.root").read_bytes()
     headers = dqm_headers(run=6, agent="LATE")
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{daemon.url}/rest/api/files", data=content,
-                                headers=headers) as response:
-            name = (await response.json())["filename"]
-    daemon.kill(signal.SIGKILL)
-    with sqlite3.connect(daemon.data_dir / "catalog.sqlite3") as catalog:
-        catalog.execute("UPDATE files SET state = 'pending' WHERE name = ?", (name,))
-    catalog.close()
-    (daemon.data_dir / name).unlink()
+    name = await _lose_an_acknowledged_file(daemon, content, headers)
     logged_before = len(daemon.log_path.read_text())
     daemon.start()
     for _ in range(500):  # a check child up: the pending row's check reads nothing at once

@@ -284,13 +284,13 @@ class InspectionQueue:
         """The recorded verdict; None for none (the file stays pending), or _CHECK_AGAIN."""
         result, location = checked.result, checked.location
         if result["state"] == UNREADABLE:  # a fault of the disk, no verdict on the file
+            if result.get("missing") and await asyncio.to_thread(self._storage.taken,
+                                                                 record.name):
+                return _CHECK_AGAIN  # restored while it was being checked
             said_before = record.name in self.unreadable
             self.unreadable[record.name] = result.get("reason") or "unreadable"
             (log.debug if said_before else log.warning)(
                 "file_unreadable", file=record.name, reason=result.get("reason"))
-            if result.get("missing") and await asyncio.to_thread(self._storage.taken,
-                                                                 record.name):
-                return _CHECK_AGAIN  # restored while it was being checked
             return None  # pending: checked again at the next sweep
         self.unreadable.pop(record.name, None)
         if result["state"] == INVALID and location == IN_DATA_DIR:

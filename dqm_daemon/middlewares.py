@@ -139,8 +139,9 @@ def redact_tokens(text: str, tokens: Iterable[str]) -> str:
     for token in tokens:
         if len(token) < REDACTED_TOKEN_CHARS:
             continue
-        # As sent, and as a message quotes it (repr: a backslash or a quote is escaped).
-        for form in {token, repr(token)[1:-1]}:
+        # As a message quotes it (repr: a backslash or a quote escaped), then as sent: the
+        # longer first, so no escape character is left before the mark.
+        for form in sorted({token, repr(token)[1:-1]}, key=len, reverse=True):
             if form in text:
                 text = text.replace(form, REDACTED)
     return text

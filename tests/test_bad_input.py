@@ -593,6 +593,16 @@ async def test_a_token_holding_a_backslash_or_sent_as_a_header_name_is_not_echoe
         assert "cdefgh123" not in text and "Xy7Secret12Q" not in text, text
 
 
+@pytest.mark.parametrize("token", ["\\abcdefgh12", "'abc\"defgh12", "plainTokenValue1"])
+def test_a_token_is_redacted_whole_as_sent_and_as_quoted(token):
+    """A token is replaced whole, as sent and as a message quotes it (escaped), never leaving
+    an escape character or a part of it behind."""
+    from dqm_daemon.middlewares import redact_tokens
+
+    for form in (token, repr(token)[1:-1]):
+        assert redact_tokens(f"got {form} here", [token]) == "got [redacted] here"
+
+
 async def test_silent_and_stalled_clients_are_let_go(tmp_path, daemon):
     """A connection that never sends a request, and a client that stops taking its download,
     are closed after the read timeout: neither holds a descriptor (socket, open file) or the
